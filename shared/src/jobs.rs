@@ -1,0 +1,229 @@
+//! Jobs: what the user asked for ([`JobSpec`]), what the planner decided ([`JobPlan`]),
+//! and where the job stands ([`JobStore`]).
+//!
+//! # Contract of [`JobStore`]
+//! - Every write is atomic and last-writer-wins per job (per chunk for chunk states).
+//! - The store is a coordination cache: the object store's chunk and job manifests are the
+//!   truth about what is committed. Losing the store may cause re-work, never lost or
+//!   doubled data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::lease::StoreError;
+use crate::pg::{Secret, TableInfo};
+use crate::{ChunkId, ChunkRange, JobId, WorkerId};
+
+/// Parquet compression codec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    Snappy,
+    Zstd { level: i32 },
+    None,
+}
+
+/// Granularity of Hive-style partitioning by a date/timestamp column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    Day,
+    Month,
+    Year,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionBy {
+    pub column: String,
+    pub granularity: Granularity,
+}
+
+/// Output file shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputOptions {
+    pub compression: Compression,
+    /// Rows per Arrow record batch read from the source.
+    pub batch_rows: usize,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// A part file is closed, and the next one started, past this many rows ...
+    pub max_file_rows: u64,
+    /// ... or this many bytes.
+    pub max_file_bytes: u64,
+    pub partition_by: Option<PartitionBy>,
+}
+
+impl Default for OutputOptions {
+    fn default() -> Self {
+        Self {
+            compression: Compression::Snappy,
+            batch_rows: 8192,
+            row_group_rows: 128 * 1024,
+            max_file_rows: 10_000_000,
+            max_file_bytes: 512 * 1024 * 1024,
+            partition_by: None,
+        }
+    }
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub source: Secret,
+    /// The table as the user named it (`schema.table`, quoting allowed).
+    pub table: String,
+    /// Columns to extract; all when empty.
+    pub columns: Vec<String>,
+    /// Key columns to split on; the primary key (or a unique not-null index) when empty.
+    pub key: Vec<String>,
+    /// `column -> postgres type` casts applied in the source query (e.g. `text`).
+    pub casts: BTreeMap<String, String>,
+    /// Destination URL (`file:///...`, `s3://...`).
+    pub dest: String,
+    pub chunk_rows: u64,
+    pub output: OutputOptions,
+    /// Read all chunks from one exported snapshot (the default). Without it, each chunk
+    /// sees the table as of its own start.
+    pub use_snapshot: bool,
+}
+
+/// What the planner decided, inside the job's snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobPlan {
+    pub table: TableInfo,
+    /// Key columns used for ranges (empty for ctid ranges or a single chunk).
+    pub key: Vec<String>,
+    pub chunks: Vec<ChunkRange>,
+    pub estimated_rows: u64,
+    /// The exported snapshot id every chunk imports, if any.
+    pub snapshot: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    Planning,
+    Running,
+    Succeeded,
+    Failed { reason: String },
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ChunkState {
+    Pending,
+    Running { worker: WorkerId, attempt: u32 },
+    Committed { rows: u64, bytes: u64 },
+    Failed { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub plan: Option<JobPlan>,
+    pub state: JobState,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Creates or replaces a job record.
+    async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError>;
+    async fn list_jobs(&self) -> Result<Vec<JobId>, StoreError>;
+    async fn set_job_state(&self, id: &JobId, state: &JobState) -> Result<(), StoreError>;
+    async fn set_chunk_state(
+        &self,
+        id: &JobId,
+        chunk: ChunkId,
+        state: &ChunkState,
+    ) -> Result<(), StoreError>;
+    async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError>;
+}
+
+/// The in-process job store used by `haul run`.
+#[derive(Clone, Default)]
+pub struct MemoryJobStore {
+    inner: Arc<Mutex<HashMap<JobId, (JobRecord, BTreeMap<ChunkId, ChunkState>)>>>,
+}
+
+#[async_trait]
+impl JobStore for MemoryJobStore {
+    async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().expect("job store lock");
+        let chunks = g.remove(&job.id).map(|(_, c)| c).unwrap_or_default();
+        g.insert(job.id.clone(), (job.clone(), chunks));
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let g = self.inner.lock().expect("job store lock");
+        Ok(g.get(id).map(|(j, _)| j.clone()))
+    }
+
+    async fn list_jobs(&self) -> Result<Vec<JobId>, StoreError> {
+        let g = self.inner.lock().expect("job store lock");
+        let mut ids: Vec<_> = g.keys().cloned().collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn set_job_state(&self, id: &JobId, state: &JobState) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().expect("job store lock");
+        match g.get_mut(id) {
+            Some((j, _)) => {
+                j.state = state.clone();
+                Ok(())
+            }
+            None => Err(StoreError::Corrupt {
+                key: id.to_string(),
+                reason: "no such job".into(),
+            }),
+        }
+    }
+
+    async fn set_chunk_state(
+        &self,
+        id: &JobId,
+        chunk: ChunkId,
+        state: &ChunkState,
+    ) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().expect("job store lock");
+        match g.get_mut(id) {
+            Some((_, chunks)) => {
+                chunks.insert(chunk, state.clone());
+                Ok(())
+            }
+            None => Err(StoreError::Corrupt {
+                key: id.to_string(),
+                reason: "no such job".into(),
+            }),
+        }
+    }
+
+    async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError> {
+        let g = self.inner.lock().expect("job store lock");
+        Ok(g.get(id).map(|(_, c)| c.clone()).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn memory_job_store_conforms() {
+        crate::conformance::job_store_suite(&super::MemoryJobStore::default()).await;
+    }
+}

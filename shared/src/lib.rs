@@ -1,0 +1,24 @@
+//! haul's common crate: the vocabulary every role shares.
+//!
+//! - [`ids`]: newtypes for job, chunk, worker and fencing epoch.
+//! - [`error`]: the retry decision every error carries ([`ErrorClass`]).
+//! - [`proto`]: generated wire types and the one place they map to our own types.
+//! - [`queue`], [`lease`], [`jobs`]: the boundary traits (chunk queue, lease + epoch store,
+//!   job-state store), each with its contract and an in-process implementation.
+//! - [`conformance`]: the test suites every implementation of those traits must pass.
+//! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
+//!   Postgres → Arrow type mapping.
+
+pub mod conformance;
+pub mod error;
+pub mod ids;
+pub mod jobs;
+pub mod lease;
+pub mod pg;
+pub mod proto;
+pub mod queue;
+pub mod range;
+
+pub use error::ErrorClass;
+pub use ids::{ChunkId, Epoch, JobId, WorkerId};
+pub use range::ChunkRange;

@@ -1,0 +1,690 @@
+//! Postgres: connection settings, secrets, quoting, table introspection and the
+//! Postgres → Arrow type mapping (the table in README.md documents it).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::{Classify, ErrorClass};
+
+/// A secret (a DSN with a password, a token). `Debug` and `Display` print it masked;
+/// only [`Secret::expose`] gives the value, at the point of use.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", mask_dsn(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&mask_dsn(&self.0))
+    }
+}
+
+/// Masks the password in a URL-style (`postgresql://u:pw@h/db`) or key-value style
+/// (`host=h password=pw`) connection string.
+pub fn mask_dsn(dsn: &str) -> String {
+    if let Some(scheme_end) = dsn.find("://") {
+        let rest = &dsn[scheme_end + 3..];
+        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..auth_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &dsn[..scheme_end + 3],
+                    &rest[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return dsn.to_owned();
+    }
+    dsn.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Quotes an identifier for SQL: `my "t"` → `"my ""t"""`.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal (sessions run with `standard_conforming_strings = on`).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid source DSN {dsn}: {reason}")]
+    BadDsn { dsn: String, reason: String },
+    #[error("cannot connect to source {dsn}: {reason}")]
+    Connect {
+        dsn: String,
+        reason: String,
+        transient: bool,
+    },
+    #[error("table {table} does not exist (or is not visible to this user); check --table")]
+    TableNotFound { table: String },
+    #[error(
+        "permission denied: the source user cannot SELECT from {table}; GRANT SELECT ON {table} TO <user>"
+    )]
+    PermissionDenied { table: String },
+    #[error(
+        "{relation} is a {kind}, not a table; haul extracts tables, partitioned tables and materialized views"
+    )]
+    NotATable { relation: String, kind: String },
+    #[error(
+        "column {column:?} does not exist in {table}; check --columns/--key/--partition-by/--cast"
+    )]
+    ColumnNotFound { table: String, column: String },
+    #[error(
+        "column {column:?} has type {pg_type}, which haul cannot map to Arrow; pass --cast {column}=text to export its text form"
+    )]
+    UnsupportedType { column: String, pg_type: String },
+    #[error("--cast {column}={target}: {reason}")]
+    BadCast {
+        column: String,
+        target: String,
+        reason: String,
+    },
+    #[error(
+        "key column {column:?} has type {pg_type}, which has no btree ordering; choose another --key"
+    )]
+    KeyNotOrderable { column: String, pg_type: String },
+    #[error(
+        "{table} has no primary key or unique not-null index to split on, and no ctid ranges (partitioned tables need one); pass --key <column>"
+    )]
+    NoKey { table: String },
+    #[error(
+        "the job's snapshot {snapshot} is gone (the transaction holding it ended); rerun with --resume <job> --fresh-snapshot"
+    )]
+    SnapshotLost { snapshot: String },
+    #[error(
+        "cannot export a snapshot on this source ({reason}); pass --no-snapshot to read each chunk at its own point in time"
+    )]
+    SnapshotUnsupported { reason: String },
+    #[error("{context}: {reason}")]
+    Query {
+        context: String,
+        reason: String,
+        class: ErrorClass,
+    },
+    #[error("column {column:?}: {reason}")]
+    Decode { column: String, reason: String },
+}
+
+impl Classify for SourceError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SourceError::Connect { transient, .. } => {
+                if *transient {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::User
+                }
+            }
+            SourceError::Query { class, .. } => *class,
+            SourceError::SnapshotLost { .. } => ErrorClass::User,
+            _ => ErrorClass::User,
+        }
+    }
+}
+
+impl SourceError {
+    /// Wraps a driver error from a query, deciding its class from the SQLSTATE.
+    pub fn query(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+        let class = classify_pg(&e);
+        SourceError::Query {
+            context: context.into(),
+            reason: pg_reason(&e),
+            class,
+        }
+    }
+}
+
+/// The server's message (not the driver's generic "db error").
+pub fn pg_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.hint() {
+            Some(h) => format!("{} (hint: {h})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s = format!("{s}: {inner}");
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
+    let Some(code) = e.code() else {
+        // no SQLSTATE: an I/O or protocol failure on the connection
+        return ErrorClass::Transient;
+    };
+    let c = code.code();
+    if c.starts_with("08") // connection exception
+        || c.starts_with("53") // insufficient resources
+        || c.starts_with("57") // operator intervention (admin shutdown, cancel)
+        || c.starts_with("40") // serialization failure, deadlock
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+    {
+        ErrorClass::Transient
+    } else if c.starts_with("XX") {
+        ErrorClass::Internal
+    } else {
+        ErrorClass::User
+    }
+}
+
+/// Session settings every haul connection runs with, so that text forms (key bounds,
+/// casts) are the same on every session.
+pub const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; \
+     SET standard_conforming_strings = on; SET bytea_output = 'hex'; \
+     SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+     SET application_name = 'haul'";
+
+/// Parses the DSN without connecting.
+pub fn parse_dsn(dsn: &Secret) -> Result<tokio_postgres::Config, SourceError> {
+    tokio_postgres::Config::from_str(dsn.expose()).map_err(|e| SourceError::BadDsn {
+        dsn: dsn.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// A connected session. `closed` resolves when the connection ends, for whatever reason.
+pub struct Session {
+    pub client: Client,
+    pub closed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Connects and applies [`SESSION_SETUP`].
+pub async fn connect(dsn: &Secret) -> Result<Session, SourceError> {
+    let config = parse_dsn(dsn)?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        let transient = e.code().is_none()
+            || e.code().is_some_and(|c| {
+                c.code().starts_with("08")
+                    || c.code().starts_with("57")
+                    || c.code().starts_with("53")
+            });
+        SourceError::Connect {
+            dsn: dsn.to_string(),
+            reason: pg_reason(&e),
+            transient,
+        }
+    })?;
+    let (tx, closed) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "source connection ended");
+        }
+        let _ = tx.send(true);
+    });
+    client
+        .batch_execute(SESSION_SETUP)
+        .await
+        .map_err(|e| SourceError::query("session setup", e))?;
+    Ok(Session { client, closed })
+}
+
+/// How a column's values arrive (binary COPY) and which Arrow type holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PgKind {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    /// `oid`, unsigned 32-bit; held as Int64.
+    Oid,
+    Float4,
+    Float8,
+    /// `numeric(p, s)`; p ≤ 38 → Decimal128, p ≤ 76 → Decimal256.
+    Numeric {
+        precision: u8,
+        scale: i8,
+    },
+    /// Anything whose binary form is its UTF-8 text: text, varchar, char(n), name, json,
+    /// xml, enums, and every column cast to text on the server.
+    Text,
+    /// jsonb: a version byte, then the text.
+    Jsonb,
+    Bytea,
+    Date,
+    Time,
+    Timestamp,
+    Timestamptz,
+    /// Struct {months: Int32, days: Int32, microseconds: Int64}: lossless, unlike any
+    /// Parquet-writable Arrow interval type.
+    Interval,
+    /// FixedSizeBinary(16) with the `arrow.uuid` extension.
+    Uuid,
+    /// One-dimensional array of the element kind (a multi-dimensional value is an error
+    /// naming the column; `--cast col=text` exports such columns).
+    Array {
+        element: Box<PgKind>,
+    },
+}
+
+/// Microseconds between 1970-01-01 and Postgres's epoch, 2000-01-01.
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+/// Days between 1970-01-01 and 2000-01-01.
+pub const PG_EPOCH_OFFSET_DAYS: i32 = 10_957;
+
+impl PgKind {
+    pub fn arrow_type(&self) -> DataType {
+        match self {
+            PgKind::Bool => DataType::Boolean,
+            PgKind::Int2 => DataType::Int16,
+            PgKind::Int4 => DataType::Int32,
+            PgKind::Int8 | PgKind::Oid => DataType::Int64,
+            PgKind::Float4 => DataType::Float32,
+            PgKind::Float8 => DataType::Float64,
+            PgKind::Numeric { precision, scale } if *precision <= 38 => {
+                DataType::Decimal128(*precision, *scale)
+            }
+            PgKind::Numeric { precision, scale } => DataType::Decimal256(*precision, *scale),
+            PgKind::Text | PgKind::Jsonb => DataType::Utf8,
+            PgKind::Bytea => DataType::Binary,
+            PgKind::Date => DataType::Date32,
+            PgKind::Time => DataType::Time64(TimeUnit::Microsecond),
+            PgKind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+            PgKind::Timestamptz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            PgKind::Interval => DataType::Struct(interval_fields()),
+            PgKind::Uuid => DataType::FixedSizeBinary(16),
+            PgKind::Array { element } => {
+                DataType::List(Arc::new(element.arrow_field("element", true)))
+            }
+        }
+    }
+
+    pub fn arrow_field(&self, name: &str, nullable: bool) -> Field {
+        let f = Field::new(name, self.arrow_type(), nullable);
+        match self {
+            PgKind::Uuid => f.with_extension_type(arrow_schema::extension::Uuid),
+            _ => f,
+        }
+    }
+}
+
+pub fn interval_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("months", DataType::Int32, false),
+        Field::new("days", DataType::Int32, false),
+        Field::new("microseconds", DataType::Int64, false),
+    ])
+}
+
+/// One extracted column.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// The source type as Postgres formats it (`numeric(12,2)`, `character varying(40)`).
+    pub pg_type: String,
+    pub not_null: bool,
+    pub kind: PgKind,
+    /// Cast applied in the SELECT (`text`, `text[]`, or the user's `--cast`).
+    pub cast: Option<String>,
+}
+
+impl ColumnInfo {
+    /// The SELECT-list expression for this column.
+    pub fn select_expr(&self) -> String {
+        match &self.cast {
+            Some(c) => format!("{}::{c}", quote_ident(&self.name)),
+            None => quote_ident(&self.name),
+        }
+    }
+}
+
+/// A resolved source table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableInfo {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// pg_class.relkind: `r` table, `p` partitioned table, `m` materialized view.
+    pub relkind: String,
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    /// `"schema"."name"`, safe to put in SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// The Arrow schema of the extracted rows, with each column's Postgres type in its
+    /// field metadata (`haul.pg_type`) and the source table in the schema metadata.
+    pub fn arrow_schema(&self) -> Schema {
+        let fields: Vec<Field> = self
+            .columns
+            .iter()
+            .map(|c| {
+                let mut f = c.kind.arrow_field(&c.name, !c.not_null);
+                let mut md = f.metadata().clone();
+                md.insert(String::from("haul.pg_type"), c.pg_type.clone());
+                f.set_metadata(md);
+                f
+            })
+            .collect();
+        let mut md = std::collections::HashMap::new();
+        md.insert(
+            "haul.source_table".into(),
+            format!("{}.{}", self.schema, self.name),
+        );
+        Schema::new_with_metadata(fields, md)
+    }
+
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+struct TypeRow {
+    typname: String,
+    typtype: String,
+    basetype: u32,
+    typtypmod: i32,
+    elem: u32,
+    category: String,
+}
+
+async fn type_row(client: &Client, oid: u32) -> Result<TypeRow, SourceError> {
+    let r = client
+        .query_one(
+            "SELECT typname::text, typtype::text, typbasetype, typtypmod, typelem, typcategory::text \
+             FROM pg_type WHERE oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("reading pg_type", e))?;
+    Ok(TypeRow {
+        typname: r.get(0),
+        typtype: r.get(1),
+        basetype: r.get(2),
+        typtypmod: r.get(3),
+        elem: r.get(4),
+        category: r.get(5),
+    })
+}
+
+/// The kind a value of type `oid` (with `typmod`) maps to, and the server-side cast it
+/// needs, or `None` if haul has no mapping.
+async fn resolve_kind(
+    client: &Client,
+    mut oid: u32,
+    mut typmod: i32,
+) -> Result<Option<(PgKind, Option<String>)>, SourceError> {
+    // domains: map their base type (a domain can sit on a domain)
+    let mut t = type_row(client, oid).await?;
+    while t.typtype == "d" {
+        if typmod < 0 {
+            typmod = t.typtypmod;
+        }
+        oid = t.basetype;
+        t = type_row(client, oid).await?;
+    }
+    if t.typtype == "e" {
+        return Ok(Some((PgKind::Text, None)));
+    }
+    if t.category == "A" && t.elem != 0 {
+        let Some((element, elem_cast)) = Box::pin(resolve_kind(client, t.elem, typmod)).await?
+        else {
+            return Ok(None);
+        };
+        if matches!(element, PgKind::Array { .. }) {
+            return Ok(None);
+        }
+        let cast = elem_cast.map(|c| format!("{c}[]"));
+        return Ok(Some((
+            PgKind::Array {
+                element: Box::new(element),
+            },
+            cast,
+        )));
+    }
+    let text = Some("text".to_owned());
+    let kind = match oid {
+        16 => PgKind::Bool,
+        21 => PgKind::Int2,
+        23 => PgKind::Int4,
+        20 => PgKind::Int8,
+        26 => PgKind::Oid,
+        700 => PgKind::Float4,
+        701 => PgKind::Float8,
+        1700 => {
+            if typmod < 4 {
+                // unconstrained numeric: any precision and scale, NaN and ±Infinity;
+                // only its text form is lossless
+                return Ok(Some((PgKind::Text, text)));
+            }
+            let precision = ((typmod - 4) >> 16) & 0xffff;
+            // scale is an 11-bit signed field (negative scales exist since Postgres 15)
+            let raw = (typmod - 4) & 0x7ff;
+            let scale = if raw & 0x400 != 0 { raw - 0x800 } else { raw };
+            if precision > 76 || !(-128..=127).contains(&scale) {
+                return Ok(Some((PgKind::Text, text)));
+            }
+            PgKind::Numeric {
+                precision: precision as u8,
+                scale: scale as i8,
+            }
+        }
+        25 | 1043 | 1042 | 19 | 114 | 142 => PgKind::Text,
+        3802 => PgKind::Jsonb,
+        17 => PgKind::Bytea,
+        1082 => PgKind::Date,
+        1083 => PgKind::Time,
+        1114 => PgKind::Timestamp,
+        1184 => PgKind::Timestamptz,
+        1186 => PgKind::Interval,
+        2950 => PgKind::Uuid,
+        // exported in the server's text form: "char", timetz, inet, cidr, macaddr,
+        // macaddr8, money, bit, varbit, pg_lsn, tsvector, tsquery
+        18 | 1266 | 869 | 650 | 829 | 774 | 790 | 1560 | 1562 | 3220 | 3614 | 3615 => {
+            return Ok(Some((PgKind::Text, text)));
+        }
+        _ => {
+            // extension types that are text at heart (citext)
+            if t.typname == "citext" {
+                return Ok(Some((PgKind::Text, text)));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some((kind, None)))
+}
+
+/// Resolves the user's table name (quoting allowed, search_path applies) and its columns.
+pub async fn resolve_table(
+    client: &Client,
+    table: &str,
+    columns: &[String],
+    casts: &BTreeMap<String, String>,
+) -> Result<TableInfo, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, \
+                    has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1)",
+            &[&table],
+        )
+        .await
+        .map_err(|e| match e.code() {
+            Some(c) if c.code().starts_with("42") || c.code().starts_with("22") => {
+                SourceError::TableNotFound {
+                    table: table.to_owned(),
+                }
+            }
+            _ => SourceError::query("resolving the table", e),
+        })?
+        .ok_or_else(|| SourceError::TableNotFound {
+            table: table.to_owned(),
+        })?;
+    let (oid, schema, name, relkind, can_select): (u32, String, String, String, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let display = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+    if !matches!(relkind.as_str(), "r" | "p" | "m") {
+        let kind = match relkind.as_str() {
+            "v" => "view",
+            "i" | "I" => "index",
+            "S" => "sequence",
+            "f" => "foreign table",
+            "c" => "composite type",
+            _ => "relation",
+        };
+        return Err(SourceError::NotATable {
+            relation: display,
+            kind: kind.into(),
+        });
+    }
+    if !can_select {
+        return Err(SourceError::PermissionDenied { table: display });
+    }
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull, \
+                    format_type(a.atttypid, a.atttypmod) \
+             FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("reading the table's columns", e))?;
+    let all: Vec<(String, u32, i32, bool, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    for c in columns.iter().chain(casts.keys()) {
+        if !all.iter().any(|a| &a.0 == c) {
+            return Err(SourceError::ColumnNotFound {
+                table: display.clone(),
+                column: c.clone(),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    for (col, type_oid, typmod, not_null, pg_type) in all {
+        if !columns.is_empty() && !columns.contains(&col) {
+            continue;
+        }
+        let resolved = match casts.get(&col) {
+            Some(target) => {
+                let target_oid: Option<u32> = client
+                    .query_one("SELECT to_regtype($1)::oid", &[target])
+                    .await
+                    .map_err(|e| SourceError::BadCast {
+                        column: col.clone(),
+                        target: target.clone(),
+                        reason: pg_reason(&e),
+                    })?
+                    .get(0);
+                let target_oid = target_oid.ok_or_else(|| SourceError::BadCast {
+                    column: col.clone(),
+                    target: target.clone(),
+                    reason: "no such type".into(),
+                })?;
+                let formatted: String = client
+                    .query_one("SELECT format_type($1, NULL)", &[&target_oid])
+                    .await
+                    .map_err(|e| SourceError::query("formatting a cast type", e))?
+                    .get(0);
+                let (kind, extra) =
+                    resolve_kind(client, target_oid, -1).await?.ok_or_else(|| {
+                        SourceError::BadCast {
+                            column: col.clone(),
+                            target: target.clone(),
+                            reason: "haul cannot map that type either; use text".into(),
+                        }
+                    })?;
+                // a cast to e.g. inet still needs the text rendering on top
+                let cast = match extra {
+                    Some(e) => format!("{formatted}::{e}"),
+                    None => formatted,
+                };
+                (kind, Some(cast))
+            }
+            None => resolve_kind(client, type_oid, typmod)
+                .await?
+                .ok_or_else(|| SourceError::UnsupportedType {
+                    column: col.clone(),
+                    pg_type: pg_type.clone(),
+                })?,
+        };
+        out.push(ColumnInfo {
+            name: col,
+            pg_type,
+            not_null,
+            kind: resolved.0,
+            cast: resolved.1,
+        });
+    }
+    Ok(TableInfo {
+        oid,
+        schema,
+        name,
+        relkind,
+        columns: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_dsn("postgresql://bob:s3cr@t@db.example:5432/app?sslmode=require"),
+            "postgresql://bob:***@db.example:5432/app?sslmode=require"
+        );
+        assert_eq!(
+            mask_dsn("postgresql://bob@db/app"),
+            "postgresql://bob@db/app"
+        );
+        assert_eq!(
+            mask_dsn("host=db user=bob password=hunter2 dbname=app"),
+            "host=db user=bob password=*** dbname=app"
+        );
+        let s = Secret::new("postgres://u:pw@h/d");
+        assert!(!format!("{s:?} {s}").contains("pw@"));
+    }
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident(r#"My "odd" Table"#), r#""My ""odd"" Table""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}
