@@ -90,12 +90,20 @@ pub struct JobSpec {
     pub use_snapshot: bool,
 }
 
+/// A column the table is split on, with its type as written in casts (`bigint`,
+/// `character varying(20)`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyColumn {
+    pub name: String,
+    pub pg_type: String,
+}
+
 /// What the planner decided, inside the job's snapshot.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobPlan {
     pub table: TableInfo,
     /// Key columns used for ranges (empty for ctid ranges or a single chunk).
-    pub key: Vec<String>,
+    pub key: Vec<KeyColumn>,
     pub chunks: Vec<ChunkRange>,
     pub estimated_rows: u64,
     /// The exported snapshot id every chunk imports, if any.

@@ -1,0 +1,332 @@
+//! Cuts a table into chunks of about `chunk_rows` rows each, balanced by rows, not by key
+//! width: boundaries are quantiles of the key (`ntile` over the table, or over a
+//! `TABLESAMPLE SYSTEM` sample of big tables), so sparse and skewed keys, uuids, text
+//! and composite keys all split evenly. Tables without a usable key split into heap page
+//! (ctid) ranges. Every query here runs in the job's snapshot.
+//!
+//! Ranges are half-open, cover the whole key space and never overlap; rows with a NULL
+//! key column get their own chunk.
+
+use haul_shared::ChunkRange;
+use haul_shared::jobs::KeyColumn;
+use haul_shared::pg::{SourceError, TableInfo, quote_ident};
+use tokio_postgres::Client;
+
+/// Tables up to this many (estimated) rows get exact quantiles from a full key scan.
+const FULL_SCAN_ROWS: u64 = 2_000_000;
+/// Sampled keys wanted per chunk boundary on big tables.
+const SAMPLE_PER_CHUNK: u64 = 200;
+const MIN_SAMPLE: u64 = 100_000;
+
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub key: Vec<KeyColumn>,
+    pub chunks: Vec<ChunkRange>,
+    pub estimated_rows: u64,
+}
+
+struct KeyCol {
+    col: KeyColumn,
+    nullable: bool,
+}
+
+pub async fn plan(
+    client: &Client,
+    table: &TableInfo,
+    key_override: &[String],
+    chunk_rows: u64,
+) -> Result<Planned, SourceError> {
+    let key = choose_key(client, table, key_override).await?;
+    let estimated_rows = estimate_rows(client, table).await?;
+    let n = estimated_rows.div_ceil(chunk_rows.max(1)).max(1);
+    let key_cols: Vec<KeyColumn> = key.iter().flatten().map(|k| k.col.clone()).collect();
+    let any_nullable = key.iter().flatten().any(|k| k.nullable);
+    let mut chunks = match &key {
+        _ if n == 1 => vec![ChunkRange::All],
+        Some(key) => {
+            let bounds = boundaries(client, table, key, n, estimated_rows).await?;
+            split_bounds(bounds)
+        }
+        None => {
+            if table.relkind == "p" {
+                return Err(SourceError::NoKey {
+                    table: table.quoted(),
+                });
+            }
+            let pages: i64 = client
+                .query_one(
+                    "SELECT pg_relation_size($1) / current_setting('block_size')::int8",
+                    &[&table.oid],
+                )
+                .await
+                .map_err(|e| SourceError::query("measuring the table", e))?
+                .get(0);
+            ctid_ranges(pages.max(0) as u64, n)
+        }
+    };
+    if any_nullable && !matches!(chunks[..], [ChunkRange::All]) {
+        chunks.push(ChunkRange::NullKeys);
+    }
+    Ok(Planned {
+        key: if matches!(chunks[..], [ChunkRange::All]) {
+            Vec::new()
+        } else {
+            key_cols
+        },
+        chunks,
+        estimated_rows,
+    })
+}
+
+/// Ranges between consecutive boundaries: `(-inf, b0), [b0, b1), ..., [bn, +inf)`.
+pub fn split_bounds(bounds: Vec<Vec<String>>) -> Vec<ChunkRange> {
+    let mut out = Vec::with_capacity(bounds.len() + 1);
+    let mut lower: Option<Vec<String>> = None;
+    for b in bounds {
+        if lower.as_ref() == Some(&b) {
+            continue;
+        }
+        out.push(ChunkRange::Key {
+            lower: lower.take(),
+            upper: Some(b.clone()),
+        });
+        lower = Some(b);
+    }
+    out.push(ChunkRange::Key { lower, upper: None });
+    out
+}
+
+/// `n` page ranges over `[0, pages)`, the last unbounded (pages added later hold only
+/// rows the snapshot cannot see, but an unbounded end costs nothing and is safe).
+pub fn ctid_ranges(pages: u64, n: u64) -> Vec<ChunkRange> {
+    let n = n.clamp(1, pages.max(1));
+    if n == 1 {
+        return vec![ChunkRange::All];
+    }
+    (0..n)
+        .map(|i| ChunkRange::Ctid {
+            first_page: pages * i / n,
+            end_page: (i + 1 < n).then(|| pages * (i + 1) / n),
+        })
+        .collect()
+}
+
+async fn estimate_rows(client: &Client, table: &TableInfo) -> Result<u64, SourceError> {
+    // reltuples scaled to the current size, as Postgres's own planner does; summed over
+    // leaf partitions for a partitioned table
+    let sql = "WITH rels AS ( \
+                 SELECT $1::oid AS oid WHERE NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = $1 AND relkind = 'p') \
+                 UNION ALL SELECT relid FROM pg_partition_tree($1) WHERE isleaf AND relid <> $1 ) \
+               SELECT coalesce(sum(CASE WHEN c.reltuples > 0 AND c.relpages > 0 \
+                        THEN c.reltuples / c.relpages * greatest(pg_relation_size(c.oid) / current_setting('block_size')::int8, 1) \
+                        ELSE 0 END), 0)::float8, \
+                      coalesce(bool_or(c.reltuples < 0 OR (c.relpages = 0 AND pg_relation_size(c.oid) > 0)), false) \
+               FROM rels JOIN pg_class c ON c.oid = rels.oid";
+    let row = client
+        .query_one(sql, &[&table.oid])
+        .await
+        .map_err(|e| SourceError::query("estimating the table's rows", e))?;
+    let (est, unknown): (f64, bool) = (row.get(0), row.get(1));
+    if !unknown && est >= 1.0 {
+        return Ok(est as u64);
+    }
+    // never analyzed: count, exactly, in the snapshot
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
+        .await
+        .map_err(|e| SourceError::query("counting the table's rows", e))?
+        .get(0);
+    Ok(n as u64)
+}
+
+async fn choose_key(
+    client: &Client,
+    table: &TableInfo,
+    key_override: &[String],
+) -> Result<Option<Vec<KeyCol>>, SourceError> {
+    let describe = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
+                    FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 \
+                    AND a.attnum > 0 AND NOT a.attisdropped";
+    if !key_override.is_empty() {
+        let mut cols = Vec::new();
+        for name in key_override {
+            let row = client
+                .query_opt(describe, &[&table.oid, name])
+                .await
+                .map_err(|e| SourceError::query("reading the key column", e))?
+                .ok_or_else(|| SourceError::ColumnNotFound {
+                    table: table.quoted(),
+                    column: name.clone(),
+                })?;
+            let col = KeyCol {
+                col: KeyColumn {
+                    name: row.get(0),
+                    pg_type: row.get(1),
+                },
+                nullable: !row.get::<_, bool>(2),
+            };
+            check_orderable(client, table, &col.col).await?;
+            cols.push(col);
+        }
+        return Ok(Some(cols));
+    }
+    // the primary key, else the narrowest unique index over not-null plain columns
+    let indexes = client
+        .query(
+            "SELECT i.indexrelid FROM pg_index i \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisunique) AND i.indpred IS NULL \
+               AND i.indexprs IS NULL \
+             ORDER BY i.indisprimary DESC, i.indnkeyatts, i.indexrelid",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("reading the table's indexes", e))?;
+    for idx in indexes {
+        let idx: u32 = idx.get(0);
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
+                 FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indexrelid = $1 ORDER BY k.ord",
+                &[&idx],
+            )
+            .await
+            .map_err(|e| SourceError::query("reading an index's columns", e))?;
+        if rows.is_empty() || rows.iter().any(|r| !r.get::<_, bool>(2)) {
+            continue;
+        }
+        return Ok(Some(
+            rows.iter()
+                .map(|r| KeyCol {
+                    col: KeyColumn {
+                        name: r.get(0),
+                        pg_type: r.get(1),
+                    },
+                    nullable: false,
+                })
+                .collect(),
+        ));
+    }
+    Ok(None)
+}
+
+async fn check_orderable(
+    client: &Client,
+    table: &TableInfo,
+    col: &KeyColumn,
+) -> Result<(), SourceError> {
+    let sql = format!(
+        "EXPLAIN SELECT 1 FROM {} ORDER BY {}",
+        table.quoted(),
+        quote_ident(&col.name)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code().is_some_and(|c| c.code() == "42883") => {
+            Err(SourceError::KeyNotOrderable {
+                column: col.name.clone(),
+                pg_type: col.pg_type.clone(),
+            })
+        }
+        Err(e) => Err(SourceError::query("checking the key's ordering", e)),
+    }
+}
+
+/// The first key of tiles 2..n of the key's distribution: n-1 row-balanced boundaries.
+async fn boundaries(
+    client: &Client,
+    table: &TableInfo,
+    key: &[KeyCol],
+    n: u64,
+    estimated_rows: u64,
+) -> Result<Vec<Vec<String>>, SourceError> {
+    let cols: Vec<String> = key.iter().map(|k| quote_ident(&k.col.name)).collect();
+    let list = cols.join(", ");
+    let as_text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
+    let not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+    let sample = if estimated_rows > FULL_SCAN_ROWS {
+        let want = (n * SAMPLE_PER_CHUNK).max(MIN_SAMPLE) as f64;
+        let pct = (want * 100.0 / estimated_rows as f64).clamp(0.0001, 100.0);
+        format!(" TABLESAMPLE SYSTEM ({pct:.6}) REPEATABLE (42)")
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "SELECT {} FROM ( \
+           SELECT DISTINCT ON (__haul_tile) __haul_tile, {list} FROM ( \
+             SELECT {list}, ntile({n}) OVER (ORDER BY {list}) AS __haul_tile \
+             FROM {table}{sample} WHERE {not_null} \
+           ) t ORDER BY __haul_tile, {list} \
+         ) b ORDER BY __haul_tile",
+        as_text.join(", "),
+        table = table.quoted(),
+        not_null = not_null.join(" AND "),
+    );
+    let rows = client
+        .query(&sql, &[])
+        .await
+        .map_err(|e| SourceError::query("sampling the key's distribution", e))?;
+    Ok(rows
+        .iter()
+        .skip(1)
+        .map(|r| (0..key.len()).map(|i| r.get::<_, String>(i)).collect())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn contains(r: &ChunkRange, k: i64) -> bool {
+        let v = |b: &Option<Vec<String>>| b.as_ref().map(|b| b[0].parse::<i64>().unwrap());
+        match r {
+            ChunkRange::Key { lower, upper } => {
+                v(lower).is_none_or(|l| k >= l) && v(upper).is_none_or(|u| k < u)
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn key_ranges_cover_and_never_overlap(
+            mut bounds in proptest::collection::vec(-1000i64..1000, 0..20),
+            keys in proptest::collection::vec(-1200i64..1200, 1..200),
+        ) {
+            bounds.sort();
+            let ranges = split_bounds(bounds.iter().map(|b| vec![b.to_string()]).collect());
+            for k in keys {
+                let hits = ranges.iter().filter(|r| contains(r, k)).count();
+                prop_assert_eq!(hits, 1, "key {} in {} ranges", k, hits);
+            }
+            // duplicate boundaries never make empty ranges
+            for r in &ranges {
+                if let ChunkRange::Key { lower: Some(l), upper: Some(u) } = r {
+                    prop_assert!(l[0].parse::<i64>().unwrap() < u[0].parse::<i64>().unwrap());
+                }
+            }
+        }
+
+        #[test]
+        fn ctid_ranges_cover_every_page_once(pages in 0u64..10_000, n in 1u64..64) {
+            let ranges = ctid_ranges(pages, n);
+            prop_assert!(ranges.len() as u64 <= n.max(1));
+            for p in 0..pages.min(2000) {
+                let hits = ranges.iter().filter(|r| match r {
+                    ChunkRange::All => true,
+                    ChunkRange::Ctid { first_page, end_page } => p >= *first_page && end_page.is_none_or(|e| p < e),
+                    _ => false,
+                }).count();
+                prop_assert_eq!(hits, 1);
+            }
+            if let Some(ChunkRange::Ctid { first_page, .. }) = ranges.first() {
+                prop_assert_eq!(*first_page, 0);
+            }
+            if let Some(ChunkRange::Ctid { end_page, .. }) = ranges.last() {
+                prop_assert!(end_page.is_none());
+            }
+        }
+    }
+}

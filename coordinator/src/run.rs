@@ -1,0 +1,510 @@
+//! `haul run`: one job, whole, in this process — the coordinator's logic plus N worker
+//! tasks over the in-process queue, lease store and job store. The distributed mode runs
+//! the same chunk executor behind the same traits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use haul_shared::jobs::{
+    ChunkState, JobPlan, JobRecord, JobSpec, JobState, JobStore, MemoryJobStore,
+};
+use haul_shared::lease::MemoryLeaseStore;
+use haul_shared::pg::{self, SourceError, quote_ident};
+use haul_shared::proto::Task;
+use haul_shared::queue::{ChunkQueue, MemoryQueue};
+use haul_shared::{ChunkId, JobId, WorkerId};
+use haul_worker::executor::{Progress, table_dir};
+use haul_worker::layout::{ChunkManifest, Dest, DestError, PartFile};
+use haul_worker::worker::{Services, WorkerConfig, run_worker};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::planner;
+use crate::progress::{ProgressMode, Reporter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Dest(#[from] DestError),
+    #[error(
+        "job {job} was already started in this destination; pass --resume {job} to finish it, or choose another --job-id"
+    )]
+    AlreadyStarted { job: JobId },
+    #[error("no job {job} in {dest} (no plan at _haul/jobs/{job}/plan.json)")]
+    NoSuchJob { job: JobId, dest: String },
+    #[error(
+        "job {job} read from snapshot {snapshot}, which ended with the process that held it; pass --fresh-snapshot to finish the remaining chunks under a new snapshot (rows changed in between may then differ between chunks)"
+    )]
+    NeedsFreshSnapshot { job: JobId, snapshot: String },
+    #[error(
+        "job {job} was split into ctid (page) ranges, which are only valid in its original snapshot; rerun it as a new job"
+    )]
+    CannotResumeCtid { job: JobId },
+    #[error("the columns of {table} changed since job {job} was planned; rerun it as a new job")]
+    TableChanged { job: JobId, table: String },
+    #[error(
+        "{table_dir}/_manifest.json in {dest} belongs to job {other}; pass --overwrite to replace that export, or choose another --dest"
+    )]
+    DestinationTaken {
+        dest: String,
+        table_dir: String,
+        other: JobId,
+    },
+    #[error("chunk {chunk} failed: {reason}")]
+    ChunkFailed { chunk: ChunkId, reason: String },
+    #[error(
+        "interrupted; committed chunks are kept: run again with --resume {job} --fresh-snapshot to finish"
+    )]
+    Interrupted { job: JobId },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Options of one `haul run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub spec: JobSpec,
+    pub job_id: Option<JobId>,
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+    pub workers: usize,
+    pub max_attempts: u32,
+    pub lease_ttl: Duration,
+    pub progress: ProgressMode,
+}
+
+/// What `plan.json` holds: enough to resume a job (the source DSN is not stored; the
+/// user passes it again).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanFile {
+    pub job: JobId,
+    pub table: String,
+    pub dest: String,
+    pub columns: Vec<String>,
+    pub key: Vec<String>,
+    pub casts: std::collections::BTreeMap<String, String>,
+    pub chunk_rows: u64,
+    pub output: haul_shared::jobs::OutputOptions,
+    pub use_snapshot: bool,
+    pub plan: JobPlan,
+    pub created_at: String,
+}
+
+/// A column of the job manifest's schema.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestColumn {
+    pub name: String,
+    pub pg_type: String,
+    pub arrow_type: String,
+    pub nullable: bool,
+}
+
+/// The commit point of a job, written last. Readers trust it, not a directory listing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobManifest {
+    pub job: JobId,
+    pub table: String,
+    pub source: String,
+    pub snapshot: Option<String>,
+    pub columns: Vec<ManifestColumn>,
+    pub partition_by: Option<haul_shared::jobs::PartitionBy>,
+    pub chunks: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: Vec<PartFile>,
+    pub started_at: String,
+    pub finished_at: String,
+}
+
+/// The end-of-run summary.
+#[derive(Clone, Debug)]
+pub struct JobSummary {
+    pub job: JobId,
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: usize,
+    pub chunks: usize,
+    pub wall: Duration,
+    /// The job had already succeeded; nothing was done.
+    pub already_done: bool,
+    pub manifest: String,
+}
+
+impl std::fmt::Display for JobSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.already_done {
+            return write!(
+                f,
+                "job {} had already succeeded: {} rows, {} files ({})",
+                self.job, self.rows, self.files, self.manifest
+            );
+        }
+        let secs = self.wall.as_secs_f64().max(1e-6);
+        write!(
+            f,
+            "job {} succeeded: {} rows, {:.1} MiB in {} files from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+            self.job,
+            self.rows,
+            self.bytes as f64 / (1024.0 * 1024.0),
+            self.files,
+            self.chunks,
+            secs,
+            self.rows as f64 / secs,
+            self.manifest
+        )
+    }
+}
+
+/// Runs a job to its end in this process.
+pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSummary, RunError> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let mut spec = opts.spec.clone();
+    let dest = Dest::open(&spec.dest)?;
+    dest.check_writable().await?;
+    let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
+
+    if let Some(m) = dest
+        .get_json::<JobManifest>(&dest.job_manifest_path(&job))
+        .await?
+    {
+        return Ok(JobSummary {
+            job,
+            rows: m.rows,
+            bytes: m.bytes,
+            files: m.files.len(),
+            chunks: m.chunks,
+            wall: started.elapsed(),
+            already_done: true,
+            manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
+        });
+    }
+    let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
+    match (&previous, opts.resume) {
+        (Some(_), false) => return Err(RunError::AlreadyStarted { job }),
+        (None, true) => {
+            return Err(RunError::NoSuchJob {
+                job,
+                dest: dest.url.clone(),
+            });
+        }
+        _ => {}
+    }
+    if let Some(p) = &previous {
+        // a resumed job keeps its original shape; only the source comes from the caller
+        spec.table = p.table.clone();
+        spec.columns = p.columns.clone();
+        spec.key = p.key.clone();
+        spec.casts = p.casts.clone();
+        spec.chunk_rows = p.chunk_rows;
+        spec.output = p.output.clone();
+        spec.use_snapshot = p.use_snapshot;
+        if let Some(s) = &p.plan.snapshot {
+            if !opts.fresh_snapshot {
+                return Err(RunError::NeedsFreshSnapshot {
+                    job,
+                    snapshot: s.clone(),
+                });
+            }
+        }
+        if p.plan.chunks.iter().any(|c| !c.survives_new_snapshot()) {
+            return Err(RunError::CannotResumeCtid { job });
+        }
+    }
+
+    // The planning session holds the snapshot open until the job ends.
+    let holder = pg::connect(&spec.source).await?;
+    holder
+        .client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| SourceError::query("beginning the snapshot transaction", e))?;
+    let snapshot = if spec.use_snapshot {
+        let row = holder
+            .client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(|e| SourceError::SnapshotUnsupported {
+                reason: pg::pg_reason(&e),
+            })?;
+        Some(row.get::<_, String>(0))
+    } else {
+        None
+    };
+    let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
+    if let Some(p) = &spec.output.partition_by {
+        if table.column(&p.column).is_none() {
+            return Err(SourceError::ColumnNotFound {
+                table: table.quoted(),
+                column: p.column.clone(),
+            }
+            .into());
+        }
+    }
+    let tdir = table_dir(&table.name);
+
+    let plan = match &previous {
+        Some(p) => {
+            if p.plan.table.columns != table.columns {
+                return Err(RunError::TableChanged {
+                    job,
+                    table: table.quoted(),
+                });
+            }
+            JobPlan {
+                snapshot: snapshot.clone(),
+                ..p.plan.clone()
+            }
+        }
+        None => {
+            if !opts.overwrite {
+                if let Some(m) = dest
+                    .get_json::<JobManifest>(&dest.table_manifest_path(&tdir))
+                    .await?
+                {
+                    return Err(RunError::DestinationTaken {
+                        dest: dest.url.clone(),
+                        table_dir: tdir,
+                        other: m.job,
+                    });
+                }
+            }
+            let t0 = Instant::now();
+            let planned = planner::plan(&holder.client, &table, &spec.key, spec.chunk_rows).await?;
+            info!(
+                chunks = planned.chunks.len(),
+                estimated_rows = planned.estimated_rows,
+                key = ?planned.key.iter().map(|k| quote_ident(&k.name)).collect::<Vec<_>>(),
+                planning_ms = t0.elapsed().as_millis() as u64,
+                "planned"
+            );
+            JobPlan {
+                table: table.clone(),
+                key: planned.key,
+                chunks: planned.chunks,
+                estimated_rows: planned.estimated_rows,
+                snapshot: snapshot.clone(),
+            }
+        }
+    };
+    let plan_file = PlanFile {
+        job: job.clone(),
+        table: spec.table.clone(),
+        dest: spec.dest.clone(),
+        columns: spec.columns.clone(),
+        key: spec.key.clone(),
+        casts: spec.casts.clone(),
+        chunk_rows: spec.chunk_rows,
+        output: spec.output.clone(),
+        use_snapshot: spec.use_snapshot,
+        plan: plan.clone(),
+        created_at: started_at.clone(),
+    };
+    if !dest
+        .put_json(&dest.plan_path(&job), &plan_file, previous.is_none())
+        .await?
+    {
+        // another process planned the same job id between our check and now
+        return Err(RunError::AlreadyStarted { job });
+    }
+
+    // Chunks committed by an earlier run are (re)published and skipped.
+    let mut committed = std::collections::BTreeMap::new();
+    for m in dest.chunk_manifests(&job).await? {
+        dest.publish(&m).await?;
+        committed.insert(m.chunk, m);
+    }
+
+    let queue = MemoryQueue::new(opts.max_attempts);
+    let jobs = MemoryJobStore::default();
+    let record = JobRecord {
+        id: job.clone(),
+        spec: spec.clone(),
+        plan: Some(plan.clone()),
+        state: JobState::Running,
+    };
+    jobs.put_job(&record).await.map_err(internal)?;
+    for (i, range) in plan.chunks.iter().enumerate() {
+        let chunk = ChunkId(i as u32);
+        if let Some(m) = committed.get(&chunk) {
+            let state = ChunkState::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+            };
+            jobs.set_chunk_state(&job, chunk, &state)
+                .await
+                .map_err(internal)?;
+            continue;
+        }
+        jobs.set_chunk_state(&job, chunk, &ChunkState::Pending)
+            .await
+            .map_err(internal)?;
+        let task = Task {
+            job_id: job.clone(),
+            chunk_id: chunk,
+            range: range.clone(),
+        };
+        queue.publish(task.encode()).await.map_err(internal)?;
+    }
+
+    let svc = Services {
+        queue: Arc::new(queue),
+        leases: Arc::new(MemoryLeaseStore::default()),
+        jobs: Arc::new(jobs.clone()),
+    };
+    let progress = Arc::new(Progress::default());
+    let shutdown = CancellationToken::new();
+    let workers: Vec<_> = (0..opts.workers.max(1))
+        .map(|i| {
+            let cfg = WorkerConfig {
+                id: WorkerId(format!("local-{i}")),
+                slots: 1,
+                lease_ttl: opts.lease_ttl,
+                max_attempts: opts.max_attempts,
+            };
+            tokio::spawn(run_worker(
+                cfg,
+                svc.clone(),
+                Arc::clone(&progress),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+
+    let mut reporter = Reporter::new(opts.progress, &job, plan.estimated_rows, plan.chunks.len());
+    let committed_rows_before: u64 = committed.values().map(|m| m.rows).sum();
+    reporter.set_base(committed_rows_before);
+    let mut closed = holder.closed.clone();
+    let outcome: Result<(), RunError> = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = interrupt.cancelled() => break Err(RunError::Interrupted { job: job.clone() }),
+            _ = closed.changed() => {
+                if let Some(s) = &snapshot {
+                    break Err(SourceError::SnapshotLost { snapshot: s.clone() }.into());
+                }
+            }
+        }
+        let states = jobs.chunk_states(&job).await.map_err(internal)?;
+        let done = states
+            .values()
+            .filter(|s| matches!(s, ChunkState::Committed { .. }))
+            .count();
+        reporter.update(&progress, done);
+        if let Some((chunk, ChunkState::Failed { reason })) = states
+            .iter()
+            .find(|(_, s)| matches!(s, ChunkState::Failed { .. }))
+        {
+            break Err(RunError::ChunkFailed {
+                chunk: *chunk,
+                reason: reason.clone(),
+            });
+        }
+        if done == plan.chunks.len() {
+            break Ok(());
+        }
+    };
+    shutdown.cancel();
+    for w in workers {
+        if let Ok(Err(e)) = w.await {
+            warn!(error = %e, "worker ended with an error");
+        }
+    }
+    reporter.finish();
+    let staging = format!("_haul/staging/{job}");
+    if let Err(e) = outcome {
+        let _ = jobs
+            .set_job_state(
+                &job,
+                &JobState::Failed {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+        if let Err(e) = dest.delete_prefix(&staging).await {
+            warn!(error = %e, "could not clean the staging area");
+        }
+        return Err(e);
+    }
+
+    // Commit the job: the job manifest is written last.
+    let chunks = dest.chunk_manifests(&job).await?;
+    let manifest = job_manifest(&job, &spec, &plan, &chunks, started_at);
+    if chunks.len() != plan.chunks.len() {
+        return Err(RunError::Internal(format!(
+            "{} chunk manifests for {} chunks",
+            chunks.len(),
+            plan.chunks.len()
+        )));
+    }
+    let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(&tdir)).await?;
+    dest.put_json(&dest.job_manifest_path(&job), &manifest, true)
+        .await?;
+    dest.put_json(&dest.table_manifest_path(&tdir), &manifest, false)
+        .await?;
+    if let Some(old) = old.filter(|o| o.job != job) {
+        // --overwrite: the previous export's parts go once the new one is committed
+        for f in &old.files {
+            let _ = object_store::ObjectStoreExt::delete(dest.store.as_ref(), &dest.path(&f.path))
+                .await;
+        }
+    }
+    dest.delete_prefix(&staging).await?;
+    let _ = holder.client.batch_execute("COMMIT").await;
+    Ok(JobSummary {
+        job: job.clone(),
+        rows: manifest.rows,
+        bytes: manifest.bytes,
+        files: manifest.files.len(),
+        chunks: manifest.chunks,
+        wall: started.elapsed(),
+        already_done: false,
+        manifest: format!("{}/{tdir}/_manifest.json", dest.url),
+    })
+}
+
+fn job_manifest(
+    job: &JobId,
+    spec: &JobSpec,
+    plan: &JobPlan,
+    chunks: &[ChunkManifest],
+    started_at: String,
+) -> JobManifest {
+    let schema = plan.table.arrow_schema();
+    JobManifest {
+        job: job.clone(),
+        table: format!("{}.{}", plan.table.schema, plan.table.name),
+        source: spec.source.to_string(),
+        snapshot: plan.snapshot.clone(),
+        columns: plan
+            .table
+            .columns
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| ManifestColumn {
+                name: c.name.clone(),
+                pg_type: c.pg_type.clone(),
+                arrow_type: f.data_type().to_string(),
+                nullable: f.is_nullable(),
+            })
+            .collect(),
+        partition_by: spec.output.partition_by.clone(),
+        chunks: chunks.len(),
+        rows: chunks.iter().map(|c| c.rows).sum(),
+        bytes: chunks.iter().map(|c| c.bytes).sum(),
+        files: chunks
+            .iter()
+            .flat_map(|c| c.files.iter().cloned())
+            .collect(),
+        started_at,
+        finished_at: chrono::Utc::now().to_rfc3339(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> RunError {
+    RunError::Internal(e.to_string())
+}

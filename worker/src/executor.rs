@@ -1,0 +1,333 @@
+//! Runs one chunk attempt end to end, under a lease, and commits it with the fencing
+//! protocol:
+//!
+//! 1. a chunk whose manifest already exists is only (re)published — redelivery of a
+//!    committed chunk is a cheap no-op;
+//! 2. the attempt imports the job's snapshot and streams
+//!    `COPY (SELECT ... WHERE <range>) TO STDOUT (FORMAT binary)` into Arrow batches and
+//!    Parquet parts under its own staging prefix (`.../<chunk>/<epoch>/`);
+//! 3. if its lease (epoch) is no longer current it stops without committing;
+//! 4. it creates the chunk manifest with create-if-absent: the first attempt to commit
+//!    wins, a late zombie finds it present and deletes its own staging files;
+//! 5. the winner publishes its parts to their final names.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{StreamExt, pin_mut};
+use haul_shared::error::{Classify, ErrorClass};
+use haul_shared::jobs::{JobPlan, JobSpec};
+use haul_shared::lease::{Lease, LeaseStore, StoreError};
+use haul_shared::pg::{self, SourceError, quote_ident, quote_literal};
+use haul_shared::{ChunkId, ChunkRange, JobId};
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::CopyDecoder;
+use crate::layout::{ChunkManifest, Dest, DestError};
+use crate::writer::{ChunkWriter, WriteError, WriterConfig};
+
+/// Upper bound on one decoded batch's source bytes (in addition to the row bound).
+pub const BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Dest(#[from] DestError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("lost the lease on chunk {chunk} (epoch {epoch}); another attempt owns it")]
+    LeaseLost { chunk: ChunkId, epoch: u64 },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Classify for ChunkError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ChunkError::Source(e) => e.class(),
+            ChunkError::Dest(e) => e.class(),
+            ChunkError::Write(WriteError::BadPartitionColumn { .. }) => ErrorClass::User,
+            ChunkError::Write(_) => ErrorClass::Transient,
+            ChunkError::Store(e) => e.class(),
+            ChunkError::LeaseLost { .. } | ChunkError::Cancelled => ErrorClass::Transient,
+        }
+    }
+}
+
+/// How a chunk attempt ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// This attempt committed the chunk.
+    Committed { rows: u64, bytes: u64, files: usize },
+    /// It was committed before (by this or an earlier attempt); (re)published.
+    AlreadyCommitted { rows: u64, bytes: u64, files: usize },
+}
+
+/// Live counters a progress display reads.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub rows: AtomicU64,
+    pub source_bytes: AtomicU64,
+}
+
+/// Everything one chunk attempt needs.
+pub struct ChunkJob<'a> {
+    pub job_id: &'a JobId,
+    pub spec: &'a JobSpec,
+    pub plan: &'a JobPlan,
+    pub chunk: ChunkId,
+    pub range: &'a ChunkRange,
+    pub dest: &'a Dest,
+    pub lease: &'a Lease,
+    pub leases: &'a dyn LeaseStore,
+    pub progress: &'a Progress,
+    /// Fires when the lease is lost or the worker must stop now.
+    pub cancel: CancellationToken,
+}
+
+/// The `WHERE` predicate of a chunk. Key bounds are quoted literals cast to the key
+/// column's type; identifiers are quoted.
+pub fn range_predicate(range: &ChunkRange, key: &[haul_shared::jobs::KeyColumn]) -> String {
+    let tuple = |vals: &[String]| -> String {
+        let lits: Vec<String> = vals
+            .iter()
+            .zip(key)
+            .map(|(v, k)| format!("{}::{}", quote_literal(v), k.pg_type))
+            .collect();
+        if lits.len() == 1 {
+            lits[0].clone()
+        } else {
+            format!("ROW({})", lits.join(", "))
+        }
+    };
+    let cols = || {
+        let c: Vec<String> = key.iter().map(|k| quote_ident(&k.name)).collect();
+        if c.len() == 1 {
+            c[0].clone()
+        } else {
+            format!("ROW({})", c.join(", "))
+        }
+    };
+    match range {
+        ChunkRange::All => "true".into(),
+        ChunkRange::NullKeys => {
+            let c: Vec<String> = key
+                .iter()
+                .map(|k| format!("{} IS NULL", quote_ident(&k.name)))
+                .collect();
+            format!("({})", c.join(" OR "))
+        }
+        ChunkRange::Key { lower, upper } => {
+            let mut parts = Vec::new();
+            if let Some(l) = lower {
+                parts.push(format!("{} >= {}", cols(), tuple(l)));
+            }
+            if let Some(u) = upper {
+                parts.push(format!("{} < {}", cols(), tuple(u)));
+            }
+            if parts.is_empty() {
+                // unbounded both sides still excludes NULL keys (they have their own chunk)
+                let c: Vec<String> = key
+                    .iter()
+                    .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name)))
+                    .collect();
+                parts.push(c.join(" AND "));
+            }
+            parts.join(" AND ")
+        }
+        ChunkRange::Ctid {
+            first_page,
+            end_page,
+        } => {
+            let mut p = format!("ctid >= '({first_page},0)'::tid");
+            if let Some(e) = end_page {
+                p.push_str(&format!(" AND ctid < '({e},0)'::tid"));
+            }
+            p
+        }
+    }
+}
+
+/// The COPY statement of a chunk.
+pub fn copy_statement(plan: &JobPlan, range: &ChunkRange) -> String {
+    let cols: Vec<String> = plan.table.columns.iter().map(|c| c.select_expr()).collect();
+    format!(
+        "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
+        cols.join(", "),
+        plan.table.quoted(),
+        range_predicate(range, &plan.key)
+    )
+}
+
+/// Runs one attempt. See the module docs for the protocol.
+pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
+    let dest = c.dest;
+    let manifest_path = dest.chunk_manifest_path(c.job_id, c.chunk);
+    if let Some(m) = dest.get_json::<ChunkManifest>(&manifest_path).await? {
+        dest.publish(&m).await?;
+        return Ok(ChunkOutcome::AlreadyCommitted {
+            rows: m.rows,
+            bytes: m.bytes,
+            files: m.files.len(),
+        });
+    }
+    let epoch = c.lease.epoch;
+    let staging = dest.staging_prefix(c.job_id, c.chunk, epoch);
+    let result = tokio::select! {
+        r = extract(&c, &staging) => r,
+        _ = c.cancel.cancelled() => Err(ChunkError::Cancelled),
+    };
+    let files = match result {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = dest.delete_prefix(&staging).await;
+            return Err(e);
+        }
+    };
+    // fencing: a lease lost while we worked means someone else may be committing
+    if !c.leases.is_current(c.lease).await? {
+        dest.delete_prefix(&staging).await?;
+        return Err(ChunkError::LeaseLost {
+            chunk: c.chunk,
+            epoch: epoch.0,
+        });
+    }
+    let manifest = ChunkManifest {
+        job: c.job_id.clone(),
+        chunk: c.chunk,
+        epoch,
+        worker: c.lease.holder.clone(),
+        range: c.range.clone(),
+        rows: files.iter().map(|f| f.rows).sum(),
+        bytes: files.iter().map(|f| f.bytes).sum(),
+        files,
+        committed_at: chrono::Utc::now().to_rfc3339(),
+    };
+    if !dest.put_json(&manifest_path, &manifest, true).await? {
+        // a concurrent attempt committed first: ours is void
+        dest.delete_prefix(&staging).await?;
+        let winner = dest
+            .get_json::<ChunkManifest>(&manifest_path)
+            .await?
+            .ok_or_else(|| DestError::BadManifest {
+                path: manifest_path.to_string(),
+                reason: "vanished after an already-exists answer".into(),
+            })?;
+        dest.publish(&winner).await?;
+        return Ok(ChunkOutcome::AlreadyCommitted {
+            rows: winner.rows,
+            bytes: winner.bytes,
+            files: winner.files.len(),
+        });
+    }
+    dest.publish(&manifest).await?;
+    Ok(ChunkOutcome::Committed {
+        rows: manifest.rows,
+        bytes: manifest.bytes,
+        files: manifest.files.len(),
+    })
+}
+
+async fn extract(
+    c: &ChunkJob<'_>,
+    staging: &str,
+) -> Result<Vec<crate::layout::PartFile>, ChunkError> {
+    let session = pg::connect(&c.spec.source).await?;
+    let client = &session.client;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| SourceError::query("beginning the chunk transaction", e))?;
+    if let Some(snap) = &c.plan.snapshot {
+        client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snap)))
+            .await
+            .map_err(|e| match e.code() {
+                Some(code) if code.code() == "22023" => SourceError::SnapshotLost {
+                    snapshot: snap.clone(),
+                },
+                _ => SourceError::query("importing the job's snapshot", e),
+            })?;
+    }
+    let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
+    let writer = ChunkWriter::start(
+        c.dest.clone(),
+        WriterConfig {
+            output: c.spec.output.clone(),
+            table_dir: table_dir(&c.plan.table.name),
+            staging: staging.to_owned(),
+            stem: format!("part-{}-{}", c.job_id, c.chunk),
+        },
+        decoder.schema(),
+    )?;
+    let stmt = copy_statement(c.plan, c.range);
+    let stream = client
+        .copy_out(stmt.as_str())
+        .await
+        .map_err(|e| SourceError::query("starting COPY", e))?;
+    pin_mut!(stream);
+    let mut batches = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| SourceError::query("reading COPY", e))?;
+        c.progress
+            .source_bytes
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+        decoder.push(&piece, &mut batches)?;
+        for b in batches.drain(..) {
+            c.progress
+                .rows
+                .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+            writer.write(b).await?;
+        }
+    }
+    if let Some(b) = decoder.finish()? {
+        c.progress
+            .rows
+            .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+        writer.write(b).await?;
+    }
+    let files = writer.finish().await?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| SourceError::query("ending the chunk transaction", e))?;
+    Ok(files)
+}
+
+/// The table's folder under the destination: its name, with `/` (which would nest
+/// folders) replaced.
+pub fn table_dir(name: &str) -> String {
+    name.replace('/', "_")
+}
+
+/// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal
+/// fails (the attempt must then stop: it can no longer commit).
+pub async fn keep_lease(
+    leases: Arc<dyn LeaseStore>,
+    lease: Lease,
+    ttl: std::time::Duration,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match leases.renew(&lease, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(key = %lease.key, epoch = %lease.epoch, "lease lost");
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}

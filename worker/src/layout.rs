@@ -1,0 +1,299 @@
+//! Where everything lives in the destination, and the commit protocol's object-store side.
+//!
+//! ```text
+//! <dest>/<table>/dt=YYYY-MM-DD/part-<job>-<chunk>-<n>.parquet   published parts (glob-safe)
+//! <dest>/<table>/_manifest.json                                 the table's latest committed job
+//! <dest>/_haul/jobs/<job>/plan.json                             the job's plan (resume reads it)
+//! <dest>/_haul/jobs/<job>/chunks/<chunk>.json                   chunk manifests: the commit points
+//! <dest>/_haul/jobs/<job>/_manifest.json                        the job manifest, written last
+//! <dest>/_haul/staging/<job>/<chunk>/<epoch>/...                one attempt's parts before commit
+//! ```
+//!
+//! Architecture invariant: a part file appears under `<dest>/<table>/` only after its
+//! chunk manifest was created, and only parts named in that manifest are published.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use haul_shared::error::{Classify, ErrorClass};
+use haul_shared::{ChunkId, ChunkRange, Epoch, JobId, WorkerId};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    #[error("invalid destination {dest:?}: {reason}")]
+    Invalid { dest: String, reason: String },
+    #[error("destination {dest} is not writable: {reason}")]
+    NotWritable { dest: String, reason: String },
+    #[error("object store error at {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("unreadable manifest {path}: {reason}")]
+    BadManifest { path: String, reason: String },
+}
+
+impl Classify for DestError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DestError::Invalid { .. } | DestError::NotWritable { .. } => ErrorClass::User,
+            DestError::Store { source, .. } => match source {
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => ErrorClass::User,
+                _ => ErrorClass::Transient,
+            },
+            DestError::BadManifest { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> DestError + '_ {
+    move |source| DestError::Store {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// One part file of a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartFile {
+    /// Final path relative to the destination root (`orders/dt=2024-01-01/part-....parquet`).
+    pub path: String,
+    /// Where the committing attempt staged it, relative to the destination root.
+    pub staged: String,
+    pub rows: u64,
+    pub bytes: u64,
+    /// The partition directory (`dt=2024-01-01`), empty when unpartitioned.
+    pub partition: String,
+}
+
+/// The commit point of one chunk: created once, with create-if-absent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChunkManifest {
+    pub job: JobId,
+    pub chunk: ChunkId,
+    pub epoch: Epoch,
+    pub worker: WorkerId,
+    pub range: ChunkRange,
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: Vec<PartFile>,
+    pub committed_at: String,
+}
+
+/// The destination: an object store and the root path inside it.
+#[derive(Clone, Debug)]
+pub struct Dest {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+    /// The URL as the user gave it (for messages).
+    pub url: String,
+}
+
+impl Dest {
+    /// Opens `file://path`, a bare path (relative paths are taken from the current
+    /// directory), or any URL `object_store` understands (`s3://bucket/prefix`, with the
+    /// usual `AWS_*` environment variables).
+    pub fn open(url: &str) -> Result<Self, DestError> {
+        let invalid = |reason: String| DestError::Invalid {
+            dest: url.to_owned(),
+            reason,
+        };
+        let local = url
+            .strip_prefix("file://")
+            .or_else(|| (!url.contains("://")).then_some(url));
+        if let Some(p) = local {
+            if p.is_empty() {
+                return Err(invalid("empty path".into()));
+            }
+            let p = std::path::Path::new(p);
+            let abs = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| invalid(e.to_string()))?
+                    .join(p)
+            };
+            std::fs::create_dir_all(&abs).map_err(|e| DestError::NotWritable {
+                dest: abs.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let store =
+                LocalFileSystem::new_with_prefix(&abs).map_err(|e| invalid(e.to_string()))?;
+            return Ok(Dest {
+                store: Arc::new(store),
+                root: Path::default(),
+                url: format!("file://{}", abs.display()),
+            });
+        }
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let opts = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, root) =
+            object_store::parse_url_opts(&parsed, opts).map_err(|e| invalid(e.to_string()))?;
+        Ok(Dest {
+            store: Arc::from(store),
+            root,
+            url: url.to_owned(),
+        })
+    }
+
+    /// `root/rel`, with each `/`-separated segment of `rel` as one path part.
+    pub fn path(&self, rel: &str) -> Path {
+        rel.split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.root.clone(), |p, seg| p.clone().join(seg))
+    }
+
+    /// Proves the destination is writable before any data moves.
+    pub async fn check_writable(&self) -> Result<(), DestError> {
+        let probe = self.path(&format!("_haul/probe-{}", uuid_like()));
+        self.store
+            .put(&probe, PutPayload::from_static(b"ok"))
+            .await
+            .map_err(|e| DestError::NotWritable {
+                dest: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = self.store.delete(&probe).await;
+        Ok(())
+    }
+
+    pub fn staging_prefix(&self, job: &JobId, chunk: ChunkId, epoch: Epoch) -> String {
+        format!("_haul/staging/{job}/{chunk}/{epoch}")
+    }
+    pub fn chunk_manifest_path(&self, job: &JobId, chunk: ChunkId) -> Path {
+        self.path(&format!("_haul/jobs/{job}/chunks/{chunk}.json"))
+    }
+    pub fn plan_path(&self, job: &JobId) -> Path {
+        self.path(&format!("_haul/jobs/{job}/plan.json"))
+    }
+    pub fn job_manifest_path(&self, job: &JobId) -> Path {
+        self.path(&format!("_haul/jobs/{job}/_manifest.json"))
+    }
+    pub fn table_manifest_path(&self, table_dir: &str) -> Path {
+        self.path(&format!("{table_dir}/_manifest.json"))
+    }
+
+    /// Reads a JSON object, `None` if absent.
+    pub async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<T>, DestError> {
+        let bytes = match self.store.get(path).await {
+            Ok(r) => r.bytes().await.map_err(store_err(path))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(store_err(path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DestError::BadManifest {
+                path: path.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes a JSON object; with `create_only`, fails with `Ok(false)` if it exists.
+    pub async fn put_json<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        create_only: bool,
+    ) -> Result<bool, DestError> {
+        let body = Bytes::from(serde_json::to_vec_pretty(value).expect("manifests serialize"));
+        let mode = if create_only {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        };
+        match self
+            .store
+            .put_opts(path, body.into(), PutOptions::from(mode))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) if create_only => Ok(false),
+            Err(e) => Err(store_err(path)(e)),
+        }
+    }
+
+    /// All committed chunk manifests of a job.
+    pub async fn chunk_manifests(&self, job: &JobId) -> Result<Vec<ChunkManifest>, DestError> {
+        let prefix = self.path(&format!("_haul/jobs/{job}/chunks"));
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(store_err(&prefix))?;
+        let mut out = Vec::with_capacity(metas.len());
+        for m in metas {
+            if m.location.extension() != Some("json") {
+                continue;
+            }
+            if let Some(cm) = self.get_json::<ChunkManifest>(&m.location).await? {
+                out.push(cm);
+            }
+        }
+        out.sort_by_key(|m| m.chunk);
+        Ok(out)
+    }
+
+    /// Publishes a committed chunk's parts to their final names. Idempotent: a part
+    /// already in place is left alone, so a redelivered committed chunk just finishes
+    /// the job. Staged copies are removed afterwards.
+    pub async fn publish(&self, manifest: &ChunkManifest) -> Result<(), DestError> {
+        for f in &manifest.files {
+            let dst = self.path(&f.path);
+            let src = self.path(&f.staged);
+            match self.store.head(&dst).await {
+                Ok(meta) if meta.size == f.bytes => continue,
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(&dst)(e)),
+            }
+            self.store.copy(&src, &dst).await.map_err(store_err(&src))?;
+        }
+        for f in &manifest.files {
+            let src = self.path(&f.staged);
+            match self.store.delete(&src).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(&src)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes everything under `rel` (a staging prefix); missing objects are fine.
+    pub async fn delete_prefix(&self, rel: &str) -> Result<(), DestError> {
+        let prefix = self.path(rel);
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(store_err(&prefix))?;
+        for m in metas {
+            match self.store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(&m.location)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{n:x}-{}", std::process::id())
+}

@@ -1,0 +1,255 @@
+//! The worker loop: takes chunk tasks from the queue, leases each chunk, runs it, and
+//! settles the delivery by the outcome's error class.
+//!
+//! Architecture invariant: a delivery is acked only after its chunk is committed (or was
+//! found committed); a transient failure is nacked (redelivered, dead-lettered past the
+//! delivery limit); a permanent one is rejected to the dead-letter queue at once and the
+//! chunk marked failed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_shared::error::Classify;
+use haul_shared::jobs::{ChunkState, JobRecord, JobStore};
+use haul_shared::lease::LeaseStore;
+use haul_shared::proto::Task;
+use haul_shared::queue::{ChunkQueue, Delivery, QueueError};
+use haul_shared::{JobId, WorkerId};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::executor::{ChunkJob, ChunkOutcome, Progress, keep_lease, run_chunk};
+use crate::layout::Dest;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub id: WorkerId,
+    /// Chunks worked on at once (and the queue prefetch).
+    pub slots: usize,
+    pub lease_ttl: Duration,
+    /// Attempts before a chunk is given up (must match the queue's delivery limit).
+    pub max_attempts: u32,
+}
+
+/// The boundaries a worker talks to.
+#[derive(Clone)]
+pub struct Services {
+    pub queue: Arc<dyn ChunkQueue>,
+    pub leases: Arc<dyn LeaseStore>,
+    pub jobs: Arc<dyn JobStore>,
+}
+
+/// Runs until `shutdown` fires, then stops taking work and waits for in-flight chunks.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    svc: Services,
+    progress: Arc<Progress>,
+    shutdown: CancellationToken,
+) -> Result<(), QueueError> {
+    let mut sub = svc.queue.subscribe(cfg.slots as u16).await?;
+    let slots = Arc::new(Semaphore::new(cfg.slots.max(1)));
+    let tracker = TaskTracker::new();
+    let dests: Arc<Mutex<HashMap<JobId, Dest>>> = Arc::default();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore open"),
+        };
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = sub.next() => d?,
+        };
+        let (cfg, svc, progress, dests) = (
+            cfg.clone(),
+            svc.clone(),
+            Arc::clone(&progress),
+            Arc::clone(&dests),
+        );
+        let stop = shutdown.child_token();
+        tracker.spawn(async move {
+            handle(delivery, &cfg, &svc, &progress, &dests, stop).await;
+            drop(permit);
+        });
+    }
+    drop(sub);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn handle(
+    d: Delivery,
+    cfg: &WorkerConfig,
+    svc: &Services,
+    progress: &Progress,
+    dests: &Mutex<HashMap<JobId, Dest>>,
+    stop: CancellationToken,
+) {
+    let task = match Task::decode(&d.body) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "rejecting a malformed chunk task to the dead-letter queue");
+            settle(d.reject().await);
+            return;
+        }
+    };
+    let span = info_span!("chunk", job_id = %task.job_id, chunk_id = %task.chunk_id, worker_id = %cfg.id, attempt = d.attempt);
+    async move {
+        let job = match svc.jobs.get_job(&task.job_id).await {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                warn!("task for an unknown job; dead-lettering");
+                settle(d.reject().await);
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "job store unavailable; requeueing");
+                settle(d.nack().await);
+                return;
+            }
+        };
+        if job.state.is_terminal() {
+            info!(state = ?job.state, "job already ended; dropping task");
+            settle(d.ack().await);
+            return;
+        }
+        let attempt = d.attempt;
+        match attempt_chunk(&job, &task, cfg, svc, progress, dests, stop, attempt).await {
+            Ok(outcome) => {
+                let (rows, bytes) = match outcome {
+                    ChunkOutcome::Committed { rows, bytes, .. }
+                    | ChunkOutcome::AlreadyCommitted { rows, bytes, .. } => (rows, bytes),
+                };
+                tracing::debug!(?outcome, "chunk committed");
+                let _ = svc
+                    .jobs
+                    .set_chunk_state(
+                        &job.id,
+                        task.chunk_id,
+                        &ChunkState::Committed { rows, bytes },
+                    )
+                    .await;
+                settle(d.ack().await);
+            }
+            Err(e) => {
+                let class = e.class();
+                let reason = e.to_string();
+                let last = attempt >= cfg.max_attempts;
+                if class.is_retryable() && !last {
+                    warn!(error = %reason, "chunk attempt failed; requeueing");
+                    let _ = svc
+                        .jobs
+                        .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Pending)
+                        .await;
+                    settle(d.nack().await);
+                } else {
+                    warn!(error = %reason, ?class, "chunk failed for good");
+                    let _ = svc
+                        .jobs
+                        .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Failed { reason })
+                        .await;
+                    if class.is_retryable() {
+                        settle(d.nack().await); // past the limit: the queue dead-letters it
+                    } else {
+                        settle(d.reject().await);
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_chunk(
+    job: &JobRecord,
+    task: &Task,
+    cfg: &WorkerConfig,
+    svc: &Services,
+    progress: &Progress,
+    dests: &Mutex<HashMap<JobId, Dest>>,
+    stop: CancellationToken,
+    attempt: u32,
+) -> Result<ChunkOutcome, crate::executor::ChunkError> {
+    let plan = job
+        .plan
+        .as_ref()
+        .ok_or_else(|| crate::layout::DestError::BadManifest {
+            path: format!("job {}", job.id),
+            reason: "job has no plan yet".into(),
+        })?;
+    let dest = {
+        let mut g = dests.lock().await;
+        match g.get(&job.id) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Dest::open(&job.spec.dest)?;
+                g.insert(job.id.clone(), d.clone());
+                d
+            }
+        }
+    };
+    let key = format!("{}/{}", job.id, task.chunk_id);
+    // another holder (a duplicate delivery): wait for it to commit or let go
+    let deadline = tokio::time::Instant::now() + cfg.lease_ttl * 2;
+    let lease = loop {
+        if let Some(l) = svc.leases.acquire(&key, &cfg.id, cfg.lease_ttl).await? {
+            break l;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(crate::executor::ChunkError::LeaseLost {
+                chunk: task.chunk_id,
+                epoch: 0,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = svc
+        .jobs
+        .set_chunk_state(
+            &job.id,
+            task.chunk_id,
+            &ChunkState::Running {
+                worker: cfg.id.clone(),
+                attempt,
+            },
+        )
+        .await;
+    let lost = stop.child_token();
+    let renew_stop = CancellationToken::new();
+    let renewer = tokio::spawn(keep_lease(
+        Arc::clone(&svc.leases),
+        lease.clone(),
+        cfg.lease_ttl,
+        renew_stop.clone(),
+        lost.clone(),
+    ));
+    let result = run_chunk(ChunkJob {
+        job_id: &job.id,
+        spec: &job.spec,
+        plan,
+        chunk: task.chunk_id,
+        range: &task.range,
+        dest: &dest,
+        lease: &lease,
+        leases: svc.leases.as_ref(),
+        progress,
+        cancel: lost,
+    })
+    .await;
+    renew_stop.cancel();
+    let _ = renewer.await;
+    let _ = svc.leases.release(&lease).await;
+    result
+}
+
+fn settle(r: Result<(), QueueError>) {
+    if let Err(e) = r {
+        // the message will be redelivered; every commit is safe to repeat
+        warn!(error = %e, "settling a delivery failed");
+    }
+}

@@ -1,0 +1,487 @@
+//! Parquet writing for one chunk attempt, off the async runtime.
+//!
+//! Batches go through a bounded channel to one blocking-pool thread that owns the
+//! chunk's Parquet writers (encoding and compression are CPU work). It splits each batch
+//! into runs of equal partition value, keeps at most [`MAX_OPEN_FILES`] part files open
+//! (least recently used closed first), flushes the largest row group when buffered data
+//! passes [`BUFFER_BUDGET`], and rotates files at the row/byte limits. Bytes stream to
+//! the object store as they are produced: memory is bounded by batch size and row group
+//! size, never by chunk or table size.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, cast::AsArray, types::*};
+use arrow_schema::{DataType, SchemaRef};
+use haul_shared::jobs::{Compression, Granularity, OutputOptions};
+use object_store::buffered::BufWriter;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression as PqCompression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use tokio::io::AsyncWriteExt;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::layout::{Dest, PartFile};
+
+/// Part files open at once per chunk (each holds a row group in memory).
+pub const MAX_OPEN_FILES: usize = 16;
+/// Encoded-but-unflushed bytes across a chunk's open files before a row group is cut.
+pub const BUFFER_BUDGET: usize = 96 * 1024 * 1024;
+/// Bytes gathered before one write to the object store.
+const SINK_BUFFER: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("writing {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error(
+        "partition column {column:?} has type {data_type}; --partition-by needs a date or timestamp column"
+    )]
+    BadPartitionColumn { column: String, data_type: String },
+    #[error("parquet writer task failed: {0}")]
+    Task(String),
+}
+
+/// What the writer needs to know about where its files go.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    pub output: OutputOptions,
+    /// Folder of the table under the destination root (`orders`).
+    pub table_dir: String,
+    /// Staging prefix of this attempt (`_haul/staging/<job>/<chunk>/<epoch>`).
+    pub staging: String,
+    /// File name stem (`part-<job>-<chunk>`); files are `<stem>-<n>.parquet`.
+    pub stem: String,
+}
+
+/// The async side of a chunk's writer.
+pub struct ChunkWriter {
+    tx: mpsc::Sender<RecordBatch>,
+    join: JoinHandle<Result<Vec<PartFile>, WriteError>>,
+}
+
+impl ChunkWriter {
+    pub fn start(dest: Dest, cfg: WriterConfig, schema: SchemaRef) -> Result<Self, WriteError> {
+        let partition = match &cfg.output.partition_by {
+            None => None,
+            Some(p) => {
+                let idx =
+                    schema
+                        .index_of(&p.column)
+                        .map_err(|_| WriteError::BadPartitionColumn {
+                            column: p.column.clone(),
+                            data_type: "missing from the extracted columns".into(),
+                        })?;
+                let dt = schema.field(idx).data_type();
+                if !matches!(dt, DataType::Date32 | DataType::Timestamp(..)) {
+                    return Err(WriteError::BadPartitionColumn {
+                        column: p.column.clone(),
+                        data_type: dt.to_string(),
+                    });
+                }
+                Some((idx, p.granularity))
+            }
+        };
+        let (tx, rx) = mpsc::channel(2);
+        let handle = Handle::current();
+        let join = tokio::task::spawn_blocking(move || {
+            let mut w = Writers {
+                handle,
+                dest,
+                cfg,
+                schema,
+                partition,
+                props: None,
+                open: Vec::new(),
+                done: Vec::new(),
+                next_n: 0,
+            };
+            w.run(rx)
+        });
+        Ok(Self { tx, join })
+    }
+
+    /// Hands a batch to the writer thread, waiting while it is busy (backpressure).
+    pub async fn write(&self, batch: RecordBatch) -> Result<(), WriteError> {
+        if self.tx.send(batch).await.is_err() {
+            // the thread stopped early: its error is reported by `finish`
+            return Err(WriteError::Task("writer stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Closes every file and returns the staged parts.
+    pub async fn finish(self) -> Result<Vec<PartFile>, WriteError> {
+        drop(self.tx);
+        self.join
+            .await
+            .map_err(|e| WriteError::Task(e.to_string()))?
+    }
+}
+
+struct OpenFile {
+    partition: String,
+    file: PartFile,
+    writer: ArrowWriter<StoreSink>,
+}
+
+struct Writers {
+    handle: Handle,
+    dest: Dest,
+    cfg: WriterConfig,
+    schema: SchemaRef,
+    partition: Option<(usize, Granularity)>,
+    props: Option<WriterProperties>,
+    /// Least recently used first.
+    open: Vec<OpenFile>,
+    done: Vec<PartFile>,
+    next_n: u32,
+}
+
+impl Writers {
+    fn run(&mut self, mut rx: mpsc::Receiver<RecordBatch>) -> Result<Vec<PartFile>, WriteError> {
+        while let Some(batch) = rx.blocking_recv() {
+            if self.props.is_none() {
+                self.props = Some(self.properties(&batch));
+            }
+            for (partition, slice) in self.split(&batch) {
+                self.write(partition, &slice)?;
+            }
+            self.enforce_budget()?;
+        }
+        while !self.open.is_empty() {
+            let f = self.open.remove(0);
+            self.close(f)?;
+        }
+        Ok(std::mem::take(&mut self.done))
+    }
+
+    /// Writer settings; dictionary encoding only for columns that look low-cardinality in
+    /// the first batch (dictionary-encoding unique values costs CPU and saves nothing).
+    fn properties(&self, first: &RecordBatch) -> WriterProperties {
+        let o = &self.cfg.output;
+        let compression = match o.compression {
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::Zstd { level } => {
+                PqCompression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default())
+            }
+            Compression::None => PqCompression::UNCOMPRESSED,
+        };
+        let mut b = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(o.row_group_rows.max(1)))
+            .set_created_by(format!("haul {}", env!("CARGO_PKG_VERSION")));
+        for (i, field) in self.schema.fields().iter().enumerate() {
+            if let Some(low) = low_cardinality(first.column(i).as_ref()) {
+                b = b.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), low);
+            }
+        }
+        b.build()
+    }
+
+    /// Runs of rows with the same partition directory, as zero-copy slices.
+    fn split(&self, batch: &RecordBatch) -> Vec<(String, RecordBatch)> {
+        let Some((idx, gran)) = self.partition else {
+            return vec![(String::new(), batch.clone())];
+        };
+        let col = batch.column(idx);
+        let key_of = |i: usize| -> Option<i64> {
+            if col.is_null(i) {
+                return None;
+            }
+            Some(match col.data_type() {
+                DataType::Date32 => {
+                    let d = col.as_primitive::<Date32Type>().value(i);
+                    if d == i32::MAX || d == i32::MIN {
+                        d as i64 * 1_000_000
+                    } else {
+                        d as i64
+                    }
+                }
+                _ => {
+                    let t = col.as_primitive::<TimestampMicrosecondType>().value(i);
+                    if t == i64::MAX || t == i64::MIN {
+                        t
+                    } else {
+                        t.div_euclid(86_400_000_000)
+                    }
+                }
+            })
+        };
+        // runs of equal directory; the directory is recomputed only when the day changes
+        let mut out: Vec<(String, RecordBatch)> = Vec::new();
+        if batch.num_rows() == 0 {
+            return out;
+        }
+        let mut start = 0;
+        let mut day = key_of(0);
+        let mut dir = partition_dir(day, gran);
+        for i in 1..batch.num_rows() {
+            let k = key_of(i);
+            if k == day {
+                continue;
+            }
+            day = k;
+            let d = partition_dir(k, gran);
+            if d != dir {
+                out.push((
+                    std::mem::replace(&mut dir, d),
+                    batch.slice(start, i - start),
+                ));
+                start = i;
+            }
+        }
+        out.push((dir, batch.slice(start, batch.num_rows() - start)));
+        out
+    }
+
+    fn write(&mut self, partition: String, batch: &RecordBatch) -> Result<(), WriteError> {
+        let pos = match self.open.iter().position(|f| f.partition == partition) {
+            Some(p) => p,
+            None => {
+                if self.open.len() >= MAX_OPEN_FILES {
+                    let lru = self.open.remove(0);
+                    self.close(lru)?;
+                }
+                let f = self.open_file(partition)?;
+                self.open.push(f);
+                self.open.len() - 1
+            }
+        };
+        let mut f = self.open.remove(pos);
+        f.writer.write(batch)?;
+        f.file.rows += batch.num_rows() as u64;
+        let o = &self.cfg.output;
+        let size = f.writer.bytes_written() + f.writer.in_progress_size();
+        if f.file.rows >= o.max_file_rows || size as u64 >= o.max_file_bytes {
+            self.close(f)?;
+        } else {
+            self.open.push(f); // most recently used last
+        }
+        Ok(())
+    }
+
+    fn enforce_budget(&mut self) -> Result<(), WriteError> {
+        loop {
+            let total: usize = self.open.iter().map(|f| f.writer.in_progress_size()).sum();
+            if total <= BUFFER_BUDGET {
+                return Ok(());
+            }
+            let Some(big) = self
+                .open
+                .iter_mut()
+                .max_by_key(|f| f.writer.in_progress_size())
+            else {
+                return Ok(());
+            };
+            if big.writer.in_progress_size() == 0 {
+                return Ok(());
+            }
+            big.writer.flush()?;
+        }
+    }
+
+    fn open_file(&mut self, partition: String) -> Result<OpenFile, WriteError> {
+        let n = self.next_n;
+        self.next_n += 1;
+        let name = format!("{}-{n:04}.parquet", self.cfg.stem);
+        let rel_dir = if partition.is_empty() {
+            self.cfg.table_dir.clone()
+        } else {
+            format!("{}/{partition}", self.cfg.table_dir)
+        };
+        let path = format!("{rel_dir}/{name}");
+        let staged = format!("{}/{path}", self.cfg.staging);
+        let sink = StoreSink {
+            handle: self.handle.clone(),
+            inner: BufWriter::new(Arc::clone(&self.dest.store), self.dest.path(&staged)),
+            buf: Vec::with_capacity(SINK_BUFFER),
+            written: 0,
+            path: staged.clone(),
+        };
+        let props = self
+            .props
+            .clone()
+            .expect("properties set before the first file");
+        let writer = ArrowWriter::try_new(sink, Arc::clone(&self.schema), Some(props))?;
+        Ok(OpenFile {
+            partition: partition.clone(),
+            file: PartFile {
+                path,
+                staged,
+                rows: 0,
+                bytes: 0,
+                partition,
+            },
+            writer,
+        })
+    }
+
+    fn close(&mut self, f: OpenFile) -> Result<(), WriteError> {
+        let OpenFile {
+            mut file, writer, ..
+        } = f;
+        let sink = writer.into_inner()?;
+        file.bytes = sink.finish()?;
+        self.done.push(file);
+        Ok(())
+    }
+}
+
+/// `dt=2024-03-09` (day), `dt=2024-03` (month), `dt=2024` (year); NULL goes to Hive's
+/// default partition; ±infinity to `dt=infinity` / `dt=-infinity`.
+pub fn partition_dir(day: Option<i64>, gran: Granularity) -> String {
+    let Some(day) = day else {
+        return "dt=__HIVE_DEFAULT_PARTITION__".into();
+    };
+    let date = i32::try_from(day + 719_163)
+        .ok()
+        .and_then(chrono::NaiveDate::from_num_days_from_ce_opt);
+    let Some(date) = date else {
+        return if day > 0 {
+            "dt=infinity"
+        } else {
+            "dt=-infinity"
+        }
+        .into();
+    };
+    match gran {
+        Granularity::Day => format!("dt={}", date.format("%Y-%m-%d")),
+        Granularity::Month => format!("dt={}", date.format("%Y-%m")),
+        Granularity::Year => format!("dt={}", date.format("%Y")),
+    }
+}
+
+/// `Some(true)` if a column's first batch has few distinct values, `Some(false)` if
+/// mostly unique; `None` for types where the default is kept.
+fn low_cardinality(a: &dyn Array) -> Option<bool> {
+    use std::collections::HashSet;
+    let n = a.len() - a.null_count();
+    if n < 64 {
+        return None;
+    }
+    let limit = n / 4;
+    let distinct = match a.data_type() {
+        DataType::Utf8 => {
+            let s = a.as_string::<i32>();
+            let mut set = HashSet::new();
+            for v in s.iter().flatten() {
+                set.insert(v);
+                if set.len() > limit {
+                    break;
+                }
+            }
+            set.len()
+        }
+        DataType::Int64 | DataType::Timestamp(..) => {
+            let values =
+                a.to_data().buffers()[0].typed_data::<i64>()[a.offset()..][..a.len()].to_vec();
+            count_distinct(values.into_iter(), limit)
+        }
+        DataType::Int32 | DataType::Date32 => {
+            let values =
+                a.to_data().buffers()[0].typed_data::<i32>()[a.offset()..][..a.len()].to_vec();
+            count_distinct(values.into_iter(), limit)
+        }
+        DataType::Float64 => count_distinct(
+            a.as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .map(|f| f.to_bits()),
+            limit,
+        ),
+        _ => return None,
+    };
+    Some(distinct <= limit)
+}
+
+fn count_distinct<T: std::hash::Hash + Eq>(values: impl Iterator<Item = T>, limit: usize) -> usize {
+    let mut set = std::collections::HashSet::new();
+    for v in values {
+        set.insert(v);
+        if set.len() > limit {
+            break;
+        }
+    }
+    set.len()
+}
+
+/// A `std::io::Write` over an object-store upload, used from the writer thread: bytes
+/// are gathered into large writes, each driven to completion on the runtime.
+struct StoreSink {
+    handle: Handle,
+    inner: BufWriter,
+    buf: Vec<u8>,
+    written: u64,
+    path: String,
+}
+
+impl StoreSink {
+    fn push_out(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_BUFFER));
+        let inner = &mut self.inner;
+        self.handle.block_on(inner.write_all(&buf))
+    }
+
+    fn finish(mut self) -> Result<u64, WriteError> {
+        let io = |e: std::io::Error, path: &str| WriteError::Io {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        self.push_out().map_err(|e| io(e, &self.path))?;
+        let inner = &mut self.inner;
+        self.handle
+            .block_on(inner.shutdown())
+            .map_err(|e| io(e, &self.path))?;
+        Ok(self.written)
+    }
+}
+
+impl Write for StoreSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        self.written += data.len() as u64;
+        if self.buf.len() >= SINK_BUFFER {
+            self.push_out()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_dirs() {
+        assert_eq!(partition_dir(Some(0), Granularity::Day), "dt=1970-01-01");
+        assert_eq!(
+            partition_dir(Some(19_792), Granularity::Month),
+            "dt=2024-03"
+        );
+        assert_eq!(partition_dir(Some(-1), Granularity::Year), "dt=1969");
+        assert_eq!(
+            partition_dir(None, Granularity::Day),
+            "dt=__HIVE_DEFAULT_PARTITION__"
+        );
+        assert_eq!(
+            partition_dir(Some(i64::MAX), Granularity::Day),
+            "dt=infinity"
+        );
+        assert_eq!(
+            partition_dir(Some(i64::MIN), Granularity::Day),
+            "dt=-infinity"
+        );
+    }
+}
