@@ -55,7 +55,7 @@ pub async fn plan(
             }
             let pages: i64 = client
                 .query_one(
-                    "SELECT pg_relation_size($1) / current_setting('block_size')::int8",
+                    "SELECT pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8",
                     &[&table.oid],
                 )
                 .await

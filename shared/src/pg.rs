@@ -345,6 +345,19 @@ pub fn interval_fields() -> Fields {
     ])
 }
 
+/// How a column appears in the source query's SELECT list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "select", content = "type", rename_all = "snake_case")]
+pub enum Select {
+    /// The column as it is.
+    Column,
+    /// `"col"::<type>` (a user's `--cast`, or `text[]` for arrays of text-rendered types).
+    Cast(String),
+    /// The column's display form, from its type's output function — what `psql` shows.
+    /// (`::text` is not always that: `inet::text` appends `/32` to a host address.)
+    Display,
+}
+
 /// One extracted column.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColumnInfo {
@@ -353,16 +366,17 @@ pub struct ColumnInfo {
     pub pg_type: String,
     pub not_null: bool,
     pub kind: PgKind,
-    /// Cast applied in the SELECT (`text`, `text[]`, or the user's `--cast`).
-    pub cast: Option<String>,
+    pub select: Select,
 }
 
 impl ColumnInfo {
     /// The SELECT-list expression for this column.
     pub fn select_expr(&self) -> String {
-        match &self.cast {
-            Some(c) => format!("{}::{c}", quote_ident(&self.name)),
-            None => quote_ident(&self.name),
+        let c = quote_ident(&self.name);
+        match &self.select {
+            Select::Column => c,
+            Select::Cast(t) => format!("{c}::{t}"),
+            Select::Display => format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END"),
         }
     }
 }
@@ -445,7 +459,7 @@ async fn resolve_kind(
     client: &Client,
     mut oid: u32,
     mut typmod: i32,
-) -> Result<Option<(PgKind, Option<String>)>, SourceError> {
+) -> Result<Option<(PgKind, Select)>, SourceError> {
     // domains: map their base type (a domain can sit on a domain)
     let mut t = type_row(client, oid).await?;
     while t.typtype == "d" {
@@ -456,7 +470,7 @@ async fn resolve_kind(
         t = type_row(client, oid).await?;
     }
     if t.typtype == "e" {
-        return Ok(Some((PgKind::Text, None)));
+        return Ok(Some((PgKind::Text, Select::Column)));
     }
     if t.category == "A" && t.elem != 0 {
         let Some((element, elem_cast)) = Box::pin(resolve_kind(client, t.elem, typmod)).await?
@@ -466,7 +480,11 @@ async fn resolve_kind(
         if matches!(element, PgKind::Array { .. }) {
             return Ok(None);
         }
-        let cast = elem_cast.map(|c| format!("{c}[]"));
+        // arrays of text-rendered types: `text[]` (element-wise `::text`)
+        let cast = match elem_cast {
+            Select::Column => Select::Column,
+            _ => Select::Cast("text[]".into()),
+        };
         return Ok(Some((
             PgKind::Array {
                 element: Box::new(element),
@@ -474,7 +492,7 @@ async fn resolve_kind(
             cast,
         )));
     }
-    let text = Some("text".to_owned());
+    let text = Select::Display;
     let kind = match oid {
         16 => PgKind::Bool,
         21 => PgKind::Int2,
@@ -523,7 +541,7 @@ async fn resolve_kind(
             return Ok(None);
         }
     };
-    Ok(Some((kind, None)))
+    Ok(Some((kind, Select::Column)))
 }
 
 /// Resolves the user's table name (quoting allowed, search_path applies) and its columns.
@@ -631,10 +649,10 @@ pub async fn resolve_table(
                     })?;
                 // a cast to e.g. inet still needs the text rendering on top
                 let cast = match extra {
-                    Some(e) => format!("{formatted}::{e}"),
-                    None => formatted,
+                    Select::Column => formatted,
+                    _ => format!("{formatted}::text"),
                 };
-                (kind, Some(cast))
+                (kind, Select::Cast(cast))
             }
             None => resolve_kind(client, type_oid, typmod)
                 .await?
@@ -648,7 +666,7 @@ pub async fn resolve_table(
             pg_type,
             not_null,
             kind: resolved.0,
-            cast: resolved.1,
+            select: resolved.1,
         });
     }
     Ok(TableInfo {

@@ -550,7 +550,7 @@ mod tests {
 
     #[test]
     fn split_stream_decodes_identically() {
-        use haul_shared::pg::ColumnInfo;
+        use haul_shared::pg::{ColumnInfo, Select};
         let table = TableInfo {
             oid: 1,
             schema: "s".into(),
@@ -562,14 +562,14 @@ mod tests {
                     pg_type: "bigint".into(),
                     not_null: false,
                     kind: PgKind::Int8,
-                    cast: None,
+                    select: Select::Column,
                 },
                 ColumnInfo {
                     name: "b".into(),
                     pg_type: "text".into(),
                     not_null: false,
                     kind: PgKind::Text,
-                    cast: None,
+                    select: Select::Column,
                 },
             ],
         };

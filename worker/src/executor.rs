@@ -298,10 +298,37 @@ async fn extract(
     Ok(files)
 }
 
-/// The table's folder under the destination: its name, with `/` (which would nest
-/// folders) replaced.
+/// The table's folder under the destination: its name, with every character other than
+/// ASCII letters, digits, `_`, `-` and `.` replaced by `_` (object stores and glob readers
+/// treat the others specially), and never starting with `_` or `.`, which Spark and Hive
+/// readers skip as hidden.
 pub fn table_dir(name: &str) -> String {
-    name.replace('/', "_")
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with(['_', '.']) {
+        format!("t{s}")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_dirs_are_reader_safe() {
+        assert_eq!(super::table_dir("orders"), "orders");
+        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
+        assert_eq!(super::table_dir("_tmp"), "t_tmp");
+        assert_eq!(super::table_dir("a/b"), "a_b");
+    }
 }
 
 /// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal

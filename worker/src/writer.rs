@@ -339,8 +339,9 @@ pub fn partition_dir(day: Option<i64>, gran: Granularity) -> String {
     let Some(day) = day else {
         return "dt=__HIVE_DEFAULT_PARTITION__".into();
     };
-    let date = i32::try_from(day + 719_163)
-        .ok()
+    let date = day
+        .checked_add(719_163)
+        .and_then(|d| i32::try_from(d).ok())
         .and_then(chrono::NaiveDate::from_num_days_from_ce_opt);
     let Some(date) = date else {
         return if day > 0 {

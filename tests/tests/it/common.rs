@@ -1,0 +1,394 @@
+//! Test fixtures: a fresh database per test, a temporary destination, and an
+//! order-independent checksum of a table computed two independent ways — by Postgres
+//! from the source rows, and in Rust from the Parquet files read back.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::*;
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use haul_coordinator::progress::ProgressMode;
+use haul_coordinator::run::{JobSummary, RunError, RunOptions};
+use haul_shared::jobs::{JobSpec, OutputOptions};
+use haul_shared::pg::{Secret, quote_ident};
+use md5::{Digest, Md5};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        uuid::Uuid::new_v4().simple().to_string()[..6].to_owned()
+    )
+}
+
+/// The admin DSN tests create their databases from.
+pub fn admin_dsn() -> String {
+    std::env::var("HAUL_TEST_PG")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn dsn_for(db: &str) -> String {
+    let admin = admin_dsn();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{db}")
+}
+
+/// A database of its own, dropped when the test ends (pass or fail).
+pub struct TestDb {
+    pub name: String,
+    pub dsn: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = unique("haul_t");
+        let admin = connect(&admin_dsn()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .await
+            .expect("create test database");
+        let dsn = dsn_for(&name);
+        let client = connect(&dsn).await;
+        Self { name, dsn, client }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .arg(admin_dsn())
+            .args(["-X", "-q", "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&self.name)
+            ))
+            .output();
+    }
+}
+
+pub async fn connect(dsn: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 3")
+        .await
+        .unwrap();
+    client
+}
+
+/// A temporary destination folder, removed at the end.
+pub struct TempDest(pub PathBuf);
+
+impl TempDest {
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(unique("haul_dest"));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn url(&self) -> String {
+        format!("file://{}", self.0.display())
+    }
+}
+
+impl Drop for TempDest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
+    RunOptions {
+        spec: JobSpec {
+            source: Secret::new(dsn),
+            table: table.into(),
+            columns: vec![],
+            key: vec![],
+            casts: Default::default(),
+            dest: dest.url(),
+            chunk_rows: 1000,
+            output: OutputOptions::default(),
+            use_snapshot: true,
+        },
+        job_id: None,
+        resume: false,
+        fresh_snapshot: false,
+        overwrite: false,
+        workers: 2,
+        max_attempts: 3,
+        lease_ttl: Duration::from_secs(10),
+        progress: ProgressMode::None,
+    }
+}
+
+pub async fn run(opts: RunOptions) -> Result<JobSummary, RunError> {
+    haul_coordinator::run::run(opts, CancellationToken::new()).await
+}
+
+/// Every `.parquet` file under `dir`, recursively (what a glob reader sees).
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(parquet_files(&p));
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn read_batches(dir: &Path) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    for f in parquet_files(dir) {
+        let file = std::fs::File::open(&f).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            out.push(b.unwrap());
+        }
+    }
+    out
+}
+
+/// Count, per-column null counts, and the sum of a 64-bit hash of every row's canonical
+/// text (order-independent).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Digest64 {
+    pub rows: i64,
+    pub nulls: Vec<i64>,
+    pub sum: i128,
+}
+
+fn row_hash(s: &str) -> i64 {
+    let d = Md5::digest(s.as_bytes());
+    i64::from_be_bytes(d[..8].try_into().unwrap())
+}
+
+/// The digest of the Parquet output under `dir`, computed from Arrow values.
+pub fn parquet_digest(dir: &Path) -> Digest64 {
+    digest_batches(&read_batches(dir), None)
+}
+
+fn digest_batches(batches: &[RecordBatch], only: Option<usize>) -> Digest64 {
+    let ncols = batches.first().map(|b| b.num_columns()).unwrap_or(0);
+    let mut d = Digest64 {
+        rows: 0,
+        nulls: vec![0; ncols],
+        sum: 0,
+    };
+    for b in batches {
+        for (i, c) in b.columns().iter().enumerate() {
+            d.nulls[i] += c.null_count() as i64;
+        }
+        for r in 0..b.num_rows() {
+            let parts: Vec<String> = b
+                .columns()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| only.is_none_or(|o| o == *i))
+                .map(|(_, c)| c)
+                .map(|c| rust_canon(c.as_ref(), r).unwrap_or_else(|| "\\N".into()))
+                .collect();
+            d.sum += row_hash(&parts.join("|")) as i128;
+            d.rows += 1;
+        }
+    }
+    d
+}
+
+/// The same digest, computed by Postgres over the source table, for the columns (and
+/// Arrow types) of the output.
+pub async fn pg_digest(client: &Client, table: &str, cols: &[(String, DataType)]) -> Digest64 {
+    let canon: Vec<String> = cols
+        .iter()
+        .map(|(n, t)| format!("coalesce({}, '\\N')", pg_canon(&quote_ident(n), t)))
+        .collect();
+    let nulls: Vec<String> = cols
+        .iter()
+        .map(|(n, _)| format!("count(*) - count({})", quote_ident(n)))
+        .collect();
+    let sql = format!(
+        "SELECT count(*)::int8, coalesce(sum(('x' || substr(md5(concat_ws('|', {})), 1, 16))::bit(64)::int8::numeric), 0)::text {} FROM {table}",
+        if canon.is_empty() {
+            "''".to_string()
+        } else {
+            canon.join(", ")
+        },
+        nulls
+            .iter()
+            .map(|n| format!(", ({n})::int8"))
+            .collect::<String>()
+    );
+    let row = client
+        .query_one(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    Digest64 {
+        rows: row.get(0),
+        sum: row.get::<_, String>(1).parse().unwrap(),
+        nulls: (0..cols.len()).map(|i| row.get::<_, i64>(i + 2)).collect(),
+    }
+}
+
+/// The output's columns with their Arrow types (from the first Parquet file).
+pub fn output_columns(dir: &Path) -> Vec<(String, DataType)> {
+    let f = parquet_files(dir)
+        .into_iter()
+        .next()
+        .expect("at least one parquet file");
+    let b = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap()).unwrap();
+    b.schema()
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect()
+}
+
+/// Asserts the Parquet output under `dir` holds exactly the rows of `table`.
+pub async fn assert_same(client: &Client, table: &str, dir: &Path) -> Digest64 {
+    let cols = output_columns(dir);
+    let want = pg_digest(client, table, &cols).await;
+    let batches = read_batches(dir);
+    let got = digest_batches(&batches, None);
+    if got != want {
+        // name the columns that differ, with one value as Rust renders it
+        let mut bad = Vec::new();
+        for (i, c) in cols.iter().enumerate() {
+            let one = pg_digest(client, table, std::slice::from_ref(c)).await;
+            let mut mine = digest_batches(&batches, Some(i));
+            mine.nulls = vec![mine.nulls[i]];
+            if mine != one {
+                let sample = batches
+                    .iter()
+                    .find(|b| b.num_rows() > 0)
+                    .and_then(|b| rust_canon(b.column(i).as_ref(), 0));
+                bad.push(format!("{} ({}) e.g. {sample:?}", c.0, c.1));
+            }
+        }
+        panic!(
+            "parquet output differs from source {table} in columns {bad:?}: {got:?} vs {want:?}"
+        );
+    }
+    got
+}
+
+/// Postgres's rendering of a value, matching [`rust_canon`] for the Arrow type it maps to.
+fn pg_canon(e: &str, t: &DataType) -> String {
+    match t {
+        DataType::Boolean => {
+            format!("CASE WHEN {e} IS NULL THEN NULL WHEN {e} THEN 't' ELSE 'f' END")
+        }
+        DataType::Float32 => format!("encode(float4send({e}), 'hex')"),
+        DataType::Float64 => format!("encode(float8send({e}), 'hex')"),
+        DataType::Binary => format!("encode({e}, 'hex')"),
+        DataType::Date32 => format!(
+            "CASE WHEN isfinite({e}) THEN ({e} - date '1970-01-01')::text ELSE {e}::text END"
+        ),
+        DataType::Timestamp(..) => format!(
+            "CASE WHEN isfinite({e}) THEN trunc(extract(epoch FROM {e}) * 1000000)::int8::text ELSE {e}::text END"
+        ),
+        DataType::Time64(_) => format!("trunc(extract(epoch FROM {e}) * 1000000)::int8::text"),
+        DataType::Struct(_) => format!("encode(interval_send({e}), 'hex')"),
+        DataType::List(f) => format!(
+            "CASE WHEN {e} IS NULL THEN NULL ELSE '{{' || coalesce((SELECT string_agg(coalesce({}, 'NULL'), ',' ORDER BY o) FROM unnest({e}) WITH ORDINALITY AS u(el, o)), '') || '}}' END",
+            pg_canon("u.el", f.data_type())
+        ),
+        // text-like (incl. char(n) with its padding), numbers, uuid: the output function
+        _ => format!("CASE WHEN {e} IS NULL THEN NULL ELSE concat({e}) END"),
+    }
+}
+
+/// The Rust side's rendering of one Arrow value; `None` for NULL.
+pub fn rust_canon(a: &dyn Array, i: usize) -> Option<String> {
+    if a.is_null(i) {
+        return None;
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    Some(match a.data_type() {
+        DataType::Boolean => if a.as_boolean().value(i) { "t" } else { "f" }.into(),
+        DataType::Int16 => a.as_primitive::<Int16Type>().value(i).to_string(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().value(i).to_string(),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
+        DataType::Float32 => hex(&a.as_primitive::<Float32Type>().value(i).to_be_bytes()),
+        DataType::Float64 => hex(&a.as_primitive::<Float64Type>().value(i).to_be_bytes()),
+        DataType::Decimal128(..) => a.as_primitive::<Decimal128Type>().value_as_string(i),
+        DataType::Decimal256(..) => a.as_primitive::<Decimal256Type>().value_as_string(i),
+        DataType::Utf8 => a.as_string::<i32>().value(i).to_owned(),
+        DataType::Binary => hex(a.as_binary::<i32>().value(i)),
+        DataType::FixedSizeBinary(16) => {
+            let u = uuid::Uuid::from_slice(a.as_fixed_size_binary().value(i)).unwrap();
+            u.hyphenated().to_string()
+        }
+        DataType::Date32 => match a.as_primitive::<Date32Type>().value(i) {
+            i32::MAX => "infinity".into(),
+            i32::MIN => "-infinity".into(),
+            d => d.to_string(),
+        },
+        DataType::Timestamp(..) => match a.as_primitive::<TimestampMicrosecondType>().value(i) {
+            i64::MAX => "infinity".into(),
+            i64::MIN => "-infinity".into(),
+            t => t.to_string(),
+        },
+        DataType::Time64(_) => a
+            .as_primitive::<Time64MicrosecondType>()
+            .value(i)
+            .to_string(),
+        DataType::Struct(_) => {
+            let s = a.as_struct();
+            let months = s
+                .column_by_name("months")
+                .unwrap()
+                .as_primitive::<Int32Type>()
+                .value(i);
+            let days = s
+                .column_by_name("days")
+                .unwrap()
+                .as_primitive::<Int32Type>()
+                .value(i);
+            let micros = s
+                .column_by_name("microseconds")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(i);
+            let mut b = micros.to_be_bytes().to_vec();
+            b.extend(days.to_be_bytes());
+            b.extend(months.to_be_bytes());
+            hex(&b)
+        }
+        DataType::List(_) => {
+            let l = a.as_list::<i32>();
+            let v = l.value(i);
+            let parts: Vec<String> = (0..v.len())
+                .map(|j| rust_canon(v.as_ref(), j).unwrap_or_else(|| "NULL".into()))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        other => panic!("no canonical form for {other}"),
+    })
+}

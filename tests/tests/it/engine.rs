@@ -1,0 +1,390 @@
+//! The extraction engine end to end: every mapped type, every key shape, partitioning,
+//! consistency under concurrent writes, and job identity.
+
+use std::collections::BTreeMap;
+
+use haul_shared::jobs::{Granularity, PartitionBy};
+use haul_worker::layout::ChunkManifest;
+
+use crate::common::*;
+
+const ALL_TYPES: &str = r#"
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE TABLE all_types (
+  id bigint PRIMARY KEY,
+  b boolean, i2 smallint, i4 integer, i8 bigint, o oid,
+  f4 real, f8 double precision,
+  n numeric(12,2), nbig numeric(50,10), nany numeric,
+  t text, vc varchar(10), ch char(5), qc "char",
+  by bytea, d date, tm time, ts timestamp, tz timestamptz, iv interval, u uuid,
+  j json, jb jsonb, ip inet, net cidr, mac macaddr, ttz timetz,
+  m mood, dom posint, ia integer[], ta text[], na numeric(6,3)[], ua uuid[]
+);
+INSERT INTO all_types VALUES
+ (1, true, -32768, -2147483648, -9223372036854775808, 4294967295,
+  'NaN', 'Infinity', -9999999999.99, 1234567890123456789012345678901234567890.0123456789, 'NaN',
+  '', 'ten chars!', 'ab', 'x',
+  '\x00ff10', 'infinity', '00:00:00', 'infinity', '-infinity', '-178000000 years', '00000000-0000-0000-0000-000000000000',
+  '{"a": [1, 2.50, "x"]}', '{"b": {"c": null}, "a": 1}', '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', '12:34:56.789+05:30',
+  'sad', 1, '{}', '{NULL,"",x}', '{1.5,NULL,-0.001}', '{}'),
+ (2, false, 32767, 2147483647, 9223372036854775807, 0,
+  '-Infinity', '-0', 0.01, -0.0000000001, 'Infinity',
+  E'quote'' "dq" back\\slash\nnewline\ttab, comma | pipe', 'ünïcødé', 'abcde', 'Z',
+  '', '-infinity', '23:59:59.999999', '1900-01-01 00:00:00.000001', '2038-01-19 03:14:07.123456+00', '1 year 2 months 3 days 04:05:06.789', 'ffffffff-ffff-ffff-ffff-ffffffffffff',
+  '[]', '[]', '::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff', '00:00:00+00',
+  'happy', 2147483647, '{-1,0,1}', '{"a,b","c\"d"}', '{}', '{00000000-0000-0000-0000-000000000001}'),
+ (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (4, true, 1, 1, 1, 1, 1.5, 5e-324, 0, 0, 1e-100, '😀 emoji', '', '     ', ' ',
+  '\x', '2000-01-01', '12:00', '2000-01-01 00:00:00', '1970-01-01 00:00:00+00', '-1 days -00:00:00.000001', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  'null', 'null', '0.0.0.0/0', '0.0.0.0/0', '00:00:00:00:00:00', '24:00:00-15:59',
+  'ok', 7, NULL, NULL, NULL, NULL);
+INSERT INTO all_types
+SELECT g, g % 3 = 0, (g % 30000)::int2, g * 7, g::int8 * 1000003, g,
+       g / 7.0, g * 1.000001e10, g / 100.0, g * 1.5, g / 3.0,
+       CASE WHEN g % 11 = 0 THEN NULL ELSE 'row ' || g END, left(md5(g::text), 10), left(md5(g::text), 3), chr(65 + g % 26),
+       decode(md5(g::text), 'hex'), date '2000-01-01' + g, time '00:00' + g * interval '1 second',
+       timestamp '2020-01-01' + g * interval '1 minute', timestamptz '2020-01-01 00:00:00+00' + g * interval '1.5 seconds',
+       g * interval '1 hour 1 microsecond', md5(g::text)::uuid,
+       json_build_object('g', g), jsonb_build_object('g', g, 'h', g::text), ('10.0.' || (g % 256) || '.1')::inet,
+       ('10.' || (g % 256) || '.0.0/16')::cidr, ('08:00:2b:01:02:' || lpad(to_hex(g % 256), 2, '0'))::macaddr,
+       (time '00:00' + g * interval '1 second')::timetz,
+       (ARRAY['sad', 'ok', 'happy'])[1 + g % 3]::mood, 1 + g % 1000,
+       ARRAY[g, NULL, -g], CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY['a' || g, NULL] END, ARRAY[g / 8.0]::numeric(6,3)[],
+       ARRAY[md5(g::text)::uuid]
+FROM generate_series(5, 3000) g;
+"#;
+
+#[tokio::test]
+async fn every_mapped_type_round_trips() {
+    let db = TestDb::new().await;
+    db.exec(ALL_TYPES).await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "public.all_types", &dest);
+    o.spec.chunk_rows = 700;
+    let s = run(o).await.expect("job succeeds");
+    assert_eq!(s.rows, 3000);
+    assert!(s.chunks >= 4, "planned {} chunks", s.chunks);
+    let out = dest.0.join("all_types");
+    assert_same(&db.client, "all_types", &out).await;
+
+    // the Arrow schema carries the Postgres types, and the mapping is the documented one
+    let cols: BTreeMap<String, String> = output_columns(&out)
+        .into_iter()
+        .map(|(n, t)| (n, t.to_string()))
+        .collect();
+    assert_eq!(cols["n"], "Decimal128(12, 2)");
+    assert_eq!(cols["nbig"], "Decimal256(50, 10)");
+    assert_eq!(cols["nany"], "Utf8");
+    assert_eq!(cols["tz"], "Timestamp(µs, \"UTC\")");
+    assert_eq!(cols["ts"], "Timestamp(µs)");
+    assert_eq!(cols["u"], "FixedSizeBinary(16)");
+    assert!(cols["ia"].starts_with("List("), "{}", cols["ia"]);
+    assert!(cols["iv"].starts_with("Struct("), "{}", cols["iv"]);
+}
+
+/// Runs `table` through haul with `chunk_rows` and checks the output; returns the chunk
+/// manifests.
+async fn export_and_check(
+    db: &TestDb,
+    table: &str,
+    chunk_rows: u64,
+    key: &[&str],
+    min_chunks: usize,
+) -> Vec<ChunkManifest> {
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, table, &dest);
+    o.spec.chunk_rows = chunk_rows;
+    o.spec.key = key.iter().map(|s| s.to_string()).collect();
+    o.job_id = Some(haul_shared::JobId::parse("j-check").unwrap());
+    let s = run(o).await.unwrap_or_else(|e| panic!("{table}: {e}"));
+    assert!(
+        s.chunks >= min_chunks,
+        "{table}: {} chunks, wanted at least {min_chunks}",
+        s.chunks
+    );
+    let resolved: (String, String) = {
+        let r = db
+            .client
+            .query_one(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let quoted = format!(
+        "{}.{}",
+        haul_shared::pg::quote_ident(&resolved.0),
+        haul_shared::pg::quote_ident(&resolved.1)
+    );
+    let out = dest.0.join(haul_worker::executor::table_dir(&resolved.1));
+    if s.rows > 0 {
+        assert_same(&db.client, &quoted, &out).await;
+    } else {
+        assert!(parquet_files(&out).is_empty());
+    }
+    let mut manifests = Vec::new();
+    let dir = dest.0.join("_haul/jobs/j-check/chunks");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        manifests.push(serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap());
+    }
+    manifests
+}
+
+#[tokio::test]
+async fn skewed_integer_keys_split_by_rows_not_key_width() {
+    let db = TestDb::new().await;
+    // like the benchmark: 70% of rows dense in 1..7000, 30% sparse with stride 20
+    db.exec(
+        "CREATE TABLE skewed (id bigint PRIMARY KEY, v text);
+         INSERT INTO skewed SELECT CASE WHEN g <= 7000 THEN g ELSE 7000 + (g - 7000) * 20 END, 'v' || g
+         FROM generate_series(1, 10000) g; ANALYZE skewed;",
+    )
+    .await;
+    let manifests = export_and_check(&db, "skewed", 2500, &[], 4).await;
+    for m in &manifests {
+        assert!(
+            (1700..=3300).contains(&m.rows),
+            "chunk {} has {} rows; ranges are not row-balanced",
+            m.chunk,
+            m.rows
+        );
+    }
+}
+
+#[tokio::test]
+async fn uuid_text_and_composite_keys() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE by_uuid (id uuid PRIMARY KEY, v int);
+         INSERT INTO by_uuid SELECT md5(g::text)::uuid, g FROM generate_series(1, 5000) g;
+         CREATE TABLE by_text (code text COLLATE \"C\" PRIMARY KEY, v int);
+         INSERT INTO by_text SELECT 'k' || (g * 7919 % 5000) || repeat('x', g % 3), g FROM generate_series(1, 5000) g;
+         CREATE TABLE by_pair (tenant int, seq bigint, v text, PRIMARY KEY (tenant, seq));
+         INSERT INTO by_pair SELECT g % 3, g, 'v' FROM generate_series(1, 6000) g;
+         ANALYZE;",
+    )
+    .await;
+    for t in ["by_uuid", "by_text", "by_pair"] {
+        let m = export_and_check(&db, t, 1000, &[], 4).await;
+        let total: u64 = m.iter().map(|m| m.rows).sum();
+        assert!(total >= 5000, "{t}");
+        assert!(
+            m.iter().all(|m| m.rows > 300),
+            "{t}: unbalanced {:?}",
+            m.iter().map(|m| m.rows).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn tables_without_a_key_use_page_ranges() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE heap (a int, b text);
+         INSERT INTO heap SELECT g % 10, repeat('x', 50) FROM generate_series(1, 8000) g;
+         DELETE FROM heap WHERE a = 3; ANALYZE heap;",
+    )
+    .await;
+    let m = export_and_check(&db, "heap", 1500, &[], 3).await;
+    assert!(
+        m.iter()
+            .all(|m| matches!(m.range, haul_shared::ChunkRange::Ctid { .. }))
+    );
+}
+
+#[tokio::test]
+async fn rows_with_null_keys_are_never_skipped() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE nullable (k int, v text);
+         INSERT INTO nullable SELECT CASE WHEN g % 10 = 0 THEN NULL ELSE g END, 'v' || g FROM generate_series(1, 4000) g;
+         ANALYZE nullable;",
+    )
+    .await;
+    let m = export_and_check(&db, "nullable", 1000, &["k"], 4).await;
+    let nulls = m
+        .iter()
+        .find(|m| m.range == haul_shared::ChunkRange::NullKeys)
+        .expect("a chunk for NULL keys");
+    assert_eq!(nulls.rows, 400);
+}
+
+#[tokio::test]
+async fn quoted_mixed_case_names_partitions_and_empty_tables() {
+    let db = TestDb::new().await;
+    db.exec(
+        r#"CREATE SCHEMA "Sales Dept";
+           CREATE TABLE "Sales Dept"."My ""Orders""" ("Select" int PRIMARY KEY, "Mixed Case" text, "from" date);
+           INSERT INTO "Sales Dept"."My ""Orders""" SELECT g, 'x' || g, date '2024-01-01' + g FROM generate_series(1, 3000) g;
+           CREATE TABLE events (id bigint, at date, v text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+           CREATE TABLE events_2023 PARTITION OF events FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+           CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+           INSERT INTO events SELECT g, date '2023-06-01' + (g % 400), 'e' FROM generate_series(1, 4000) g;
+           CREATE TABLE empty (id int PRIMARY KEY, v text);
+           ANALYZE;"#,
+    )
+    .await;
+    export_and_check(&db, r#""Sales Dept"."My ""Orders""""#, 1000, &[], 3).await;
+    export_and_check(&db, "events", 1000, &[], 3).await;
+    export_and_check(&db, "empty", 1000, &[], 1).await;
+}
+
+#[tokio::test]
+async fn hive_partitioning_by_day() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz, total int);
+         INSERT INTO orders SELECT g, timestamptz '2024-03-01 00:00:00+00' + g * interval '37 minutes', g
+         FROM generate_series(1, 3000) g;
+         INSERT INTO orders VALUES (0, NULL, 0);",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "orders", &dest);
+    o.spec.output.partition_by = Some(PartitionBy {
+        column: "created_at".into(),
+        granularity: Granularity::Day,
+    });
+    o.spec.chunk_rows = 800;
+    run(o).await.unwrap();
+    let out = dest.0.join("orders");
+    assert_same(&db.client, "orders", &out).await;
+    let days: i64 = db
+        .client
+        .query_one(
+            "SELECT count(DISTINCT created_at::date) FROM orders WHERE created_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut dirs: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len() as i64, days + 1, "{dirs:?}");
+    assert!(dirs.contains(&"dt=2024-03-01".to_string()));
+    assert!(dirs.contains(&"dt=__HIVE_DEFAULT_PARTITION__".to_string()));
+    // every row sits in the folder of its own day
+    for d in dirs
+        .iter()
+        .filter(|d| d.as_str() != "dt=__HIVE_DEFAULT_PARTITION__")
+    {
+        let day = d.trim_start_matches("dt=");
+        let n: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM orders WHERE created_at::date = $1::text::date",
+                &[&day],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let got: usize = read_batches(&out.join(d))
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(got as i64, n, "{d}");
+    }
+}
+
+#[tokio::test]
+async fn one_snapshot_under_concurrent_writes() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE accounts (id int PRIMARY KEY, amount bigint NOT NULL);
+         INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20000) g; ANALYZE accounts;",
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (dsn, stop) = (db.dsn.clone(), std::sync::Arc::clone(&stop));
+        writers.push(tokio::spawn(async move {
+            let c = connect(&dsn).await;
+            let mut moves = 0u64;
+            let mut i: i64 = w * 7919;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                // move money between a row at the start and one at the end of the key space
+                let (a, b) = ((i * 31) % 20000 + 1, 20000 - (i * 17) % 20000);
+                let sql = format!(
+                    "BEGIN; UPDATE accounts SET amount = amount - 7 WHERE id = {a}; \
+                     UPDATE accounts SET amount = amount + 7 WHERE id = {b}; COMMIT;"
+                );
+                if c.batch_execute(&sql).await.is_ok() {
+                    moves += 1;
+                } else {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                }
+            }
+            moves
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "accounts", &dest);
+    o.spec.chunk_rows = 500; // 40 chunks read over a while, each in the one snapshot
+    let s = run(o).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut moves = 0;
+    for w in writers {
+        moves += w.await.unwrap();
+    }
+    assert!(moves > 0, "the writers made no transfers during the export");
+    assert_eq!(s.rows, 20000);
+    let total: i128 = read_batches(&dest.0.join("accounts"))
+        .iter()
+        .flat_map(|b| {
+            let c = b.column_by_name("amount").unwrap();
+            arrow_array::cast::AsArray::as_primitive::<arrow_array::types::Int64Type>(c)
+                .values()
+                .to_vec()
+        })
+        .map(|v| v as i128)
+        .sum();
+    assert_eq!(total, 20_000_000, "the export mixed points in time");
+}
+
+#[tokio::test]
+async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 2500);")
+        .await;
+    let dest = TempDest::new();
+    let job = haul_shared::JobId::parse("nightly-1").unwrap();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.job_id = Some(job.clone());
+    let first = run(o.clone()).await.unwrap();
+    assert!(!first.already_done);
+    let files = parquet_files(&dest.0.join("t"));
+    db.exec("INSERT INTO t VALUES (999999)").await;
+    let again = run(o.clone()).await.unwrap();
+    assert!(again.already_done);
+    assert_eq!(again.rows, 2500);
+    assert_eq!(
+        parquet_files(&dest.0.join("t")),
+        files,
+        "a no-op writes nothing"
+    );
+
+    // a different job into the same table folder must not mix with the first
+    let mut other = options(&db.dsn, "t", &dest);
+    other.job_id = Some(haul_shared::JobId::parse("nightly-2").unwrap());
+    let err = run(other.clone()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("--overwrite") && err.contains("nightly-1"),
+        "{err}"
+    );
+    other.overwrite = true;
+    let s = run(other).await.unwrap();
+    assert_eq!(s.rows, 2501);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}

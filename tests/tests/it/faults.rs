@@ -1,0 +1,381 @@
+//! Failure handling: bad input gives one clear error and writes nothing a reader would
+//! see; a killed run resumes without loss or duplicates; a fenced-off attempt cannot
+//! commit; independent readers see exactly the source's rows.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_shared::jobs::{JobPlan, KeyColumn};
+use haul_shared::lease::{LeaseStore, MemoryLeaseStore};
+use haul_shared::{ChunkId, ChunkRange, JobId, WorkerId};
+use haul_worker::executor::{ChunkError, ChunkJob, ChunkOutcome, Progress, run_chunk};
+use haul_worker::layout::Dest;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+async fn expect_error(opts: haul_coordinator::run::RunOptions, dest: &TempDest, needles: &[&str]) {
+    let err = run(opts).await.expect_err("the job must fail").to_string();
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} should mention {n:?}");
+    }
+    assert!(
+        parquet_files(&dest.0).is_empty(),
+        "a failed job left parquet files behind"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, p point, j json, v text);
+         INSERT INTO t SELECT g, point(g, g), '{}', 'v' FROM generate_series(1, 100) g;
+         CREATE TABLE ok (id int PRIMARY KEY, v text); INSERT INTO ok VALUES (1, 'a');",
+    )
+    .await;
+    let dest = TempDest::new();
+    let o = |table: &str| options(&db.dsn, table, &dest);
+
+    expect_error(o("public.nope"), &dest, &["public.nope", "does not exist"]).await;
+    expect_error(o("t"), &dest, &["\"p\"", "point", "--cast p=text"]).await;
+
+    let mut bad_col = o("ok");
+    bad_col.spec.columns = vec!["id".into(), "missing".into()];
+    expect_error(bad_col, &dest, &["\"missing\"", "does not exist"]).await;
+
+    let mut bad_key = o("t");
+    bad_key.spec.casts.insert("p".into(), "text".into());
+    bad_key.spec.key = vec!["j".into()];
+    bad_key.spec.chunk_rows = 10;
+    expect_error(bad_key, &dest, &["\"j\"", "json", "ordering", "--key"]).await;
+
+    let mut bad_part = o("ok");
+    bad_part.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy {
+        column: "v".into(),
+        granularity: haul_shared::jobs::Granularity::Day,
+    });
+    expect_error(bad_part, &dest, &["\"v\"", "date or timestamp"]).await;
+
+    let mut unreachable = o("ok");
+    unreachable.spec.source = haul_shared::pg::Secret::new("postgresql://u:sekrit@127.0.0.1:1/db");
+    let err = run(unreachable).await.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot connect") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(!err.contains("sekrit"), "the password leaked: {err}");
+
+    let mut bad_dsn = o("ok");
+    bad_dsn.spec.source = haul_shared::pg::Secret::new("postgresql://u:pw@host:notaport/db");
+    let err = run(bad_dsn).await.unwrap_err().to_string();
+    assert!(
+        err.contains("invalid source DSN") && !err.contains(":pw@"),
+        "{err}"
+    );
+
+    // permission denied, as a role that cannot read the table
+    let role = unique("haul_noperm");
+    db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
+    let mut denied = o("ok");
+    denied.spec.source =
+        haul_shared::pg::Secret::new(db.dsn.replacen("postgres@", &format!("{role}@"), 1));
+    expect_error(denied, &dest, &["permission denied", "GRANT SELECT"]).await;
+    drop(db);
+    let _ = Command::new("psql")
+        .arg(admin_dsn())
+        .args(["-X", "-q", "-c"])
+        .arg(format!("DROP ROLE IF EXISTS {role}"))
+        .output();
+
+    // an unwritable destination: a path under a regular file
+    let file = dest.0.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let db2 = TestDb::new().await;
+    db2.exec("CREATE TABLE ok (id int PRIMARY KEY)").await;
+    let mut unwritable = options(&db2.dsn, "ok", &dest);
+    unwritable.spec.dest = format!("file://{}/lake", file.display());
+    let err = run(unwritable).await.unwrap_err().to_string();
+    assert!(err.contains("not writable"), "{err}");
+
+    // with the cast, the table that was refused exports
+    let mut cast = options(&db2.dsn, "ok", &dest);
+    cast.spec.source = haul_shared::pg::Secret::new(db2.dsn.clone());
+    run(cast).await.unwrap();
+}
+
+fn haul_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("haul");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "haul-coordinator", "--bin", "haul"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    bin
+}
+
+fn committed_chunks(dest: &TempDest, job: &str) -> usize {
+    std::fs::read_dir(dest.0.join(format!("_haul/jobs/{job}/chunks")))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_killed_run_resumes_without_loss_or_duplicates() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE big (id bigint PRIMARY KEY, payload text);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 150000) g; ANALYZE big;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let args = |extra: &[&str]| {
+        let mut c = Command::new(haul_bin());
+        c.args([
+            "run",
+            "--source",
+            &db.dsn,
+            "--dest",
+            &dest.url(),
+            "--progress",
+            "none",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c
+    };
+    let mut child = args(&[
+        "--table",
+        "big",
+        "--job-id",
+        "killed",
+        "--chunk-rows",
+        "1000",
+        "--workers",
+        "1",
+    ])
+    .spawn()
+    .unwrap();
+    let mut waited = 0;
+    while committed_chunks(&dest, "killed") < 5 {
+        std::thread::sleep(Duration::from_millis(20));
+        waited += 1;
+        assert!(waited < 3000, "no chunk committed in a minute");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = committed_chunks(&dest, "killed");
+    assert!(before < 150, "the run finished before the kill");
+    assert!(!dest.0.join("big/_manifest.json").exists());
+
+    // glob readers never see an uncommitted part, even now
+    let visible: usize = read_batches(&dest.0.join("big"))
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(visible as u64 % 1000, 0, "a partial chunk is visible");
+
+    // the old snapshot died with the process: resuming needs consent to a fresh one
+    let out = args(&["--resume", "killed"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--fresh-snapshot"), "{stderr}");
+
+    let out = args(&["--resume", "killed", "--fresh-snapshot"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("150000 rows"));
+    assert_same(&db.client, "big", &dest.0.join("big")).await;
+    let ids: std::collections::HashSet<i64> = read_batches(&dest.0.join("big"))
+        .iter()
+        .flat_map(|b| {
+            arrow_array::cast::AsArray::as_primitive::<arrow_array::types::Int64Type>(b.column(0))
+                .values()
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(ids.len(), 150000, "duplicate rows");
+
+    // and a finished job stays finished
+    let out = args(&["--resume", "killed", "--fresh-snapshot"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already succeeded"));
+}
+
+#[tokio::test]
+async fn a_fenced_off_attempt_cannot_commit() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 3000) g;")
+        .await;
+    let dest_dir = TempDest::new();
+    let dest = Dest::open(&dest_dir.url()).unwrap();
+    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
+        .await
+        .unwrap();
+    let table = haul_shared::pg::resolve_table(&session.client, "t", &[], &Default::default())
+        .await
+        .unwrap();
+    let plan = JobPlan {
+        table,
+        key: vec![KeyColumn {
+            name: "id".into(),
+            pg_type: "integer".into(),
+        }],
+        chunks: vec![ChunkRange::All],
+        estimated_rows: 3000,
+        snapshot: None,
+    };
+    let spec = options(&db.dsn, "t", &dest_dir).spec;
+    let job = JobId::parse("fence").unwrap();
+    let leases: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::default());
+    let ttl = Duration::from_millis(300);
+    let progress = Progress::default();
+    let range = ChunkRange::Key {
+        lower: None,
+        upper: Some(vec!["2001".into()]),
+    };
+    let attempt = |lease: &haul_shared::lease::Lease| {
+        let lease = lease.clone();
+        let (spec, plan, job, dest, leases, range) = (
+            spec.clone(),
+            plan.clone(),
+            job.clone(),
+            dest.clone(),
+            Arc::clone(&leases),
+            range.clone(),
+        );
+        let progress = &progress;
+        async move {
+            run_chunk(ChunkJob {
+                job_id: &job,
+                spec: &spec,
+                plan: &plan,
+                chunk: ChunkId(0),
+                range: &range,
+                dest: &dest,
+                lease: &lease,
+                leases: leases.as_ref(),
+                progress,
+                cancel: CancellationToken::new(),
+            })
+            .await
+        }
+    };
+
+    // the zombie's lease expires (it was paused) and a second worker takes the chunk
+    let zombie = leases
+        .acquire("fence/0", &WorkerId("zombie".into()), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    let live = leases
+        .acquire("fence/0", &WorkerId("live".into()), ttl * 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(live.epoch > zombie.epoch);
+
+    // the zombie wakes up and finishes its extraction: it must not commit
+    let err = attempt(&zombie)
+        .await
+        .expect_err("a fenced-off attempt must not commit");
+    assert!(matches!(err, ChunkError::LeaseLost { .. }), "{err}");
+    assert!(
+        parquet_files(&dest_dir.0).is_empty(),
+        "the zombie left files behind"
+    );
+
+    let ok = attempt(&live).await.unwrap();
+    assert!(
+        matches!(ok, ChunkOutcome::Committed { rows: 2000, .. }),
+        "{ok:?}"
+    );
+    // a redelivery of the committed chunk is a cheap no-op that changes nothing
+    let files = parquet_files(&dest_dir.0);
+    let again = attempt(&live).await.unwrap();
+    assert!(matches!(
+        again,
+        ChunkOutcome::AlreadyCommitted { rows: 2000, .. }
+    ));
+    assert_eq!(parquet_files(&dest_dir.0), files);
+    let rows: usize = read_batches(&dest_dir.0.join("t"))
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 2000);
+    assert!(
+        parquet_files(&dest_dir.0.join("_haul")).is_empty(),
+        "staging was not cleaned up"
+    );
+}
+
+/// DuckDB (glob + hive partitioning) and pyarrow read the output unchanged. Needs the
+/// Python environment `scripts/test.sh` prepares (HAUL_TEST_PYTHON).
+#[tokio::test]
+async fn duckdb_and_pyarrow_read_the_output() {
+    let python = std::env::var("HAUL_TEST_PYTHON")
+        .expect("HAUL_TEST_PYTHON is unset: run the suite with scripts/test.sh");
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, status text, total_cents bigint, metadata jsonb, u uuid);
+         INSERT INTO orders SELECT g, timestamptz '2024-01-01 00:00:00+00' + g * interval '17 minutes', 's' || (g % 5), g * 3,
+                jsonb_build_object('g', g), md5(g::text)::uuid FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "orders", &dest);
+    o.spec.chunk_rows = 5000;
+    o.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy {
+        column: "created_at".into(),
+        granularity: haul_shared::jobs::Granularity::Day,
+    });
+    run(o).await.unwrap();
+    let want = db
+        .client
+        .query_one(
+            "SELECT count(*)::int8, sum(total_cents)::int8, count(DISTINCT id)::int8 FROM orders",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, sum, distinct): (i64, i64, i64) = (want.get(0), want.get(1), want.get(2));
+    let script = format!(
+        r#"
+import duckdb, pyarrow.dataset as ds, pyarrow.compute as pc
+root = {root:?}
+r = duckdb.sql(f"SELECT count(*), sum(total_cents), count(DISTINCT id), count(DISTINCT dt) FROM read_parquet('{{root}}/orders/**/*.parquet', hive_partitioning=true)").fetchone()
+t = ds.dataset(root + "/orders", format="parquet", partitioning="hive").to_table()
+print(r[0], r[1], r[2], t.num_rows, pc.sum(t["total_cents"]).as_py(), len(pc.unique(t["id"])), r[3] > 1)
+"#,
+        root = dest.0.display().to_string()
+    );
+    let out = Command::new(python).args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{n} {sum} {distinct} {n} {sum} {distinct} True")
+    );
+}

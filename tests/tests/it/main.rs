@@ -1,0 +1,7 @@
+#![allow(unreachable_pub)]
+//! haul's integration tests, against the real Postgres on this machine (one database per
+//! test). Run them with `scripts/test.sh`, which starts the services first.
+
+mod common;
+mod engine;
+mod faults;
