@@ -84,22 +84,22 @@ impl Reporter {
                 self.chunks
             ));
         }
-        if let Some(every) = self.log_every {
-            if self.last_log.elapsed() >= every {
-                self.last_log = Instant::now();
-                let rate = rows as f64 / secs;
-                let eta = (self.estimated_rows.saturating_sub(rows) as f64 / rate.max(1.0)) as u64;
-                tracing::info!(
-                    job_id = %self.job,
-                    rows,
-                    estimated_rows = self.estimated_rows,
-                    chunks_done,
-                    chunks = self.chunks,
-                    mb_per_s = format!("{mbps:.1}"),
-                    eta_s = eta,
-                    "progress"
-                );
-            }
+        if let Some(every) = self.log_every
+            && self.last_log.elapsed() >= every
+        {
+            self.last_log = Instant::now();
+            let rate = rows as f64 / secs;
+            let eta = (self.estimated_rows.saturating_sub(rows) as f64 / rate.max(1.0)) as u64;
+            tracing::info!(
+                job_id = %self.job,
+                rows,
+                estimated_rows = self.estimated_rows,
+                chunks_done,
+                chunks = self.chunks,
+                mb_per_s = format!("{mbps:.1}"),
+                eta_s = eta,
+                "progress"
+            );
         }
     }
 

@@ -203,13 +203,13 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         spec.chunk_rows = p.chunk_rows;
         spec.output = p.output.clone();
         spec.use_snapshot = p.use_snapshot;
-        if let Some(s) = &p.plan.snapshot {
-            if !opts.fresh_snapshot {
-                return Err(RunError::NeedsFreshSnapshot {
-                    job,
-                    snapshot: s.clone(),
-                });
-            }
+        if let Some(s) = &p.plan.snapshot
+            && !opts.fresh_snapshot
+        {
+            return Err(RunError::NeedsFreshSnapshot {
+                job,
+                snapshot: s.clone(),
+            });
         }
         if p.plan.chunks.iter().any(|c| !c.survives_new_snapshot()) {
             return Err(RunError::CannotResumeCtid { job });
@@ -236,14 +236,14 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         None
     };
     let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
-    if let Some(p) = &spec.output.partition_by {
-        if table.column(&p.column).is_none() {
-            return Err(SourceError::ColumnNotFound {
-                table: table.quoted(),
-                column: p.column.clone(),
-            }
-            .into());
+    if let Some(p) = &spec.output.partition_by
+        && table.column(&p.column).is_none()
+    {
+        return Err(SourceError::ColumnNotFound {
+            table: table.quoted(),
+            column: p.column.clone(),
         }
+        .into());
     }
     let tdir = table_dir(&table.name);
 
@@ -261,17 +261,16 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
             }
         }
         None => {
-            if !opts.overwrite {
-                if let Some(m) = dest
+            if !opts.overwrite
+                && let Some(m) = dest
                     .get_json::<JobManifest>(&dest.table_manifest_path(&tdir))
                     .await?
-                {
-                    return Err(RunError::DestinationTaken {
-                        dest: dest.url.clone(),
-                        table_dir: tdir,
-                        other: m.job,
-                    });
-                }
+            {
+                return Err(RunError::DestinationTaken {
+                    dest: dest.url.clone(),
+                    table_dir: tdir,
+                    other: m.job,
+                });
             }
             let t0 = Instant::now();
             let planned = planner::plan(&holder.client, &table, &spec.key, spec.chunk_rows).await?;

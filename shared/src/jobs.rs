@@ -162,10 +162,12 @@ pub trait JobStore: Send + Sync + 'static {
     async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError>;
 }
 
+type JobEntry = (JobRecord, BTreeMap<ChunkId, ChunkState>);
+
 /// The in-process job store used by `haul run`.
 #[derive(Clone, Default)]
 pub struct MemoryJobStore {
-    inner: Arc<Mutex<HashMap<JobId, (JobRecord, BTreeMap<ChunkId, ChunkState>)>>>,
+    inner: Arc<Mutex<HashMap<JobId, JobEntry>>>,
 }
 
 #[async_trait]

@@ -91,10 +91,10 @@ impl LeaseStore for MemoryLeaseStore {
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
         let mut g = self.inner.lock().expect("lease lock");
-        if let Some((_, _, exp)) = g.held.get(key) {
-            if *exp > Instant::now() {
-                return Ok(None);
-            }
+        if let Some((_, _, exp)) = g.held.get(key)
+            && *exp > Instant::now()
+        {
+            return Ok(None);
         }
         let e = g.epochs.entry(key.to_owned()).or_insert(0);
         *e += 1;

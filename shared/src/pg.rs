@@ -46,15 +46,15 @@ pub fn mask_dsn(dsn: &str) -> String {
     if let Some(scheme_end) = dsn.find("://") {
         let rest = &dsn[scheme_end + 3..];
         let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &dsn[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
+        if let Some(at) = rest[..auth_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            return format!(
+                "{}{}:***{}",
+                &dsn[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            );
         }
         return dsn.to_owned();
     }

@@ -320,17 +320,6 @@ pub fn table_dir(name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn table_dirs_are_reader_safe() {
-        assert_eq!(super::table_dir("orders"), "orders");
-        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
-        assert_eq!(super::table_dir("_tmp"), "t_tmp");
-        assert_eq!(super::table_dir("a/b"), "a_b");
-    }
-}
-
 /// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal
 /// fails (the attempt must then stop: it can no longer commit).
 pub async fn keep_lease(
@@ -356,5 +345,16 @@ pub async fn keep_lease(
             }
             Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_dirs_are_reader_safe() {
+        assert_eq!(super::table_dir("orders"), "orders");
+        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
+        assert_eq!(super::table_dir("_tmp"), "t_tmp");
+        assert_eq!(super::table_dir("a/b"), "a_b");
     }
 }
