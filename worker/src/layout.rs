@@ -133,16 +133,26 @@ impl Dest {
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        let opts = std::env::vars()
-            .filter(|(k, _)| k.starts_with("AWS_"))
-            .map(|(k, v)| (k.to_ascii_lowercase(), v));
-        let (store, root) =
-            object_store::parse_url_opts(&parsed, opts).map_err(|e| invalid(e.to_string()))?;
-        Ok(Dest {
-            store: Arc::from(store),
-            root,
-            url: url.to_owned(),
-        })
+        match parsed.scheme() {
+            "s3" | "s3a" => {
+                // credentials, region, endpoint (AWS_ENDPOINT), AWS_ALLOW_HTTP, ... from the
+                // environment; create-if-absent is S3's `If-None-Match: *`
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                let root = Path::parse(parsed.path().trim_start_matches('/'))
+                    .map_err(|e| invalid(e.to_string()))?;
+                Ok(Dest {
+                    store: Arc::new(store),
+                    root,
+                    url: url.trim_end_matches('/').to_owned(),
+                })
+            }
+            other => Err(invalid(format!(
+                "unsupported scheme {other:?}: use a path, file:// or s3://"
+            ))),
+        }
     }
 
     /// `root/rel`, with each `/`-separated segment of `rel` as one path part.

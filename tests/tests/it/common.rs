@@ -162,10 +162,19 @@ pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 pub fn read_batches(dir: &Path) -> Vec<RecordBatch> {
+    batches_from_bytes(
+        parquet_files(dir)
+            .into_iter()
+            .map(|f| bytes::Bytes::from(std::fs::read(f).unwrap()))
+            .collect(),
+    )
+}
+
+/// Reads whole Parquet files held in memory.
+pub fn batches_from_bytes(files: Vec<bytes::Bytes>) -> Vec<RecordBatch> {
     let mut out = Vec::new();
-    for f in parquet_files(dir) {
-        let file = std::fs::File::open(&f).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+    for f in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
             .unwrap()
             .build()
             .unwrap();
@@ -268,16 +277,30 @@ pub fn output_columns(dir: &Path) -> Vec<(String, DataType)> {
 
 /// Asserts the Parquet output under `dir` holds exactly the rows of `table`.
 pub async fn assert_same(client: &Client, table: &str, dir: &Path) -> Digest64 {
-    let cols = output_columns(dir);
+    assert_same_batches(client, table, &read_batches(dir)).await
+}
+
+/// Asserts `batches` hold exactly the rows of `table` (count, null counts, checksum).
+pub async fn assert_same_batches(
+    client: &Client,
+    table: &str,
+    batches: &[RecordBatch],
+) -> Digest64 {
+    let first = batches.first().expect("at least one batch");
+    let cols: Vec<(String, DataType)> = first
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
     let want = pg_digest(client, table, &cols).await;
-    let batches = read_batches(dir);
-    let got = digest_batches(&batches, None);
+    let got = digest_batches(batches, None);
     if got != want {
         // name the columns that differ, with one value as Rust renders it
         let mut bad = Vec::new();
         for (i, c) in cols.iter().enumerate() {
             let one = pg_digest(client, table, std::slice::from_ref(c)).await;
-            let mut mine = digest_batches(&batches, Some(i));
+            let mut mine = digest_batches(batches, Some(i));
             mine.nulls = vec![mine.nulls[i]];
             if mine != one {
                 let sample = batches

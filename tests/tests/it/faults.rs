@@ -106,7 +106,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     run(cast).await.unwrap();
 }
 
-fn haul_bin() -> PathBuf {
+pub(crate) fn haul_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("haul");

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The five-minute demo: starts Postgres if needed, creates a demo `orders` table (200k rows,
+# skewed ids, like the benchmark's) in database `test` if it is missing, and extracts it
+# with `haul run` into ./lake, partitioned by day.
+# Usage: scripts/demo.sh [extra `haul run` flags]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/services.sh
+PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
+ROWS="${DEMO_ROWS:-200000}"
+if ! psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL" | grep -q t; then
+  echo "demo: creating public.orders with $ROWS rows" >&2
+  psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
+fi
+cargo build --release --bin haul
+rm -rf ./lake/orders ./lake/_haul
+./target/release/haul run --source "$PGURL" --table public.orders \
+  --dest file://./lake --partition-by created_at:day --workers 2 "$@"
+echo "demo: try  python3 -c \"import duckdb; print(duckdb.sql(\\\"SELECT dt, count(*) FROM read_parquet('./lake/orders/**/*.parquet', hive_partitioning=true) GROUP BY dt ORDER BY dt LIMIT 5\\\"))\"" >&2

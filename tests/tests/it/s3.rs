@@ -1,0 +1,152 @@
+//! An `s3://` destination, against a real S3-compatible server on loopback (SeaweedFS,
+//! started by `scripts/services.sh`).
+
+use std::process::Command;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use haul_worker::layout::Dest;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::common::*;
+use crate::faults::haul_bin;
+
+const ENDPOINT: &str = "http://127.0.0.1:8333";
+
+fn store(bucket: &str) -> Arc<dyn ObjectStore> {
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_endpoint(ENDPOINT)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("haul")
+            .with_secret_access_key("haul")
+            .build()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn exports_to_s3_and_commits_with_create_if_absent() {
+    // one shared bucket (each bucket costs the server volumes), a prefix of our own
+    let bucket = "haul-test";
+    let prefix = unique("bronze");
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+        .arg(format!("{ENDPOINT}/{bucket}"))
+        .output()
+        .expect("curl");
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        code == "200" || code == "409",
+        "cannot create bucket {bucket} (HTTP {code}): is the S3 server up (scripts/services.sh)?"
+    );
+
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, note text);
+         INSERT INTO orders SELECT g, timestamptz '2024-05-01 00:00:00+00' + g * interval '5 minutes', repeat('n', g % 40)
+         FROM generate_series(1, 12000) g; ANALYZE orders;",
+    )
+    .await;
+    let url = format!("s3://{bucket}/{prefix}");
+    let out = Command::new(haul_bin())
+        .args([
+            "run", "--source", &db.dsn, "--table", "orders", "--dest", &url,
+        ])
+        .args([
+            "--partition-by",
+            "created_at:day",
+            "--chunk-rows",
+            "3000",
+            "--progress",
+            "none",
+        ])
+        .env("AWS_ENDPOINT", ENDPOINT)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "haul")
+        .env("AWS_SECRET_ACCESS_KEY", "haul")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let s = store(bucket);
+    let metas: Vec<_> = s
+        .list(Some(&Path::from(prefix.as_str())))
+        .try_collect()
+        .await
+        .unwrap();
+    let names: Vec<String> = metas.iter().map(|m| m.location.to_string()).collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| *n == format!("{prefix}/orders/_manifest.json")),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("_haul/staging")),
+        "staging left behind: {names:?}"
+    );
+    let mut parts = Vec::new();
+    for m in metas.iter().filter(|m| {
+        m.location
+            .as_ref()
+            .starts_with(&format!("{prefix}/orders/dt="))
+    }) {
+        assert!(m.location.as_ref().ends_with(".parquet"));
+        parts.push(s.get(&m.location).await.unwrap().bytes().await.unwrap());
+    }
+    assert!(parts.len() > 1);
+    let batches = batches_from_bytes(parts);
+    assert_same_batches(&db.client, "orders", &batches).await;
+
+    // the commit point really is create-if-absent on this server: a second commit of a
+    // chunk is refused
+    let dest = Dest {
+        store: Arc::clone(&s),
+        root: Path::from(prefix.as_str()),
+        url: url.clone(),
+    };
+    let job: String = serde_json::from_slice::<serde_json::Value>(
+        &s.get(&Path::from(format!("{prefix}/orders/_manifest.json")))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap()["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let chunk = dest.chunk_manifest_path(
+        &haul_shared::JobId::parse(&job).unwrap(),
+        haul_shared::ChunkId(0),
+    );
+    let created = dest
+        .put_json(&chunk, &serde_json::json!({"zombie": true}), true)
+        .await
+        .unwrap();
+    assert!(
+        !created,
+        "the S3 server let a second commit of chunk 0 overwrite the first"
+    );
+
+    // clean up our prefix
+    let all: Vec<_> = s
+        .list(Some(&Path::from(prefix.as_str())))
+        .try_collect()
+        .await
+        .unwrap();
+    for m in all {
+        let _ = s.delete(&m.location).await;
+    }
+}
