@@ -12,11 +12,14 @@ use haul_shared::jobs::KeyColumn;
 use haul_shared::pg::{SourceError, TableInfo, quote_ident};
 use tokio_postgres::Client;
 
-/// Tables up to this many (estimated) rows get exact quantiles from a full key scan.
-const FULL_SCAN_ROWS: u64 = 2_000_000;
+/// Tables up to this many (estimated) rows get exact quantiles from a full key scan;
+/// bigger ones sample pages (a full sort of 1M keys already costs ~0.5 s).
+const FULL_SCAN_ROWS: u64 = 100_000;
 /// Sampled keys wanted per chunk boundary on big tables.
 const SAMPLE_PER_CHUNK: u64 = 200;
-const MIN_SAMPLE: u64 = 100_000;
+const MIN_SAMPLE: u64 = 50_000;
+/// Chunks are never cut smaller than this to reach `min_chunks`.
+const MIN_CHUNK_ROWS: u64 = 10_000;
 
 #[derive(Clone, Debug)]
 pub struct Planned {
@@ -30,15 +33,18 @@ struct KeyCol {
     nullable: bool,
 }
 
+/// Plans chunks of about `chunk_rows` rows, and at least `min_chunks` (so every worker
+/// has work) when the table holds enough rows for chunks of [`MIN_CHUNK_ROWS`].
 pub async fn plan(
     client: &Client,
     table: &TableInfo,
     key_override: &[String],
     chunk_rows: u64,
+    min_chunks: u64,
 ) -> Result<Planned, SourceError> {
     let key = choose_key(client, table, key_override).await?;
     let estimated_rows = estimate_rows(client, table).await?;
-    let n = estimated_rows.div_ceil(chunk_rows.max(1)).max(1);
+    let n = chunk_count(estimated_rows, chunk_rows, min_chunks);
     let key_cols: Vec<KeyColumn> = key.iter().flatten().map(|k| k.col.clone()).collect();
     let any_nullable = key.iter().flatten().any(|k| k.nullable);
     let mut chunks = match &key {
@@ -76,6 +82,12 @@ pub async fn plan(
         chunks,
         estimated_rows,
     })
+}
+
+/// How many chunks a table of `rows` rows is cut into.
+pub fn chunk_count(rows: u64, chunk_rows: u64, min_chunks: u64) -> u64 {
+    let by_size = rows.div_ceil(chunk_rows.max(1));
+    by_size.max(min_chunks.min(rows / MIN_CHUNK_ROWS)).max(1)
 }
 
 /// Ranges between consecutive boundaries: `(-inf, b0), [b0, b1), ..., [bn, +inf)`.
@@ -287,6 +299,23 @@ mod tests {
             }
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn chunk_counts() {
+        assert_eq!(chunk_count(0, 1000, 4), 1);
+        assert_eq!(chunk_count(10_000_000, 1_000_000, 4), 10);
+        assert_eq!(
+            chunk_count(1_000_000, 1_000_000, 4),
+            4,
+            "every worker gets work"
+        );
+        assert_eq!(
+            chunk_count(25_000, 1_000_000, 4),
+            2,
+            "but chunks stay >= 10k rows"
+        );
+        assert_eq!(chunk_count(5_000, 1_000, 4), 5);
     }
 
     proptest! {

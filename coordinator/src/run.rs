@@ -273,7 +273,14 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 });
             }
             let t0 = Instant::now();
-            let planned = planner::plan(&holder.client, &table, &spec.key, spec.chunk_rows).await?;
+            let planned = planner::plan(
+                &holder.client,
+                &table,
+                &spec.key,
+                spec.chunk_rows,
+                2 * opts.workers as u64,
+            )
+            .await?;
             info!(
                 chunks = planned.chunks.len(),
                 estimated_rows = planned.estimated_rows,

@@ -137,21 +137,30 @@ async fn export_and_check(
 #[tokio::test]
 async fn skewed_integer_keys_split_by_rows_not_key_width() {
     let db = TestDb::new().await;
-    // like the benchmark: 70% of rows dense in 1..7000, 30% sparse with stride 20
+    // like the benchmark: 70% of rows dense at the start, 30% sparse with stride 20; a
+    // min/max split would put 83% of the rows in the first half
     db.exec(
-        "CREATE TABLE skewed (id bigint PRIMARY KEY, v text);
-         INSERT INTO skewed SELECT CASE WHEN g <= 7000 THEN g ELSE 7000 + (g - 7000) * 20 END, 'v' || g
-         FROM generate_series(1, 10000) g; ANALYZE skewed;",
+        "CREATE TABLE small_skew (id bigint PRIMARY KEY, v text);
+         INSERT INTO small_skew SELECT CASE WHEN g <= 7000 THEN g ELSE 7000 + (g - 7000) * 20 END, 'v' || g
+         FROM generate_series(1, 10000) g;
+         CREATE TABLE big_skew (id bigint PRIMARY KEY, v text);
+         INSERT INTO big_skew SELECT CASE WHEN g <= 140000 THEN g ELSE 140000 + (g - 140000) * 20 END, 'v' || g
+         FROM generate_series(1, 200000) g;
+         ANALYZE;",
     )
     .await;
-    let manifests = export_and_check(&db, "skewed", 2500, &[], 4).await;
-    for m in &manifests {
-        assert!(
-            (1700..=3300).contains(&m.rows),
-            "chunk {} has {} rows; ranges are not row-balanced",
-            m.chunk,
-            m.rows
-        );
+    // exact quantiles (small table) and page-sampled quantiles (big table)
+    for (table, chunk_rows, chunks) in [("small_skew", 2500, 4), ("big_skew", 25000, 8)] {
+        let manifests = export_and_check(&db, table, chunk_rows, &[], chunks).await;
+        for m in &manifests {
+            let (lo, hi) = (chunk_rows * 6 / 10, chunk_rows * 14 / 10);
+            assert!(
+                (lo..=hi).contains(&m.rows),
+                "{table}: chunk {} has {} rows, wanted {lo}..={hi}; ranges are not row-balanced",
+                m.chunk,
+                m.rows
+            );
+        }
     }
 }
 
