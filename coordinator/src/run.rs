@@ -218,6 +218,15 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
 
     // The planning session holds the snapshot open until the job ends.
     let holder = pg::connect(&spec.source).await?;
+    // named, so operators can tell it apart in pg_stat_activity (it holds back vacuum)
+    holder
+        .client
+        .batch_execute(&format!(
+            "SET application_name = {}",
+            pg::quote_literal(&format!("haul:snapshot:{job}"))
+        ))
+        .await
+        .map_err(|e| SourceError::query("naming the snapshot session", e))?;
     holder
         .client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -240,28 +240,37 @@ impl Writers {
         out
     }
 
+    /// Writes `batch` to its partition's open file, splitting it where a file reaches
+    /// `max_file_rows` (files never exceed it) and rotating past `max_file_bytes`.
     fn write(&mut self, partition: String, batch: &RecordBatch) -> Result<(), WriteError> {
-        let pos = match self.open.iter().position(|f| f.partition == partition) {
-            Some(p) => p,
-            None => {
-                if self.open.len() >= MAX_OPEN_FILES {
-                    let lru = self.open.remove(0);
-                    self.close(lru)?;
+        let mut rest = batch.clone();
+        while rest.num_rows() > 0 {
+            let pos = match self.open.iter().position(|f| f.partition == partition) {
+                Some(p) => p,
+                None => {
+                    if self.open.len() >= MAX_OPEN_FILES {
+                        let lru = self.open.remove(0);
+                        self.close(lru)?;
+                    }
+                    let f = self.open_file(partition.clone())?;
+                    self.open.push(f);
+                    self.open.len() - 1
                 }
-                let f = self.open_file(partition)?;
-                self.open.push(f);
-                self.open.len() - 1
+            };
+            let mut f = self.open.remove(pos);
+            let o = &self.cfg.output;
+            let room = o.max_file_rows.saturating_sub(f.file.rows).max(1) as usize;
+            let take = room.min(rest.num_rows());
+            let part = rest.slice(0, take);
+            rest = rest.slice(take, rest.num_rows() - take);
+            f.writer.write(&part)?;
+            f.file.rows += take as u64;
+            let size = f.writer.bytes_written() + f.writer.in_progress_size();
+            if f.file.rows >= o.max_file_rows || size as u64 >= o.max_file_bytes {
+                self.close(f)?;
+            } else {
+                self.open.push(f); // most recently used last
             }
-        };
-        let mut f = self.open.remove(pos);
-        f.writer.write(batch)?;
-        f.file.rows += batch.num_rows() as u64;
-        let o = &self.cfg.output;
-        let size = f.writer.bytes_written() + f.writer.in_progress_size();
-        if f.file.rows >= o.max_file_rows || size as u64 >= o.max_file_bytes {
-            self.close(f)?;
-        } else {
-            self.open.push(f); // most recently used last
         }
         Ok(())
     }

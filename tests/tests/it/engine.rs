@@ -397,3 +397,43 @@ async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
     assert_eq!(s.rows, 2501);
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
+
+#[tokio::test]
+async fn output_options_are_honoured() {
+    use parquet::basic::Compression;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 6000) g;")
+        .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.chunk_rows = 3000;
+    o.spec.output.compression = haul_shared::jobs::Compression::Zstd { level: 5 };
+    o.spec.output.row_group_rows = 400;
+    o.spec.output.max_file_rows = 1000;
+    o.spec.output.batch_rows = 256;
+    run(o).await.unwrap();
+    let files = parquet_files(&dest.0.join("t"));
+    assert!(files.len() >= 6, "{} files", files.len());
+    for f in &files {
+        let r = SerializedFileReader::new(std::fs::File::open(f).unwrap()).unwrap();
+        let md = r.metadata();
+        assert!(
+            md.file_metadata().num_rows() <= 1000,
+            "file {f:?} over the row limit"
+        );
+        for rg in md.row_groups() {
+            assert!(rg.num_rows() <= 400, "row group over the limit");
+            let c = rg.column(0);
+            assert!(matches!(c.compression(), Compression::ZSTD(_)));
+            assert!(c.statistics().is_some(), "statistics are on");
+        }
+        assert!(
+            md.file_metadata()
+                .key_value_metadata()
+                .is_some_and(|kv| kv.iter().any(|k| k.key == "ARROW:schema")),
+            "the Arrow schema is embedded"
+        );
+    }
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}

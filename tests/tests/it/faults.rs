@@ -379,3 +379,69 @@ print(r[0], r[1], r[2], t.num_rows, pc.sum(t["total_cents"]).as_py(), len(pc.uni
         format!("{n} {sum} {distinct} {n} {sum} {distinct} True")
     );
 }
+
+#[tokio::test]
+async fn a_lost_snapshot_fails_the_job_instead_of_mixing_points_in_time() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, repeat('v', 100) FROM generate_series(1, 60000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.chunk_rows = 500;
+    o.workers = 1;
+    let job = tokio::spawn(run(o));
+    // once some chunks are in, end the planning session that holds the snapshot
+    let chunks = dest.0.join("_haul/jobs");
+    for _ in 0..500 {
+        let n = std::fs::read_dir(&chunks)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|j| std::fs::read_dir(j.ok()?.path().join("chunks")).ok())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed: i64 = db
+        .client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'haul:snapshot:%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the snapshot-holding session was not found");
+    let err = job
+        .await
+        .unwrap()
+        .expect_err("the job must fail")
+        .to_string();
+    assert!(
+        err.contains("snapshot") && err.contains("--fresh-snapshot"),
+        "{err}"
+    );
+    assert!(!dest.0.join("t/_manifest.json").exists());
+}
+
+#[tokio::test]
+async fn no_snapshot_mode_still_exports_every_row() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g;")
+        .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.use_snapshot = false;
+    let s = run(o).await.unwrap();
+    assert!(s.chunks > 1);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.0.join("t/_manifest.json")).unwrap()).unwrap();
+    assert!(m["snapshot"].is_null());
+}
