@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// Replace an earlier export of the same table in --dest once this job commits.
     #[arg(long, env = "HAUL_OVERWRITE")]
     pub overwrite: bool,
+    /// Local destinations: fsync part files and manifests before each commit (survives power loss).
+    #[arg(long, env = "HAUL_FSYNC")]
+    pub fsync: bool,
     /// Progress display.
     #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
@@ -205,6 +208,7 @@ impl TryFrom<RunArgs> for RunOptions {
                     max_file_rows: a.max_file_rows.max(1),
                     max_file_bytes: parse_bytes(&a.max_file_bytes)?.max(1),
                     partition_by: a.partition_by.as_deref().map(parse_partition).transpose()?,
+                    fsync: a.fsync,
                 },
                 use_snapshot: !a.no_snapshot,
             },

@@ -54,6 +54,11 @@ pub struct OutputOptions {
     /// ... or this many bytes.
     pub max_file_bytes: u64,
     pub partition_by: Option<PartitionBy>,
+    /// Local destinations: sync part files and manifests to disk before each commit, so a
+    /// power loss cannot leave a committed chunk with torn files (object stores are
+    /// durable on upload anyway).
+    #[serde(default)]
+    pub fsync: bool,
 }
 
 impl Default for OutputOptions {
@@ -65,6 +70,7 @@ impl Default for OutputOptions {
             max_file_rows: 10_000_000,
             max_file_bytes: 512 * 1024 * 1024,
             partition_by: None,
+            fsync: false,
         }
     }
 }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use arrow_array::builder::{
     BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Decimal256Builder,
     FixedSizeBinaryBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder,
-    Int64Builder, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    Int64Builder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
-use arrow_array::{ArrayRef, ListArray, RecordBatch, StructArray};
+use arrow_array::{ArrayRef, ListArray, RecordBatch, StringArray, StructArray};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, i256};
 use arrow_schema::{DataType, FieldRef, SchemaRef};
 use bytes::{Buf, BytesMut};
@@ -171,7 +171,14 @@ impl CopyDecoder {
     }
 
     fn flush(&mut self) -> Result<RecordBatch, SourceError> {
-        let arrays: Vec<ArrayRef> = self.cols.iter_mut().map(Col::finish).collect();
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.cols.len());
+        for (i, c) in self.cols.iter_mut().enumerate() {
+            let a = c.finish().map_err(|reason| SourceError::Decode {
+                column: self.names[i].clone(),
+                reason,
+            })?;
+            arrays.push(a);
+        }
         self.rows = 0;
         self.bytes = 0;
         RecordBatch::try_new(Arc::clone(&self.schema), arrays)
@@ -190,9 +197,6 @@ fn be_i64(v: &[u8]) -> Result<i64, String> {
 }
 fn bad_len(v: &[u8], want: usize) -> String {
     format!("value has {} bytes, expected {want}", v.len())
-}
-fn utf8(v: &[u8]) -> Result<&str, String> {
-    std::str::from_utf8(v).map_err(|e| format!("invalid UTF-8 in text value: {e}"))
 }
 
 /// Timestamps: Postgres counts from 2000-01-01, Arrow from 1970-01-01. ±infinity are
@@ -268,8 +272,9 @@ enum Col {
     F64(Float64Builder),
     Dec128(Decimal128Builder, i8),
     Dec256(Decimal256Builder, i8),
-    Text(StringBuilder),
-    Jsonb(StringBuilder),
+    /// Text gathered as bytes, validated as UTF-8 once per batch.
+    Text(BinaryBuilder),
+    Jsonb(BinaryBuilder),
     Bytea(BinaryBuilder),
     Date(Date32Builder),
     Time(Time64MicrosecondBuilder),
@@ -312,8 +317,8 @@ impl Col {
                     )
                 }
             },
-            PgKind::Text => Col::Text(StringBuilder::with_capacity(cap, cap * 16)),
-            PgKind::Jsonb => Col::Jsonb(StringBuilder::with_capacity(cap, cap * 64)),
+            PgKind::Text => Col::Text(BinaryBuilder::with_capacity(cap, cap * 16)),
+            PgKind::Jsonb => Col::Jsonb(BinaryBuilder::with_capacity(cap, cap * 64)),
             PgKind::Bytea => Col::Bytea(BinaryBuilder::with_capacity(cap, cap * 16)),
             PgKind::Date => Col::Date(Date32Builder::with_capacity(cap)),
             PgKind::Time => Col::Time(Time64MicrosecondBuilder::with_capacity(cap)),
@@ -393,9 +398,9 @@ impl Col {
                 b.append_value(x.to_i128().ok_or("numeric out of Decimal128 range")?);
             }
             Col::Dec256(b, scale) => b.append_value(pg_numeric(v, *scale)?),
-            Col::Text(b) => b.append_value(utf8(v)?),
+            Col::Text(b) => b.append_value(v),
             Col::Jsonb(b) => match v.split_first() {
-                Some((1, rest)) => b.append_value(utf8(rest)?),
+                Some((1, rest)) => b.append_value(rest),
                 _ => return Err("unknown jsonb binary version".into()),
             },
             Col::Bytea(b) => b.append_value(v),
@@ -465,8 +470,8 @@ impl Col {
         Ok(())
     }
 
-    fn finish(&mut self) -> ArrayRef {
-        match self {
+    fn finish(&mut self) -> Result<ArrayRef, String> {
+        Ok(match self {
             Col::Bool(b) => Arc::new(b.finish()),
             Col::I16(b) => Arc::new(b.finish()),
             Col::I32(b) => Arc::new(b.finish()),
@@ -475,7 +480,10 @@ impl Col {
             Col::F64(b) => Arc::new(b.finish()),
             Col::Dec128(b, _) => Arc::new(b.finish()),
             Col::Dec256(b, _) => Arc::new(b.finish()),
-            Col::Text(b) | Col::Jsonb(b) => Arc::new(b.finish()),
+            Col::Text(b) | Col::Jsonb(b) => Arc::new(
+                StringArray::try_from_binary(b.finish())
+                    .map_err(|e| format!("invalid UTF-8 in text value: {e}"))?,
+            ),
             Col::Bytea(b) => Arc::new(b.finish()),
             Col::Date(b) => Arc::new(b.finish()),
             Col::Time(b) => Arc::new(b.finish()),
@@ -505,11 +513,11 @@ impl Col {
                 Arc::new(ListArray::new(
                     Arc::clone(field),
                     OffsetBuffer::new(offs.into()),
-                    child.finish(),
+                    child.finish()?,
                     nulls.finish(),
                 ))
             }
-        }
+        })
     }
 }
 

@@ -94,6 +94,10 @@ pub struct Dest {
     pub root: Path,
     /// The URL as the user gave it (for messages).
     pub url: String,
+    /// Set for local destinations.
+    pub local: Option<Arc<LocalFileSystem>>,
+    /// Whether local writes are synced to disk (see [`Dest::with_fsync`]).
+    pub fsync: bool,
 }
 
 impl Dest {
@@ -124,12 +128,15 @@ impl Dest {
                 dest: abs.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let store =
-                LocalFileSystem::new_with_prefix(&abs).map_err(|e| invalid(e.to_string()))?;
+            let store = Arc::new(
+                LocalFileSystem::new_with_prefix(&abs).map_err(|e| invalid(e.to_string()))?,
+            );
             return Ok(Dest {
-                store: Arc::new(store),
+                store: Arc::clone(&store) as Arc<dyn ObjectStore>,
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
+                local: Some(store),
+                fsync: false,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -147,6 +154,8 @@ impl Dest {
                     store: Arc::new(store),
                     root,
                     url: url.trim_end_matches('/').to_owned(),
+                    local: None,
+                    fsync: false,
                 })
             }
             other => Err(invalid(format!(
@@ -160,6 +169,25 @@ impl Dest {
         rel.split('/')
             .filter(|s| !s.is_empty())
             .fold(self.root.clone(), |p, seg| p.clone().join(seg))
+    }
+
+    /// Makes local writes durable (`fsync` of files and their directories).
+    pub fn with_fsync(mut self, fsync: bool) -> Result<Self, DestError> {
+        if let (true, Some(_)) = (fsync, &self.local) {
+            let root = self.url.trim_start_matches("file://").to_owned();
+            let store = Arc::new(
+                LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|e| DestError::Invalid {
+                        dest: self.url.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .with_fsync(true),
+            );
+            self.store = Arc::clone(&store) as Arc<dyn ObjectStore>;
+            self.local = Some(store);
+            self.fsync = true;
+        }
+        Ok(self)
     }
 
     /// Proves the destination is writable before any data moves.

@@ -31,7 +31,9 @@ pub const MAX_OPEN_FILES: usize = 16;
 /// Encoded-but-unflushed bytes across a chunk's open files before a row group is cut.
 pub const BUFFER_BUDGET: usize = 96 * 1024 * 1024;
 /// Bytes gathered before one write to the object store.
-const SINK_BUFFER: usize = 4 * 1024 * 1024;
+const SINK_BUFFER: usize = 1024 * 1024;
+/// Multipart upload part size (S3's minimum); two parts in flight per file.
+const UPLOAD_PART: usize = 5 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -308,7 +310,12 @@ impl Writers {
         let staged = format!("{}/{path}", self.cfg.staging);
         let sink = StoreSink {
             handle: self.handle.clone(),
-            inner: BufWriter::new(Arc::clone(&self.dest.store), self.dest.path(&staged)),
+            inner: BufWriter::with_capacity(
+                Arc::clone(&self.dest.store),
+                self.dest.path(&staged),
+                UPLOAD_PART,
+            )
+            .with_max_concurrency(2),
             buf: Vec::with_capacity(SINK_BUFFER),
             written: 0,
             path: staged.clone(),
