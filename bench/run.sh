@@ -19,23 +19,22 @@ cargo build --release --bin haul >&2
 OUT=$(mktemp -d /tmp/haul-bench.XXXX)
 trap 'rm -rf "$OUT"' EXIT
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-haul_times=(); haul_rss=()
+# interleaved, each after a `sync`, so no run pays for another's disk writeback
+haul_times=(); haul_rss=(); copy_times=(); duck_times=()
 for i in $(seq 1 "$RUNS"); do
-  rm -rf "$OUT/lake"
+  rm -rf "$OUT/lake"; sync
   /usr/bin/time -f "%e %M" -o "$OUT/time" ./target/release/haul run --source "$PGURL" --table public.orders \
     --dest "file://$OUT/lake" --workers 2 --progress none --log warn "$@" >/dev/null
   read -r wall rss_kb < "$OUT/time"
   haul_times+=("$wall"); haul_rss+=("$rss_kb")
-done
-haul_wall=$(printf '%s\n' "${haul_times[@]}" | median)
-haul_rss_mib=$(( $(printf '%s\n' "${haul_rss[@]}" | sort -n | tail -1) / 1024 ))
-parquet_bytes=$(du -sb "$OUT/lake/orders" | cut -f1)
-copy_times=(); duck_times=()
-for i in $(seq 1 "$RUNS"); do
+  parquet_bytes=$(du -sb "$OUT/lake/orders" | cut -f1)
+  rm -rf "$OUT/lake"; sync
   a=$(PGURL="$PGURL" bash bench/anchor.sh orders)
   copy_times+=("$(echo "$a" | awk '/copy_binary/ {sub("wall_s=","",$2); print $2}')")
   duck_times+=("$(echo "$a" | awk '/duckdb/ {sub("wall_s=","",$2); print $2}')")
 done
+haul_wall=$(printf '%s\n' "${haul_times[@]}" | median)
+haul_rss_mib=$(( $(printf '%s\n' "${haul_rss[@]}" | sort -n | tail -1) / 1024 ))
 copy_wall=$(printf '%s\n' "${copy_times[@]}" | median)
 duck_wall=$(printf '%s\n' "${duck_times[@]}" | median)
 python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" <<'PY'

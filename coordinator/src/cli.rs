@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use haul_shared::JobId;
-use haul_shared::jobs::{Compression, Granularity, JobSpec, OutputOptions, PartitionBy};
+use haul_shared::jobs::{Compression, Granularity, JobSpec, OutputOptions, PartitionBy, Split};
 use haul_shared::pg::Secret;
 
 use crate::progress::ProgressMode;
@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Key column(s) to split on; the primary key by default.
     #[arg(long, env = "HAUL_KEY", value_delimiter = ',')]
     pub key: Vec<String>,
+    /// How to split the table: `key` ranges (resumable) or heap page `ctid` ranges (cheapest
+    /// for the source, but an interrupted job must be rerun, not resumed).
+    #[arg(long, env = "HAUL_SPLIT", default_value = "key", value_parser = ["key", "ctid"])]
+    pub split: String,
     /// Cast a column in the source query, `col=type` (e.g. `--cast shape=text`); repeatable.
     #[arg(long = "cast", env = "HAUL_CAST", value_delimiter = ',')]
     pub casts: Vec<String>,
@@ -62,7 +66,7 @@ pub struct RunArgs {
     #[arg(long, env = "HAUL_CHUNK_ROWS", default_value_t = 1_000_000)]
     pub chunk_rows: u64,
     /// Rows per Arrow batch.
-    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 8192)]
+    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 32768)]
     pub batch_rows: usize,
     /// Rows per Parquet row group.
     #[arg(long, env = "HAUL_ROW_GROUP_ROWS", default_value_t = 128 * 1024)]
@@ -198,6 +202,11 @@ impl TryFrom<RunArgs> for RunOptions {
                 table: a.table.unwrap_or_default(),
                 columns: a.columns,
                 key: a.key,
+                split: if a.split == "ctid" {
+                    Split::Ctid
+                } else {
+                    Split::Key
+                },
                 casts,
                 dest: a.dest,
                 chunk_rows: a.chunk_rows,

@@ -8,7 +8,7 @@
 //! key column get their own chunk.
 
 use haul_shared::ChunkRange;
-use haul_shared::jobs::KeyColumn;
+use haul_shared::jobs::{KeyColumn, Split};
 use haul_shared::pg::{SourceError, TableInfo, quote_ident};
 use tokio_postgres::Client;
 
@@ -41,8 +41,12 @@ pub async fn plan(
     key_override: &[String],
     chunk_rows: u64,
     min_chunks: u64,
+    split: Split,
 ) -> Result<Planned, SourceError> {
-    let key = choose_key(client, table, key_override).await?;
+    let key = match split {
+        Split::Ctid if table.relkind != "p" => None,
+        _ => choose_key(client, table, key_override).await?,
+    };
     let estimated_rows = estimate_rows(client, table).await?;
     let n = chunk_count(estimated_rows, chunk_rows, min_chunks);
     let key_cols: Vec<KeyColumn> = key.iter().flatten().map(|k| k.col.clone()).collect();

@@ -86,6 +86,8 @@ pub struct PlanFile {
     pub dest: String,
     pub columns: Vec<String>,
     pub key: Vec<String>,
+    #[serde(default)]
+    pub split: haul_shared::jobs::Split,
     pub casts: std::collections::BTreeMap<String, String>,
     pub chunk_rows: u64,
     pub output: haul_shared::jobs::OutputOptions,
@@ -199,6 +201,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         spec.table = p.table.clone();
         spec.columns = p.columns.clone();
         spec.key = p.key.clone();
+        spec.split = p.split;
         spec.casts = p.casts.clone();
         spec.chunk_rows = p.chunk_rows;
         spec.output = p.output.clone();
@@ -288,6 +291,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 &spec.key,
                 spec.chunk_rows,
                 2 * opts.workers as u64,
+                spec.split,
             )
             .await?;
             info!(
@@ -312,6 +316,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         dest: spec.dest.clone(),
         columns: spec.columns.clone(),
         key: spec.key.clone(),
+        split: spec.split,
         casts: spec.casts.clone(),
         chunk_rows: spec.chunk_rows,
         output: spec.output.clone(),

@@ -186,6 +186,7 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
             table: "public.t".into(),
             columns: vec![],
             key: vec![],
+            split: Default::default(),
             casts: BTreeMap::new(),
             dest: "file:///tmp/x".into(),
             chunk_rows: 10,

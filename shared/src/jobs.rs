@@ -65,7 +65,7 @@ impl Default for OutputOptions {
     fn default() -> Self {
         Self {
             compression: Compression::Snappy,
-            batch_rows: 8192,
+            batch_rows: 32768,
             row_group_rows: 128 * 1024,
             max_file_rows: 10_000_000,
             max_file_bytes: 512 * 1024 * 1024,
@@ -73,6 +73,19 @@ impl Default for OutputOptions {
             fsync: false,
         }
     }
+}
+
+/// How a table is cut into chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// Key ranges (resumable under a new snapshot); heap page ranges only for tables
+    /// without a usable key.
+    #[default]
+    Key,
+    /// Heap page (ctid) ranges: the cheapest scan for the source, but valid only in the
+    /// job's own snapshot, so an interrupted job cannot resume and must be rerun.
+    Ctid,
 }
 
 /// What the user asked for.
@@ -85,6 +98,9 @@ pub struct JobSpec {
     pub columns: Vec<String>,
     /// Key columns to split on; the primary key (or a unique not-null index) when empty.
     pub key: Vec<String>,
+    /// How to split the table.
+    #[serde(default)]
+    pub split: Split,
     /// `column -> postgres type` casts applied in the source query (e.g. `text`).
     pub casts: BTreeMap<String, String>,
     /// Destination URL (`file:///...`, `s3://...`).

@@ -122,6 +122,7 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
             table: table.into(),
             columns: vec![],
             key: vec![],
+            split: Default::default(),
             casts: Default::default(),
             dest: dest.url(),
             chunk_rows: 1000,

@@ -206,6 +206,35 @@ async fn tables_without_a_key_use_page_ranges() {
 }
 
 #[tokio::test]
+async fn split_ctid_uses_page_ranges_even_with_a_key() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE keyed (id uuid PRIMARY KEY, v text);
+         INSERT INTO keyed SELECT md5(g::text)::uuid, repeat('x', 40) FROM generate_series(1, 30000) g; ANALYZE keyed;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "keyed", &dest);
+    o.spec.split = haul_shared::jobs::Split::Ctid;
+    o.spec.chunk_rows = 5000;
+    o.job_id = Some(haul_shared::JobId::parse("ctid").unwrap());
+    let s = run(o).await.unwrap();
+    assert!(s.chunks >= 5, "{} chunks", s.chunks);
+    assert_same(&db.client, "keyed", &dest.0.join("keyed")).await;
+    for e in std::fs::read_dir(dest.0.join("_haul/jobs/ctid/chunks"))
+        .unwrap()
+        .flatten()
+    {
+        let m: ChunkManifest = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        assert!(
+            matches!(m.range, haul_shared::ChunkRange::Ctid { .. }),
+            "{:?}",
+            m.range
+        );
+    }
+}
+
+#[tokio::test]
 async fn rows_with_null_keys_are_never_skipped() {
     let db = TestDb::new().await;
     db.exec(
