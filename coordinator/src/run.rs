@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
+use haul_shared::error::Classify;
 use haul_shared::jobs::{
     ChunkState, JobPlan, JobRecord, JobSpec, JobState, JobStore, MemoryJobStore,
 };
@@ -219,8 +221,17 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         }
     }
 
-    // The planning session holds the snapshot open until the job ends.
-    let holder = pg::connect(&spec.source).await?;
+    // The planning session holds the snapshot open until the job ends. A source that is
+    // restarting or briefly unreachable gets a few tries; a wrong DSN fails at once.
+    let holder = (|| pg::connect(&spec.source))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_times(4),
+        )
+        .when(|e| e.class().is_retryable())
+        .notify(|e, wait| warn!(error = %e, ?wait, "connecting to the source failed; retrying"))
+        .await?;
     // named, so operators can tell it apart in pg_stat_activity (it holds back vacuum)
     holder
         .client
