@@ -13,7 +13,7 @@ bash scripts/services.sh
 have=$(psql "$PGURL" -XtAc "SELECT CASE WHEN to_regclass('public.orders') IS NULL THEN -1 ELSE (SELECT count(*) FROM orders) END")
 if [ "$have" != "$ROWS" ]; then
   echo "bench: generating orders with $ROWS rows" >&2
-  psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
+  PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
 fi
 cargo build --release --bin haul >&2
 OUT=$(mktemp -d /tmp/haul-bench.XXXX)

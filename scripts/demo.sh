@@ -10,7 +10,7 @@ PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
 ROWS="${DEMO_ROWS:-200000}"
 if ! psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL" | grep -q t; then
   echo "demo: creating public.orders with $ROWS rows" >&2
-  psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
+  PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
 fi
 cargo build --release --bin haul
 rm -rf ./lake/orders ./lake/_haul

@@ -117,13 +117,15 @@ impl Dest {
                 return Err(invalid("empty path".into()));
             }
             let p = std::path::Path::new(p);
-            let abs = if p.is_absolute() {
+            let abs: std::path::PathBuf = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 std::env::current_dir()
                     .map_err(|e| invalid(e.to_string()))?
                     .join(p)
-            };
+            }
+            .components()
+            .collect(); // drops `.` segments
             std::fs::create_dir_all(&abs).map_err(|e| DestError::NotWritable {
                 dest: abs.display().to_string(),
                 reason: e.to_string(),
