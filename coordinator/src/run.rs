@@ -480,8 +480,9 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
     if let Some(old) = old.filter(|o| o.job != job) {
         // --overwrite: the previous export's parts go once the new one is committed
         for f in &old.files {
-            let _ = object_store::ObjectStoreExt::delete(dest.store.as_ref(), &dest.path(&f.path))
-                .await;
+            if let Err(e) = dest.delete_if_exists(&dest.path(&f.path)).await {
+                warn!(error = %e, file = %f.path, "could not remove a part of the replaced export");
+            }
         }
     }
     dest.delete_prefix(&staging).await?;

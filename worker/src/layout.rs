@@ -20,7 +20,7 @@ use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::{ChunkId, ChunkRange, Epoch, JobId, WorkerId};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -264,15 +264,28 @@ impl Dest {
         }
     }
 
-    /// All committed chunk manifests of a job.
-    pub async fn chunk_manifests(&self, job: &JobId) -> Result<Vec<ChunkManifest>, DestError> {
-        let prefix = self.path(&format!("_haul/jobs/{job}/chunks"));
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
+    /// Every object under `prefix`.
+    async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, DestError> {
+        self.store
+            .list(Some(prefix))
             .try_collect()
             .await
-            .map_err(store_err(&prefix))?;
+            .map_err(store_err(prefix))
+    }
+
+    /// Deletes an object; one that is already gone is fine.
+    pub async fn delete_if_exists(&self, path: &Path) -> Result<(), DestError> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(path)(e)),
+        }
+    }
+
+    /// All committed chunk manifests of a job.
+    pub async fn chunk_manifests(&self, job: &JobId) -> Result<Vec<ChunkManifest>, DestError> {
+        let metas = self
+            .list(&self.path(&format!("_haul/jobs/{job}/chunks")))
+            .await?;
         let mut out = Vec::with_capacity(metas.len());
         for m in metas {
             if m.location.extension() != Some("json") {
@@ -301,29 +314,15 @@ impl Dest {
             self.store.copy(&src, &dst).await.map_err(store_err(&src))?;
         }
         for f in &manifest.files {
-            let src = self.path(&f.staged);
-            match self.store.delete(&src).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_err(&src)(e)),
-            }
+            self.delete_if_exists(&self.path(&f.staged)).await?;
         }
         Ok(())
     }
 
     /// Deletes everything under `rel` (a staging prefix); missing objects are fine.
     pub async fn delete_prefix(&self, rel: &str) -> Result<(), DestError> {
-        let prefix = self.path(rel);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(store_err(&prefix))?;
-        for m in metas {
-            match self.store.delete(&m.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_err(&m.location)(e)),
-            }
+        for m in self.list(&self.path(rel)).await? {
+            self.delete_if_exists(&m.location).await?;
         }
         Ok(())
     }

@@ -140,6 +140,15 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
     }
 }
 
+/// Asserts a spawned `haul` exited 0, showing its stderr if not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub async fn run(opts: RunOptions) -> Result<JobSummary, RunError> {
     haul_coordinator::run::run(opts, CancellationToken::new()).await
 }

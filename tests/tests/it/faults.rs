@@ -206,11 +206,7 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
     let out = args(&["--resume", "killed", "--fresh-snapshot"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("150000 rows"));
     assert_same(&db.client, "big", &dest.0.join("big")).await;
     let ids: std::collections::HashSet<i64> = read_batches(&dest.0.join("big"))
@@ -379,11 +375,7 @@ print(r[0], r[1], r[2], t.num_rows, pc.sum(t["total_cents"]).as_py(), len(pc.uni
         root = dest.0.display().to_string()
     );
     let out = Command::new(python).args(["-c", &script]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("{n} {sum} {distinct} {n} {sum} {distinct} True")

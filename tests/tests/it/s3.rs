@@ -72,11 +72,7 @@ async fn exports_to_s3_and_commits_with_create_if_absent() {
         .env("AWS_SECRET_ACCESS_KEY", "haul")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     let s = store(bucket);
     let metas: Vec<_> = s
