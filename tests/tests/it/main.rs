@@ -6,3 +6,4 @@ mod common;
 mod engine;
 mod faults;
 mod s3;
+mod stores;

@@ -1,0 +1,247 @@
+//! Redis implementations of [`LeaseStore`] and [`JobStore`], for the cluster.
+//!
+//! Keys, all under a configurable prefix (default `haul:`):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `<p>lease:<key>` | string, with TTL | `<holder>\|<epoch>` of the current lease |
+//! | `<p>epoch:<key>` | counter | the last epoch handed out for `<key>` (never expires) |
+//! | `<p>jobs` | set | job ids |
+//! | `<p>job:<id>` | string | the job record (JSON), without its state |
+//! | `<p>job:<id>:state` | string | the job's state (JSON) |
+//! | `<p>job:<id>:chunks` | hash | chunk id → chunk state (JSON) |
+//!
+//! Lease operations are Lua scripts, so each is atomic on the server; expiry is the
+//! server's clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use crate::lease::{Lease, LeaseStore, StoreError};
+use crate::{ChunkId, Epoch, JobId, WorkerId};
+
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local e = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+return e";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+/// Lease and job state in Redis. Cheap to clone (one multiplexed, reconnecting connection).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`); all keys go under `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn k(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn token(lease: &Lease) -> String {
+        format!("{}|{}", lease.holder, lease.epoch)
+    }
+
+    /// Deletes every key under the prefix (for tests and teardown).
+    pub async fn delete_all(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", self.prefix);
+        let keys: Vec<String> = {
+            let mut it: redis::AsyncIter<String> =
+                conn.scan_match(&pattern).await.map_err(unavailable)?;
+            let mut keys = Vec::new();
+            while let Some(k) = futures::StreamExt::next(&mut it).await {
+                keys.push(k.map_err(unavailable)?);
+            }
+            keys
+        };
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for RedisStore {
+    async fn acquire(
+        &self,
+        key: &str,
+        holder: &WorkerId,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut conn = self.conn.clone();
+        let epoch: Option<u64> = Script::new(ACQUIRE)
+            .key(self.k(&format!("lease:{key}")))
+            .key(self.k(&format!("epoch:{key}")))
+            .arg(holder.to_string())
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(epoch.map(|e| Lease {
+            key: key.to_owned(),
+            holder: holder.clone(),
+            epoch: Epoch(e),
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let ok: i64 = Script::new(RENEW)
+            .key(self.k(&format!("lease:{}", lease.key)))
+            .arg(Self::token(lease))
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(ok == 1)
+    }
+
+    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = conn
+            .get(self.k(&format!("lease:{}", lease.key)))
+            .await
+            .map_err(unavailable)?;
+        Ok(v.as_deref() == Some(Self::token(lease).as_str()))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(RELEASE)
+            .key(self.k(&format!("lease:{}", lease.key)))
+            .arg(Self::token(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobStore for RedisStore {
+    async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{}", job.id));
+        let record = serde_json::to_string(job).map_err(|e| corrupt(&key, e))?;
+        let state = serde_json::to_string(&job.state).map_err(|e| corrupt(&key, e))?;
+        let _: () = redis::pipe()
+            .atomic()
+            .set(&key, record)
+            .set(format!("{key}:state"), state)
+            .sadd(self.k("jobs"), job.id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}"));
+        let (record, state): (Option<String>, Option<String>) = redis::pipe()
+            .get(&key)
+            .get(format!("{key}:state"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let mut job: JobRecord = serde_json::from_str(&record).map_err(|e| corrupt(&key, e))?;
+        if let Some(s) = state {
+            job.state = serde_json::from_str(&s).map_err(|e| corrupt(&key, e))?;
+        }
+        Ok(Some(job))
+    }
+
+    async fn list_jobs(&self) -> Result<Vec<JobId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(self.k("jobs")).await.map_err(unavailable)?;
+        let mut out: Vec<JobId> = ids
+            .iter()
+            .map(|i| JobId::parse(i).map_err(|e| corrupt(&self.k("jobs"), e)))
+            .collect::<Result<_, _>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    async fn set_job_state(&self, id: &JobId, state: &JobState) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}"));
+        let exists: bool = conn.exists(&key).await.map_err(unavailable)?;
+        if !exists {
+            return Err(corrupt(&key, "no such job"));
+        }
+        let s = serde_json::to_string(state).map_err(|e| corrupt(&key, e))?;
+        let _: () = conn
+            .set(format!("{key}:state"), s)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn set_chunk_state(
+        &self,
+        id: &JobId,
+        chunk: ChunkId,
+        state: &ChunkState,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:chunks"));
+        let s = serde_json::to_string(state).map_err(|e| corrupt(&key, e))?;
+        let _: () = conn.hset(&key, chunk.0, s).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:chunks"));
+        let all: Vec<(u32, String)> = conn.hgetall(&key).await.map_err(unavailable)?;
+        all.into_iter()
+            .map(|(c, s)| {
+                serde_json::from_str(&s)
+                    .map(|st| (ChunkId(c), st))
+                    .map_err(|e| corrupt(&key, e))
+            })
+            .collect()
+    }
+}

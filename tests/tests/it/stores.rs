@@ -1,0 +1,61 @@
+//! The cluster's store implementations pass the same conformance suites as the
+//! in-process ones, against the real Redis on this machine.
+
+use haul_shared::redis_store::RedisStore;
+
+use crate::common::unique;
+
+fn redis_url() -> String {
+    std::env::var("HAUL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// Removes the test's keys even when the suite panics.
+struct KeysGuard(String);
+
+impl Drop for KeysGuard {
+    fn drop(&mut self) {
+        let url = redis_url();
+        let Ok(out) = std::process::Command::new("redis-cli")
+            .args(["-u", &url, "--scan", "--pattern", &format!("{}*", self.0)])
+            .output()
+        else {
+            return;
+        };
+        for key in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-u", &url, "DEL", key])
+                .output();
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_store_conforms_to_the_lease_and_job_store_contracts() {
+    let prefix = format!("{}:", unique("haul_test"));
+    let _guard = KeysGuard(prefix.clone());
+    let store = RedisStore::connect(&redis_url(), &prefix)
+        .await
+        .expect("Redis at HAUL_TEST_REDIS (scripts/services.sh starts it)");
+    haul_shared::conformance::lease_suite(&store, "").await;
+    haul_shared::conformance::job_store_suite(&store).await;
+
+    // teardown removes everything under the prefix
+    store.delete_all().await.unwrap();
+    let left: Vec<String> = {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-u",
+                &redis_url(),
+                "--scan",
+                "--pattern",
+                &format!("{prefix}*"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(left.is_empty(), "delete_all left {left:?}");
+}
