@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::{Classify, ErrorClass};
@@ -148,7 +147,8 @@ impl Classify for SourceError {
                 }
             }
             SourceError::Query { class, .. } => *class,
-            SourceError::SnapshotLost { .. } => ErrorClass::User,
+            // everything else needs the user to change something (a lost snapshot: resume
+            // under a fresh one)
             _ => ErrorClass::User,
         }
     }
@@ -185,18 +185,18 @@ pub fn pg_reason(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// SQLSTATE classes worth retrying: connection exception, insufficient resources,
+/// operator intervention (admin shutdown, cancel), transaction rollback (serialization
+/// failure, deadlock).
+const TRANSIENT_SQLSTATE_CLASSES: [&str; 4] = ["08", "53", "57", "40"];
+
 fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = e.code() else {
         // no SQLSTATE: an I/O or protocol failure on the connection
         return ErrorClass::Transient;
     };
     let c = code.code();
-    if c.starts_with("08") // connection exception
-        || c.starts_with("53") // insufficient resources
-        || c.starts_with("57") // operator intervention (admin shutdown, cancel)
-        || c.starts_with("40") // serialization failure, deadlock
-        || *code == SqlState::T_R_SERIALIZATION_FAILURE
-    {
+    if TRANSIENT_SQLSTATE_CLASSES.iter().any(|t| c.starts_with(t)) {
         ErrorClass::Transient
     } else if c.starts_with("XX") {
         ErrorClass::Internal
@@ -230,19 +230,14 @@ pub struct Session {
 /// Connects and applies [`SESSION_SETUP`].
 pub async fn connect(dsn: &Secret) -> Result<Session, SourceError> {
     let config = parse_dsn(dsn)?;
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        let transient = e.code().is_none()
-            || e.code().is_some_and(|c| {
-                c.code().starts_with("08")
-                    || c.code().starts_with("57")
-                    || c.code().starts_with("53")
-            });
-        SourceError::Connect {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| SourceError::Connect {
             dsn: dsn.to_string(),
             reason: pg_reason(&e),
-            transient,
-        }
-    })?;
+            transient: classify_pg(&e).is_retryable(),
+        })?;
     let (tx, closed) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -304,18 +304,15 @@ impl Col {
             PgKind::Oid => Col::Oid(Int64Builder::with_capacity(cap)),
             PgKind::Float4 => Col::F32(Float32Builder::with_capacity(cap)),
             PgKind::Float8 => Col::F64(Float64Builder::with_capacity(cap)),
-            PgKind::Numeric { precision, scale } => match kind.arrow_type() {
-                DataType::Decimal128(..) => Col::Dec128(
-                    Decimal128Builder::with_capacity(cap).with_data_type(kind.arrow_type()),
+            PgKind::Numeric { scale, .. } => match kind.arrow_type() {
+                t @ DataType::Decimal128(..) => Col::Dec128(
+                    Decimal128Builder::with_capacity(cap).with_data_type(t),
                     *scale,
                 ),
-                _ => {
-                    let _ = precision;
-                    Col::Dec256(
-                        Decimal256Builder::with_capacity(cap).with_data_type(kind.arrow_type()),
-                        *scale,
-                    )
-                }
+                t => Col::Dec256(
+                    Decimal256Builder::with_capacity(cap).with_data_type(t),
+                    *scale,
+                ),
             },
             PgKind::Text => Col::Text(BinaryBuilder::with_capacity(cap, cap * 16)),
             PgKind::Jsonb => Col::Jsonb(BinaryBuilder::with_capacity(cap, cap * 64)),

@@ -41,6 +41,8 @@ pub enum ChunkError {
     Store(#[from] StoreError),
     #[error("lost the lease on chunk {chunk} (epoch {epoch}); another attempt owns it")]
     LeaseLost { chunk: ChunkId, epoch: u64 },
+    #[error("chunk {chunk} is leased by another worker that neither committed nor let go")]
+    LeaseBusy { chunk: ChunkId },
     #[error("cancelled")]
     Cancelled,
 }
@@ -53,7 +55,9 @@ impl Classify for ChunkError {
             ChunkError::Write(WriteError::BadPartitionColumn { .. }) => ErrorClass::User,
             ChunkError::Write(_) => ErrorClass::Transient,
             ChunkError::Store(e) => e.class(),
-            ChunkError::LeaseLost { .. } | ChunkError::Cancelled => ErrorClass::Transient,
+            ChunkError::LeaseLost { .. } | ChunkError::LeaseBusy { .. } | ChunkError::Cancelled => {
+                ErrorClass::Transient
+            }
         }
     }
 }

@@ -194,7 +194,7 @@ impl Dest {
 
     /// Proves the destination is writable before any data moves.
     pub async fn check_writable(&self) -> Result<(), DestError> {
-        let probe = self.path(&format!("_haul/probe-{}", uuid_like()));
+        let probe = self.path(&format!("_haul/probe-{}", probe_suffix()));
         self.store
             .put(&probe, PutPayload::from_static(b"ok"))
             .await
@@ -328,7 +328,8 @@ impl Dest {
     }
 }
 
-fn uuid_like() -> String {
+/// A name unlikely to clash with another process's probe.
+fn probe_suffix() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
     let n = SystemTime::now()
         .duration_since(UNIX_EPOCH)

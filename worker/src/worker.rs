@@ -201,9 +201,8 @@ async fn attempt_chunk(
             break l;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(crate::executor::ChunkError::LeaseLost {
+            return Err(crate::executor::ChunkError::LeaseBusy {
                 chunk: task.chunk_id,
-                epoch: 0,
             });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

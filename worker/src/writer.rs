@@ -197,14 +197,11 @@ impl Writers {
                 return None;
             }
             Some(match col.data_type() {
-                DataType::Date32 => {
-                    let d = col.as_primitive::<Date32Type>().value(i);
-                    if d == i32::MAX || d == i32::MIN {
-                        d as i64 * 1_000_000
-                    } else {
-                        d as i64
-                    }
-                }
+                DataType::Date32 => match col.as_primitive::<Date32Type>().value(i) {
+                    i32::MAX => i64::MAX, // infinity
+                    i32::MIN => i64::MIN, // -infinity
+                    d => d as i64,
+                },
                 _ => {
                     let t = col.as_primitive::<TimestampMicrosecondType>().value(i);
                     if t == i64::MAX || t == i64::MIN {
