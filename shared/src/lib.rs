@@ -18,6 +18,7 @@ pub mod lease;
 pub mod pg;
 pub mod proto;
 pub mod queue;
+pub mod rabbit_queue;
 pub mod range;
 pub mod redis_store;
 

@@ -59,3 +59,40 @@ async fn redis_store_conforms_to_the_lease_and_job_store_contracts() {
     };
     assert!(left.is_empty(), "delete_all left {left:?}");
 }
+
+fn amqp_url() -> String {
+    std::env::var("HAUL_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Deletes the test's queues (and their dead-letter queues) even when the suite panics.
+#[derive(Default)]
+struct QueuesGuard(std::sync::Mutex<Vec<String>>);
+
+impl Drop for QueuesGuard {
+    fn drop(&mut self) {
+        for name in self.0.lock().map(|n| n.clone()).unwrap_or_default() {
+            for q in [name.clone(), format!("{name}.dlq")] {
+                let _ = std::process::Command::new("rabbitmqctl")
+                    .args(["-q", "delete_queue", &q])
+                    .output();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn rabbitmq_queue_conforms_to_the_queue_contract() {
+    use haul_shared::rabbit_queue::RabbitQueue;
+    let guard = QueuesGuard::default();
+    haul_shared::conformance::queue_suite(|max| {
+        let name = unique("haul_test_q");
+        guard.0.lock().unwrap().push(name.clone());
+        async move {
+            RabbitQueue::connect(&amqp_url(), &name, max)
+                .await
+                .expect("RabbitMQ at HAUL_TEST_AMQP (scripts/services.sh starts it)")
+        }
+    })
+    .await;
+}

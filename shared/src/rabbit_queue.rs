@@ -1,0 +1,290 @@
+//! The RabbitMQ chunk queue, for the cluster.
+//!
+//! One durable quorum queue per name, with
+//! - persistent messages published with confirms (`publish` returns once the broker
+//!   confirmed);
+//! - `x-delivery-limit = max_deliveries - 1`: the broker counts failed attempts in
+//!   `x-delivery-count` and dead-letters a message past the limit;
+//! - at-least-once dead-lettering (`x-dead-letter-strategy`, which needs
+//!   `x-overflow = reject-publish`) into `<name>.dlq` through the default exchange;
+//! - manual acks and a per-subscription prefetch.
+//!
+//! RabbitMQ 3.10 (Debian's) has no per-queue consumer timeout: chunks must finish well
+//! inside the broker's `consumer_timeout` (30 minutes by default).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+
+use crate::queue::{ChunkQueue, Delivery, QueueError, Settle, Subscription};
+
+fn unavailable(e: lapin::Error) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+/// A chunk queue on RabbitMQ.
+pub struct RabbitQueue {
+    conn: Connection,
+    publisher: Channel,
+    name: String,
+    dlq: String,
+}
+
+impl RabbitQueue {
+    /// Connects (with lapin's auto-recovery) and declares the queue and its dead-letter
+    /// queue.
+    pub async fn connect(url: &str, name: &str, max_deliveries: u32) -> Result<Self, QueueError> {
+        let conn = Connection::connect(url, ConnectionProperties::default().enable_auto_recover())
+            .await
+            .map_err(unavailable)?;
+        let publisher = conn.create_channel().await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let dlq = format!("{name}.dlq");
+        let mut quorum = FieldTable::default();
+        quorum.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        publisher
+            .queue_declare(dlq.as_str().into(), durable(), quorum.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut args = quorum;
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(max_deliveries.max(1)) - 1),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dlq.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        publisher
+            .queue_declare(name.into(), durable(), args)
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            publisher,
+            name: name.to_owned(),
+            dlq,
+        })
+    }
+
+    /// Deletes the queue and its dead-letter queue (tests and teardown).
+    pub async fn delete(&self) -> Result<(), QueueError> {
+        for q in [&self.name, &self.dlq] {
+            self.publisher
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+#[async_trait]
+impl ChunkQueue for RabbitQueue {
+    async fn publish(&self, body: Bytes) -> Result<(), QueueError> {
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                self.name.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(QueueError::Unavailable(format!(
+                "the broker refused a message for {}",
+                self.name
+            )))
+        }
+    }
+
+    async fn subscribe(&self, prefetch: u16) -> Result<Box<dyn Subscription>, QueueError> {
+        let channel = self.conn.create_channel().await.map_err(unavailable)?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let tag = format!("haul-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                self.name.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::new(RabbitSubscription { channel, consumer }))
+    }
+
+    async fn ready_count(&self) -> Result<usize, QueueError> {
+        let q = self
+            .publisher
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(q.message_count() as usize)
+    }
+
+    async fn drain_dead_letters(&self) -> Result<Vec<Bytes>, QueueError> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .publisher
+            .basic_get(self.dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .map_err(unavailable)?
+        {
+            out.push(Bytes::from(m.delivery.data.clone()));
+        }
+        Ok(out)
+    }
+}
+
+struct RabbitSubscription {
+    channel: Channel,
+    consumer: Consumer,
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    async fn next(&mut self) -> Result<Delivery, QueueError> {
+        let d = match self.consumer.next().await {
+            Some(d) => d.map_err(unavailable)?,
+            None => return Err(QueueError::Unavailable("the consumer was cancelled".into())),
+        };
+        let count = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| {
+                h.inner()
+                    .get(&ShortString::from("x-delivery-count"))
+                    .cloned()
+            })
+            .and_then(|v| match v {
+                AMQPValue::LongLongInt(n) => Some(n),
+                AMQPValue::LongInt(n) => Some(i64::from(n)),
+                AMQPValue::ShortInt(n) => Some(i64::from(n)),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let body = Bytes::from(d.data.clone());
+        Ok(Delivery::new(
+            body,
+            count as u32 + 1,
+            Box::new(RabbitSettle {
+                acker: Some(d.acker),
+            }),
+        ))
+    }
+}
+
+impl Drop for RabbitSubscription {
+    /// Closing the channel returns its unsettled messages to the queue.
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            let _ = channel.close(200, "subscription dropped".into()).await;
+        });
+    }
+}
+
+struct RabbitSettle {
+    acker: Option<lapin::Acker>,
+}
+
+/// lapin answers `Ok(false)` when it could not send a settlement (the delivery belongs to
+/// a channel that was recovered after a connection loss): the broker will redeliver.
+fn sent(r: lapin::Result<bool>) -> Result<(), QueueError> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(QueueError::Unavailable(
+            "settlement not sent (channel recovered); the message will be redelivered".into(),
+        )),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+#[async_trait]
+impl Settle for RabbitSettle {
+    async fn ack(mut self: Box<Self>) -> Result<(), QueueError> {
+        let a = self.acker.take().expect("settled once");
+        sent(a.ack(BasicAckOptions::default()).await)
+    }
+    async fn nack(mut self: Box<Self>) -> Result<(), QueueError> {
+        let a = self.acker.take().expect("settled once");
+        sent(
+            a.nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await,
+        )
+    }
+    async fn reject(mut self: Box<Self>) -> Result<(), QueueError> {
+        let a = self.acker.take().expect("settled once");
+        sent(a.reject(BasicRejectOptions { requeue: false }).await)
+    }
+}
+
+impl Drop for RabbitSettle {
+    /// Dropped unsettled: hand the message back (a failed attempt).
+    fn drop(&mut self) {
+        if let Some(a) = self.acker.take() {
+            tokio::spawn(async move {
+                let _ = a
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            });
+        }
+    }
+}
