@@ -321,6 +321,15 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
             }
         }
     };
+    if snapshot.is_none() {
+        // without a snapshot to hold, the planning transaction need not stay open (it
+        // would only hold back vacuum)
+        holder
+            .client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::query("ending the planning transaction", e))?;
+    }
     let plan_file = PlanFile {
         job: job.clone(),
         table: spec.table.clone(),
@@ -414,10 +423,10 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = interrupt.cancelled() => break Err(RunError::Interrupted { job: job.clone() }),
-            _ = closed.changed() => {
-                if let Some(s) = &snapshot {
-                    break Err(SourceError::SnapshotLost { snapshot: s.clone() }.into());
-                }
+            // only a snapshot-holding session matters once planning is done
+            _ = closed.changed(), if snapshot.is_some() => {
+                let s = snapshot.clone().unwrap_or_default();
+                break Err(SourceError::SnapshotLost { snapshot: s }.into());
             }
         }
         let states = jobs.chunk_states(&job).await.map_err(internal)?;
