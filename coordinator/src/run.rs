@@ -168,7 +168,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
     let mut spec = opts.spec.clone();
-    let dest = Dest::open(&spec.dest)?.with_fsync(spec.output.fsync)?;
+    let dest = Dest::open(&spec.dest, spec.output.fsync)?;
     dest.check_writable().await?;
     let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
 

@@ -94,17 +94,14 @@ pub struct Dest {
     pub root: Path,
     /// The URL as the user gave it (for messages).
     pub url: String,
-    /// Set for local destinations.
-    pub local: Option<Arc<LocalFileSystem>>,
-    /// Whether local writes are synced to disk (see [`Dest::with_fsync`]).
-    pub fsync: bool,
 }
 
 impl Dest {
     /// Opens `file://path`, a bare path (relative paths are taken from the current
-    /// directory), or any URL `object_store` understands (`s3://bucket/prefix`, with the
-    /// usual `AWS_*` environment variables).
-    pub fn open(url: &str) -> Result<Self, DestError> {
+    /// directory), or `s3://bucket/prefix` (with the usual `AWS_*` environment variables).
+    /// With `fsync`, local writes (files and their directories) are synced to disk;
+    /// object stores are durable once an upload completes.
+    pub fn open(url: &str, fsync: bool) -> Result<Self, DestError> {
         let invalid = |reason: String| DestError::Invalid {
             dest: url.to_owned(),
             reason,
@@ -130,15 +127,13 @@ impl Dest {
                 dest: abs.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let store = Arc::new(
-                LocalFileSystem::new_with_prefix(&abs).map_err(|e| invalid(e.to_string()))?,
-            );
+            let store = LocalFileSystem::new_with_prefix(&abs)
+                .map_err(|e| invalid(e.to_string()))?
+                .with_fsync(fsync);
             return Ok(Dest {
-                store: Arc::clone(&store) as Arc<dyn ObjectStore>,
+                store: Arc::new(store),
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
-                local: Some(store),
-                fsync: false,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -156,8 +151,6 @@ impl Dest {
                     store: Arc::new(store),
                     root,
                     url: url.trim_end_matches('/').to_owned(),
-                    local: None,
-                    fsync: false,
                 })
             }
             other => Err(invalid(format!(
@@ -171,25 +164,6 @@ impl Dest {
         rel.split('/')
             .filter(|s| !s.is_empty())
             .fold(self.root.clone(), |p, seg| p.clone().join(seg))
-    }
-
-    /// Makes local writes durable (`fsync` of files and their directories).
-    pub fn with_fsync(mut self, fsync: bool) -> Result<Self, DestError> {
-        if let (true, Some(_)) = (fsync, &self.local) {
-            let root = self.url.trim_start_matches("file://").to_owned();
-            let store = Arc::new(
-                LocalFileSystem::new_with_prefix(&root)
-                    .map_err(|e| DestError::Invalid {
-                        dest: self.url.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .with_fsync(true),
-            );
-            self.store = Arc::clone(&store) as Arc<dyn ObjectStore>;
-            self.local = Some(store);
-            self.fsync = true;
-        }
-        Ok(self)
     }
 
     /// Proves the destination is writable before any data moves.

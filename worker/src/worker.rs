@@ -187,7 +187,7 @@ async fn attempt_chunk(
         match g.get(&job.id) {
             Some(d) => d.clone(),
             None => {
-                let d = Dest::open(&job.spec.dest)?.with_fsync(job.spec.output.fsync)?;
+                let d = Dest::open(&job.spec.dest, job.spec.output.fsync)?;
                 g.insert(job.id.clone(), d.clone());
                 d
             }

@@ -441,6 +441,7 @@ async fn output_options_are_honoured() {
     o.spec.output.row_group_rows = 400;
     o.spec.output.max_file_rows = 1000;
     o.spec.output.batch_rows = 256;
+    o.spec.output.fsync = true;
     run(o).await.unwrap();
     let files = parquet_files(&dest.0.join("t"));
     assert!(files.len() >= 6, "{} files", files.len());

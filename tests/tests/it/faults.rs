@@ -232,7 +232,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 3000) g;")
         .await;
     let dest_dir = TempDest::new();
-    let dest = Dest::open(&dest_dir.url()).unwrap();
+    let dest = Dest::open(&dest_dir.url(), false).unwrap();
     let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
         .await
         .unwrap();

@@ -110,8 +110,6 @@ async fn exports_to_s3_and_commits_with_create_if_absent() {
         store: Arc::clone(&s),
         root: Path::from(prefix.as_str()),
         url: url.clone(),
-        local: None,
-        fsync: false,
     };
     let job: String = serde_json::from_slice::<serde_json::Value>(
         &s.get(&Path::from(format!("{prefix}/orders/_manifest.json")))
