@@ -8,6 +8,7 @@ use haul_coordinator::run::{RunOptions, run};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -53,3 +54,27 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         }
     }
 }
+
+/// glibc gives each thread that allocates concurrently its own arena, up to 8 per core, and
+/// keeps what they grew: over a long job the runtime's and blocking pool's threads doubled
+/// peak RSS (measured 198 MiB at 10M rows against 110 MiB with two arenas, at the same
+/// speed). glibc reads `MALLOC_ARENA_MAX` only at start-up, so unless the user chose a
+/// value, haul re-executes itself once with it set. The process id stays the same.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn bound_malloc_arenas() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    // `exec` returns only if it failed; then carry on with the default arenas
+    let _ = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("MALLOC_ARENA_MAX", "2")
+        .exec();
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn bound_malloc_arenas() {}
