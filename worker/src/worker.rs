@@ -124,15 +124,16 @@ async fn handle(
                     | ChunkOutcome::AlreadyCommitted { rows, bytes, .. } => (rows, bytes),
                 };
                 tracing::debug!(?outcome, "chunk committed");
-                let _ = svc
-                    .jobs
-                    .set_chunk_state(
-                        &job.id,
-                        task.chunk_id,
-                        &ChunkState::Committed { rows, bytes },
-                    )
-                    .await;
-                settle(d.ack().await);
+                let state = ChunkState::Committed { rows, bytes };
+                match svc.jobs.set_chunk_state(&job.id, task.chunk_id, &state).await {
+                    Ok(()) => settle(d.ack().await),
+                    Err(e) => {
+                        // unrecorded, the job would wait for this chunk forever: the
+                        // redelivery finds it committed and records it again
+                        warn!(error = %e, "chunk committed but its state was not recorded; requeueing");
+                        settle(d.nack().await);
+                    }
+                }
             }
             Err(e) => {
                 let class = e.class();

@@ -451,3 +451,145 @@ async fn no_snapshot_mode_still_exports_every_row() {
         serde_json::from_slice(&std::fs::read(dest.0.join("t/_manifest.json")).unwrap()).unwrap();
     assert!(m["snapshot"].is_null());
 }
+
+/// A job store whose first "committed" write fails, as a Redis blip would.
+struct FlakyJobStore {
+    inner: haul_shared::jobs::MemoryJobStore,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl haul_shared::jobs::JobStore for FlakyJobStore {
+    async fn put_job(
+        &self,
+        job: &haul_shared::jobs::JobRecord,
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        self.inner.put_job(job).await
+    }
+    async fn get_job(
+        &self,
+        id: &JobId,
+    ) -> Result<Option<haul_shared::jobs::JobRecord>, haul_shared::lease::StoreError> {
+        self.inner.get_job(id).await
+    }
+    async fn list_jobs(&self) -> Result<Vec<JobId>, haul_shared::lease::StoreError> {
+        self.inner.list_jobs().await
+    }
+    async fn set_job_state(
+        &self,
+        id: &JobId,
+        state: &haul_shared::jobs::JobState,
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        self.inner.set_job_state(id, state).await
+    }
+    async fn set_chunk_state(
+        &self,
+        id: &JobId,
+        chunk: ChunkId,
+        state: &haul_shared::jobs::ChunkState,
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        if matches!(state, haul_shared::jobs::ChunkState::Committed { .. })
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(haul_shared::lease::StoreError::Unavailable("blip".into()));
+        }
+        self.inner.set_chunk_state(id, chunk, state).await
+    }
+    async fn chunk_states(
+        &self,
+        id: &JobId,
+    ) -> Result<
+        std::collections::BTreeMap<ChunkId, haul_shared::jobs::ChunkState>,
+        haul_shared::lease::StoreError,
+    > {
+        self.inner.chunk_states(id).await
+    }
+}
+
+/// Regression: a chunk whose "committed" state could not be recorded used to be acked
+/// anyway, and its job waited for it forever.
+#[tokio::test]
+async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
+    use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
+    use haul_shared::queue::{ChunkQueue, MemoryQueue};
+    use haul_worker::worker::{Services, WorkerConfig, run_worker};
+
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000);")
+        .await;
+    let dest = TempDest::new();
+    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
+        .await
+        .unwrap();
+    let table = haul_shared::pg::resolve_table(&session.client, "t", &[], &Default::default())
+        .await
+        .unwrap();
+    let job = JobId::parse("flaky").unwrap();
+    let store = Arc::new(FlakyJobStore {
+        inner: Default::default(),
+        failed: Default::default(),
+    });
+    store
+        .put_job(&JobRecord {
+            id: job.clone(),
+            spec: options(&db.dsn, "t", &dest).spec,
+            plan: Some(JobPlan {
+                table,
+                key: vec![],
+                chunks: vec![ChunkRange::All],
+                estimated_rows: 1000,
+                snapshot: None,
+            }),
+            state: JobState::Running,
+        })
+        .await
+        .unwrap();
+    let queue = Arc::new(MemoryQueue::new(3));
+    let task = haul_shared::proto::Task {
+        job_id: job.clone(),
+        chunk_id: ChunkId(0),
+        range: ChunkRange::All,
+    };
+    queue.publish(task.encode()).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(
+        WorkerConfig {
+            id: WorkerId("w".into()),
+            slots: 1,
+            lease_ttl: Duration::from_secs(10),
+            max_attempts: 3,
+        },
+        Services {
+            queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
+            leases: Arc::new(MemoryLeaseStore::default()),
+            jobs: Arc::clone(&store) as Arc<dyn JobStore>,
+        },
+        Arc::new(Progress::default()),
+        shutdown.clone(),
+    ));
+    let mut recorded = false;
+    for _ in 0..200 {
+        if matches!(
+            store.chunk_states(&job).await.unwrap().get(&ChunkId(0)),
+            Some(ChunkState::Committed { rows: 1000, .. })
+        ) {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    assert!(
+        store.failed.load(std::sync::atomic::Ordering::SeqCst),
+        "the blip never happened"
+    );
+    assert!(recorded, "the committed chunk was never recorded");
+    assert!(queue.drain_dead_letters().await.unwrap().is_empty());
+    assert_eq!(queue.ready_count().await.unwrap(), 0);
+    let rows: usize = read_batches(&dest.0.join("t"))
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 1000, "the redelivery must not write the chunk twice");
+}
