@@ -226,6 +226,24 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("already succeeded"));
 }
 
+/// A hand-made plan of `table` as one chunk, without a snapshot, for tests that drive the
+/// executor or worker loop directly.
+async fn one_chunk_plan(db: &TestDb, table: &str, key: Vec<KeyColumn>, rows: u64) -> JobPlan {
+    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
+        .await
+        .unwrap();
+    let table = haul_shared::pg::resolve_table(&session.client, table, &[], &Default::default())
+        .await
+        .unwrap();
+    JobPlan {
+        table,
+        key,
+        chunks: vec![ChunkRange::All],
+        estimated_rows: rows,
+        snapshot: None,
+    }
+}
+
 #[tokio::test]
 async fn a_fenced_off_attempt_cannot_commit() {
     let db = TestDb::new().await;
@@ -233,22 +251,11 @@ async fn a_fenced_off_attempt_cannot_commit() {
         .await;
     let dest_dir = TempDest::new();
     let dest = Dest::open(&dest_dir.url(), false).unwrap();
-    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
-        .await
-        .unwrap();
-    let table = haul_shared::pg::resolve_table(&session.client, "t", &[], &Default::default())
-        .await
-        .unwrap();
-    let plan = JobPlan {
-        table,
-        key: vec![KeyColumn {
-            name: "id".into(),
-            pg_type: "integer".into(),
-        }],
-        chunks: vec![ChunkRange::All],
-        estimated_rows: 3000,
-        snapshot: None,
-    };
+    let key = vec![KeyColumn {
+        name: "id".into(),
+        pg_type: "integer".into(),
+    }];
+    let plan = one_chunk_plan(&db, "t", key, 3000).await;
     let spec = options(&db.dsn, "t", &dest_dir).spec;
     let job = JobId::parse("fence").unwrap();
     let leases: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::default());
@@ -518,12 +525,6 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000);")
         .await;
     let dest = TempDest::new();
-    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
-        .await
-        .unwrap();
-    let table = haul_shared::pg::resolve_table(&session.client, "t", &[], &Default::default())
-        .await
-        .unwrap();
     let job = JobId::parse("flaky").unwrap();
     let store = Arc::new(FlakyJobStore {
         inner: Default::default(),
@@ -533,13 +534,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         .put_job(&JobRecord {
             id: job.clone(),
             spec: options(&db.dsn, "t", &dest).spec,
-            plan: Some(JobPlan {
-                table,
-                key: vec![],
-                chunks: vec![ChunkRange::All],
-                estimated_rows: 1000,
-                snapshot: None,
-            }),
+            plan: Some(one_chunk_plan(&db, "t", vec![], 1000).await),
             state: JobState::Running,
         })
         .await
