@@ -30,10 +30,196 @@ pub struct Cli {
 pub enum Cmd {
     /// Run one job whole in this process (coordinator + N workers, in-process queue).
     Run(RunArgs),
+    /// Serve the cluster's gRPC API: plan jobs, queue their chunks, commit them.
+    Coordinator(CoordinatorArgs),
+    /// Extract chunks from the queue (one process per machine; scale freely).
+    Worker(WorkerArgs),
+    /// Submit a job to the coordinator (`--wait` follows it and sets the exit code).
+    Submit(SubmitArgs),
+    /// List the coordinator's jobs.
+    Jobs(ClientArgs),
+    /// Show one job.
+    Status(JobCmdArgs),
+    /// Follow one job until it ends (exit code 0 only if it succeeded).
+    Watch(JobCmdArgs),
+    /// Cancel a job (its running chunks stop within seconds).
+    Cancel(JobCmdArgs),
+    /// Pause a job: no new chunks start; running ones finish.
+    Pause(JobCmdArgs),
+    /// Resume a paused job.
+    Resume(JobCmdArgs),
+    /// List the workers: id, host, slots, in-flight chunks, last heartbeat, state.
+    Workers(ClientArgs),
+    /// Drain a worker: no new chunks, in-flight ones finish, then it exits 0.
+    Drain(DrainArgs),
+    /// Withdraw a drain order that the worker has not acted on yet.
+    Undrain(WorkerCmdArgs),
+}
+
+/// How to reach the coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Coordinator address (https:// for TLS).
+    #[arg(
+        long,
+        env = "HAUL_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Bearer token the coordinator requires, if any.
+    #[arg(long, env = "HAUL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator.
+    #[arg(long, env = "HAUL_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl ClientArgs {
+    pub fn options(&self) -> haul_shared::rpc::ClientOptions {
+        haul_shared::rpc::ClientOptions {
+            url: self.coordinator.clone(),
+            token: self.token.clone().map(Secret::new),
+            tls_ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct JobCmdArgs {
+    /// The job id.
+    pub job: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerCmdArgs {
+    /// The worker id, as `haul workers` shows it.
+    pub worker: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The worker id, as `haul workers` shows it.
+    pub worker: String,
+    /// Abort the worker's in-flight chunks and hand them back instead of letting them finish.
+    #[arg(long)]
+    pub requeue_in_flight: bool,
+    /// Wait until the worker has drained and left.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// The broker and the store the cluster roles share.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "HAUL_AMQP",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "HAUL_REDIS",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true
+    )]
+    pub redis: String,
+    /// Chunk queue name (its dead-letter queue is `<name>.dlq`).
+    #[arg(long, env = "HAUL_QUEUE", default_value = "haul.chunks")]
+    pub queue: String,
+    /// Prefix of every Redis key haul writes.
+    #[arg(long, env = "HAUL_REDIS_PREFIX", default_value = "haul:")]
+    pub redis_prefix: String,
+    /// Deliveries of a chunk before it is dead-lettered; the same on every role.
+    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "HAUL_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Require this bearer token on every RPC.
+    #[arg(long, env = "HAUL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// TLS certificate (PEM); with --tls-key, serve TLS.
+    #[arg(long, env = "HAUL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "HAUL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
+    #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4)]
+    pub parallelism: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Chunks this worker extracts at once (and its queue prefetch).
+    #[arg(long, env = "HAUL_SLOTS", default_value_t = 2)]
+    pub slots: usize,
+    /// Worker id; `<host>-<pid>` by default.
+    #[arg(long, env = "HAUL_WORKER_ID")]
+    pub id: Option<String>,
+    /// Chunk lease time-to-live in seconds (renewed every third of it).
+    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
+    pub lease_ttl_secs: u64,
+    /// On drain, abort chunks still running after this many seconds (default: wait for them).
+    #[arg(long, env = "HAUL_DRAIN_GRACE_SECS")]
+    pub drain_grace_secs: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Follow the job until it ends; exit non-zero with the reason if it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// Progress display with --wait.
+    #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Chunks extracted at once.
+    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Progress display.
+    #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Attempts per chunk before the job fails.
+    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Chunk lease time-to-live in seconds (renewed every third of it).
+    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
+    pub lease_ttl_secs: u64,
+}
+
+/// What to extract and how: the flags `run` and `submit` share.
+#[derive(Args, Debug)]
+pub struct JobArgs {
     /// Source Postgres DSN, e.g. postgresql://user:pass@host:5432/db (the password is never logged).
     #[arg(long, env = "HAUL_SOURCE")]
     pub source: String,
@@ -59,9 +245,6 @@ pub struct RunArgs {
     /// Hive-partition the output by a date/timestamp column: `col:day|month|year`.
     #[arg(long, env = "HAUL_PARTITION_BY")]
     pub partition_by: Option<String>,
-    /// Chunks extracted at once.
-    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2)]
-    pub workers: usize,
     /// Target rows per chunk.
     #[arg(long, env = "HAUL_CHUNK_ROWS", default_value_t = 1_000_000)]
     pub chunk_rows: u64,
@@ -98,15 +281,6 @@ pub struct RunArgs {
     /// Local destinations: fsync part files and manifests before each commit (survives power loss).
     #[arg(long, env = "HAUL_FSYNC")]
     pub fsync: bool,
-    /// Progress display.
-    #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    /// Attempts per chunk before the job fails.
-    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3)]
-    pub max_attempts: u32,
-    /// Chunk lease time-to-live in seconds (renewed every third of it).
-    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
-    pub lease_ttl_secs: u64,
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -169,10 +343,19 @@ pub fn parse_partition(s: &str) -> Result<PartitionBy, String> {
     })
 }
 
-impl TryFrom<RunArgs> for RunOptions {
+/// A job as the flags describe it.
+pub struct JobRequest {
+    pub spec: JobSpec,
+    pub job_id: Option<JobId>,
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+}
+
+impl TryFrom<JobArgs> for JobRequest {
     type Error = String;
 
-    fn try_from(a: RunArgs) -> Result<Self, String> {
+    fn try_from(a: JobArgs) -> Result<Self, String> {
         let mut casts = BTreeMap::new();
         for c in &a.casts {
             let (col, ty) = c
@@ -182,9 +365,6 @@ impl TryFrom<RunArgs> for RunOptions {
                     format!("invalid --cast {c:?}: use <column>=<type>, e.g. shape=text")
                 })?;
             casts.insert(col.to_owned(), ty.to_owned());
-        }
-        if a.workers == 0 {
-            return Err("--workers must be at least 1".into());
         }
         if a.chunk_rows == 0 || a.batch_rows == 0 || a.row_group_rows == 0 {
             return Err("--chunk-rows, --batch-rows and --row-group-rows must be positive".into());
@@ -196,7 +376,7 @@ impl TryFrom<RunArgs> for RunOptions {
             .map(JobId::parse)
             .transpose()?;
         haul_shared::pg::parse_dsn(&Secret::new(a.source.clone())).map_err(|e| e.to_string())?;
-        Ok(RunOptions {
+        Ok(JobRequest {
             spec: JobSpec {
                 source: Secret::new(a.source),
                 table: a.table.unwrap_or_default(),
@@ -225,6 +405,24 @@ impl TryFrom<RunArgs> for RunOptions {
             resume: a.resume.is_some(),
             fresh_snapshot: a.fresh_snapshot,
             overwrite: a.overwrite,
+        })
+    }
+}
+
+impl TryFrom<RunArgs> for RunOptions {
+    type Error = String;
+
+    fn try_from(a: RunArgs) -> Result<Self, String> {
+        if a.workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        let j = JobRequest::try_from(a.job)?;
+        Ok(RunOptions {
+            spec: j.spec,
+            job_id: j.job_id,
+            resume: j.resume,
+            fresh_snapshot: j.fresh_snapshot,
+            overwrite: j.overwrite,
             workers: a.workers,
             max_attempts: a.max_attempts.max(1),
             lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),

@@ -1,6 +1,8 @@
 //! haul coordinator: plans jobs inside an exported snapshot and drives them to commit.
 
 pub mod cli;
+pub mod client;
+pub mod cluster;
 pub mod planner;
 pub mod progress;
 pub mod run;

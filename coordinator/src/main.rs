@@ -3,8 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use haul_coordinator::cli::{Cli, Cmd};
+use std::time::Duration;
+
+use haul_coordinator::cli::{Cli, Cmd, JobCmdArgs, JobRequest};
+use haul_coordinator::client;
+use haul_coordinator::cluster::{self, CoordinatorOptions};
+use haul_coordinator::progress::ProgressMode;
 use haul_coordinator::run::{RunOptions, run};
+use haul_shared::pg::Secret;
+use haul_worker::node::{NodeOptions, run_node};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -50,9 +57,96 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             });
             let summary = run(opts, interrupt).await?;
             println!("{summary}");
-            Ok(())
         }
+        Cmd::Coordinator(a) => {
+            let tls = a.tls_cert.zip(a.tls_key);
+            let opts = CoordinatorOptions {
+                listen: a.listen,
+                amqp: Secret::new(a.cluster.amqp),
+                redis: Secret::new(a.cluster.redis),
+                queue: a.cluster.queue,
+                redis_prefix: a.cluster.redis_prefix,
+                max_attempts: a.cluster.max_attempts.max(1),
+                token: a.token.map(Secret::new),
+                tls,
+                parallelism: a.parallelism.max(1),
+            };
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("stopping; unfinished jobs stay recorded for the next coordinator");
+                on_signal.cancel();
+            });
+            cluster::serve(opts, shutdown).await?;
+        }
+        Cmd::Worker(a) => {
+            let opts = NodeOptions {
+                id: a.id,
+                coordinator: a.client.options(),
+                amqp: Secret::new(a.cluster.amqp),
+                redis: Secret::new(a.cluster.redis),
+                queue: a.cluster.queue,
+                redis_prefix: a.cluster.redis_prefix,
+                slots: a.slots.max(1),
+                lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
+                max_attempts: a.cluster.max_attempts.max(1),
+                drain_grace: a.drain_grace_secs.map(Duration::from_secs),
+            };
+            run_node(opts).await?;
+        }
+        Cmd::Submit(a) => {
+            let j = JobRequest::try_from(a.job).map_err(anyhow::Error::msg)?;
+            let s = client::submit(&a.client.options(), j, a.wait, a.progress).await?;
+            if a.wait {
+                print!("{}", client::status_text(&s));
+            } else {
+                println!("{}", s.job_id);
+            }
+        }
+        Cmd::Jobs(c) => print!("{}", client::jobs_table(&client::jobs(&c.options()).await?)),
+        Cmd::Status(a) => print!(
+            "{}",
+            client::status_text(&client::status(&a.client.options(), &a.job).await?)
+        ),
+        Cmd::Watch(a) => {
+            let s = client::watch(&a.client.options(), &a.job, ProgressMode::Auto).await?;
+            print!("{}", client::status_text(&s));
+        }
+        Cmd::Cancel(a) => control(&a, "cancel").await?,
+        Cmd::Pause(a) => control(&a, "pause").await?,
+        Cmd::Resume(a) => control(&a, "resume").await?,
+        Cmd::Workers(c) => print!(
+            "{}",
+            client::workers_table(&client::workers(&c.options()).await?)
+        ),
+        Cmd::Drain(a) => {
+            let w =
+                client::drain(&a.client.options(), &a.worker, a.requeue_in_flight, a.wait).await?;
+            if a.wait {
+                println!("worker {} drained and left", a.worker);
+            } else {
+                print!("{}", client::workers_table(&[w]));
+            }
+        }
+        Cmd::Undrain(a) => print!(
+            "{}",
+            client::workers_table(&[client::undrain(&a.client.options(), &a.worker).await?])
+        ),
     }
+    Ok(())
+}
+
+async fn control(a: &JobCmdArgs, what: &str) -> anyhow::Result<()> {
+    let s = client::control(&a.client.options(), &a.job, what).await?;
+    print!("{}", client::status_text(&s));
+    Ok(())
 }
 
 /// glibc gives each thread that allocates concurrently its own arena, up to 8 per core, and

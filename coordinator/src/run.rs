@@ -17,7 +17,7 @@ use haul_shared::queue::{ChunkQueue, MemoryQueue};
 use haul_shared::{ChunkId, JobId, WorkerId};
 use haul_worker::executor::{Progress, table_dir};
 use haul_worker::layout::{ChunkManifest, Dest, DestError, PartFile};
-use haul_worker::worker::{Services, WorkerConfig, run_worker};
+use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -163,11 +163,47 @@ impl std::fmt::Display for JobSummary {
     }
 }
 
-/// Runs a job to its end in this process.
-pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSummary, RunError> {
-    let started = Instant::now();
+/// How a job is prepared: which job, and what to do about an earlier attempt of it.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub job_id: Option<JobId>,
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+    /// Workers (times slots) expected to extract at once; the planner makes at least
+    /// twice as many chunks when the table is big enough.
+    pub parallelism: usize,
+}
+
+/// A planned job, ready for its chunks to be queued.
+pub struct Prepared {
+    pub job: JobId,
+    /// The spec as planned (a resumed job keeps its original shape).
+    pub spec: JobSpec,
+    pub plan: JobPlan,
+    pub dest: Dest,
+    /// The session holding the exported snapshot open (its transaction is already
+    /// committed when the job reads without one).
+    pub holder: pg::Session,
+    /// Chunks an earlier attempt committed, (re)published already.
+    pub committed: std::collections::BTreeMap<ChunkId, ChunkManifest>,
+    pub table_dir: String,
+    pub started_at: String,
+}
+
+/// The outcome of preparing a job.
+pub enum Preparation {
+    /// The job had already succeeded; nothing to do.
+    AlreadyDone(JobManifest),
+    Ready(Box<Prepared>),
+}
+
+/// Checks the destination, opens the snapshot, plans (or reloads the plan of a resumed
+/// job), writes `plan.json`, and republishes chunks committed earlier. Shared by
+/// `haul run` and the cluster coordinator.
+pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparation, RunError> {
     let started_at = chrono::Utc::now().to_rfc3339();
-    let mut spec = opts.spec.clone();
+    let mut spec = spec.clone();
     let dest = Dest::open(&spec.dest, spec.output.fsync)?;
     dest.check_writable().await?;
     let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
@@ -176,16 +212,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         .get_json::<JobManifest>(&dest.job_manifest_path(&job))
         .await?
     {
-        return Ok(JobSummary {
-            job,
-            rows: m.rows,
-            bytes: m.bytes,
-            files: m.files.len(),
-            chunks: m.chunks,
-            wall: started.elapsed(),
-            already_done: true,
-            manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
-        });
+        return Ok(Preparation::AlreadyDone(m));
     }
     let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
     match (&previous, opts.resume) {
@@ -301,7 +328,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 &table,
                 &spec.key,
                 spec.chunk_rows,
-                2 * opts.workers as u64,
+                2 * opts.parallelism.max(1) as u64,
                 spec.split,
             )
             .await?;
@@ -359,6 +386,56 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         committed.insert(m.chunk, m);
     }
 
+    Ok(Preparation::Ready(Box::new(Prepared {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        committed,
+        table_dir: tdir,
+        started_at,
+    })))
+}
+
+/// Runs a job to its end in this process.
+pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSummary, RunError> {
+    let started = Instant::now();
+    let prepare_opts = PrepareOptions {
+        job_id: opts.job_id.clone(),
+        resume: opts.resume,
+        fresh_snapshot: opts.fresh_snapshot,
+        overwrite: opts.overwrite,
+        parallelism: opts.workers,
+    };
+    let p = match prepare(&opts.spec, &prepare_opts).await? {
+        Preparation::AlreadyDone(m) => {
+            let dest = Dest::open(&opts.spec.dest, false)?;
+            return Ok(JobSummary {
+                job: m.job.clone(),
+                rows: m.rows,
+                bytes: m.bytes,
+                files: m.files.len(),
+                chunks: m.chunks,
+                wall: started.elapsed(),
+                already_done: true,
+                manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
+            });
+        }
+        Preparation::Ready(p) => *p,
+    };
+    let Prepared {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        committed,
+        table_dir: tdir,
+        started_at,
+    } = p;
+    let snapshot = plan.snapshot.clone();
+
     let queue = MemoryQueue::new(opts.max_attempts);
     let jobs = MemoryJobStore::default();
     let record = JobRecord {
@@ -366,30 +443,10 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         spec: spec.clone(),
         plan: Some(plan.clone()),
         state: JobState::Running,
+        submitted_at: started_at.clone(),
     };
     jobs.put_job(&record).await.map_err(internal)?;
-    for (i, range) in plan.chunks.iter().enumerate() {
-        let chunk = ChunkId(i as u32);
-        if let Some(m) = committed.get(&chunk) {
-            let state = ChunkState::Committed {
-                rows: m.rows,
-                bytes: m.bytes,
-            };
-            jobs.set_chunk_state(&job, chunk, &state)
-                .await
-                .map_err(internal)?;
-            continue;
-        }
-        jobs.set_chunk_state(&job, chunk, &ChunkState::Pending)
-            .await
-            .map_err(internal)?;
-        let task = Task {
-            job_id: job.clone(),
-            chunk_id: chunk,
-            range: range.clone(),
-        };
-        queue.publish(task.encode()).await.map_err(internal)?;
-    }
+    queue_chunks(&record, &committed, &jobs, &queue).await?;
 
     let svc = Services {
         queue: Arc::new(queue),
@@ -397,7 +454,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         jobs: Arc::new(jobs.clone()),
     };
     let progress = Arc::new(Progress::default());
-    let shutdown = CancellationToken::new();
+    let ctl = Control::default();
     let workers: Vec<_> = (0..opts.workers.max(1))
         .map(|i| {
             let cfg = WorkerConfig {
@@ -410,7 +467,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 cfg,
                 svc.clone(),
                 Arc::clone(&progress),
-                shutdown.clone(),
+                ctl.clone(),
             ))
         })
         .collect();
@@ -448,7 +505,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
             break Ok(());
         }
     };
-    shutdown.cancel();
+    ctl.stop();
     for w in workers {
         if let Ok(Err(e)) = w.await {
             warn!(error = %e, "worker ended with an error");
@@ -471,30 +528,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         return Err(e);
     }
 
-    // Commit the job: the job manifest is written last.
-    let chunks = dest.chunk_manifests(&job).await?;
-    let manifest = job_manifest(&job, &spec, &plan, &chunks, started_at);
-    if chunks.len() != plan.chunks.len() {
-        return Err(RunError::Internal(format!(
-            "{} chunk manifests for {} chunks",
-            chunks.len(),
-            plan.chunks.len()
-        )));
-    }
-    let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(&tdir)).await?;
-    dest.put_json(&dest.job_manifest_path(&job), &manifest, true)
-        .await?;
-    dest.put_json(&dest.table_manifest_path(&tdir), &manifest, false)
-        .await?;
-    if let Some(old) = old.filter(|o| o.job != job) {
-        // --overwrite: the previous export's parts go once the new one is committed
-        for f in &old.files {
-            if let Err(e) = dest.delete_if_exists(&dest.path(&f.path)).await {
-                warn!(error = %e, file = %f.path, "could not remove a part of the replaced export");
-            }
-        }
-    }
-    dest.delete_prefix(&staging).await?;
+    let manifest = commit_job(&dest, &job, &spec, &plan, &tdir, started_at).await?;
     let _ = holder.client.batch_execute("COMMIT").await;
     Ok(JobSummary {
         job: job.clone(),
@@ -506,6 +540,78 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         already_done: false,
         manifest: format!("{}/{tdir}/_manifest.json", dest.url),
     })
+}
+
+/// Records every chunk's state (committed ones as committed) and queues the rest.
+pub async fn queue_chunks(
+    record: &JobRecord,
+    committed: &std::collections::BTreeMap<ChunkId, ChunkManifest>,
+    jobs: &dyn JobStore,
+    queue: &dyn ChunkQueue,
+) -> Result<(), RunError> {
+    let plan = record
+        .plan
+        .as_ref()
+        .ok_or_else(|| RunError::Internal(format!("job {} has no plan", record.id)))?;
+    for (i, range) in plan.chunks.iter().enumerate() {
+        let chunk = ChunkId(i as u32);
+        if let Some(m) = committed.get(&chunk) {
+            let state = ChunkState::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+            };
+            jobs.set_chunk_state(&record.id, chunk, &state)
+                .await
+                .map_err(internal)?;
+            continue;
+        }
+        jobs.set_chunk_state(&record.id, chunk, &ChunkState::Pending)
+            .await
+            .map_err(internal)?;
+        let task = Task {
+            job_id: record.id.clone(),
+            chunk_id: chunk,
+            range: range.clone(),
+        };
+        queue.publish(task.encode()).await.map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Commits a job whose chunks are all committed: the job manifest is written last, then
+/// the table's manifest; parts of an export it replaces and the staging area are removed.
+pub async fn commit_job(
+    dest: &Dest,
+    job: &JobId,
+    spec: &JobSpec,
+    plan: &JobPlan,
+    tdir: &str,
+    started_at: String,
+) -> Result<JobManifest, RunError> {
+    let chunks = dest.chunk_manifests(job).await?;
+    if chunks.len() != plan.chunks.len() {
+        return Err(RunError::Internal(format!(
+            "{} chunk manifests for {} chunks",
+            chunks.len(),
+            plan.chunks.len()
+        )));
+    }
+    let manifest = job_manifest(job, spec, plan, &chunks, started_at);
+    let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(tdir)).await?;
+    dest.put_json(&dest.job_manifest_path(job), &manifest, true)
+        .await?;
+    dest.put_json(&dest.table_manifest_path(tdir), &manifest, false)
+        .await?;
+    if let Some(old) = old.filter(|o| &o.job != job) {
+        // --overwrite: the previous export's parts go once the new one is committed
+        for f in &old.files {
+            if let Err(e) = dest.delete_if_exists(&dest.path(&f.path)).await {
+                warn!(error = %e, file = %f.path, "could not remove a part of the replaced export");
+            }
+        }
+    }
+    dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
+    Ok(manifest)
 }
 
 fn job_manifest(

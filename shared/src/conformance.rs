@@ -105,6 +105,42 @@ where
         vec![(Bytes::from_static(b"a"), 2), (Bytes::from_static(b"b"), 1)],
         "the dropped delivery comes back as attempt 2, the unstarted one as attempt 1"
     );
+    drop(sub2);
+
+    // Cancel (drain): no new deliveries, the taken one can still be acked, the rest go
+    // to the next consumer.
+    let q = make(5).await;
+    for b in [b"x", b"y", b"z"] {
+        q.publish(Bytes::from_static(b)).await.unwrap();
+    }
+    let mut sub = q.subscribe(2).await.unwrap();
+    let taken = sub.next().await.unwrap();
+    sub.cancel().await.unwrap();
+    assert!(
+        tokio::time::timeout(QUIET, sub.next())
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true),
+        "a cancelled subscription delivers nothing more"
+    );
+    let taken_body = taken.body.clone();
+    taken
+        .ack()
+        .await
+        .expect("a delivery taken before cancel can be acked");
+    let mut sub2 = q.subscribe(5).await.unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub2.next())
+            .await
+            .expect("what the cancelled consumer had not started is delivered again")
+            .unwrap();
+        rest.push(d.body.clone());
+        d.ack().await.unwrap();
+    }
+    assert!(!rest.contains(&taken_body), "the acked delivery is gone");
+    assert!(tokio::time::timeout(QUIET, sub2.next()).await.is_err());
+    drop(sub);
 }
 
 async fn wait_dead_letters<Q: ChunkQueue>(q: &Q, n: usize) -> Vec<Bytes> {
@@ -195,6 +231,7 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
         },
         plan: None,
         state: JobState::Planning,
+        submitted_at: String::new(),
     };
     assert!(store.get_job(&id).await.unwrap().is_none());
     store.put_job(&job).await.unwrap();

@@ -137,12 +137,28 @@ pub struct JobPlan {
 pub enum JobState {
     Planning,
     Running,
+    /// No new chunks start; chunks already running finish.
+    Paused,
     Succeeded,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     Cancelled,
 }
 
 impl JobState {
+    /// The state's name as the CLI and API show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Planning => "planning",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed { .. } => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -155,9 +171,20 @@ impl JobState {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ChunkState {
     Pending,
-    Running { worker: WorkerId, attempt: u32 },
-    Committed { rows: u64, bytes: u64 },
-    Failed { reason: String },
+    Running {
+        worker: WorkerId,
+        attempt: u32,
+    },
+    Committed {
+        rows: u64,
+        bytes: u64,
+    },
+    Failed {
+        reason: String,
+    },
+    /// Its task arrived while the job was paused; the coordinator queues it again on
+    /// resume.
+    Parked,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -166,6 +193,9 @@ pub struct JobRecord {
     pub spec: JobSpec,
     pub plan: Option<JobPlan>,
     pub state: JobState,
+    /// When the job was submitted (RFC 3339).
+    #[serde(default)]
+    pub submitted_at: String,
 }
 
 #[async_trait]

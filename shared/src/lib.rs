@@ -6,7 +6,9 @@
 //! - [`queue`], [`lease`], [`jobs`]: the boundary traits (chunk queue, lease + epoch store,
 //!   job-state store), each with its contract and an in-process implementation.
 //! - [`conformance`]: the test suites every implementation of those traits must pass.
-//! - [`redis_store`]: the Redis lease and job stores for the cluster.
+//! - [`redis_store`]: the Redis lease and job stores and worker registry, for the cluster.
+//! - [`workers`]: what the worker registry holds.
+//! - [`rpc`]: gRPC client channels and the bearer token.
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
@@ -21,6 +23,8 @@ pub mod queue;
 pub mod rabbit_queue;
 pub mod range;
 pub mod redis_store;
+pub mod rpc;
+pub mod workers;
 
 pub use error::ErrorClass;
 pub use ids::{ChunkId, Epoch, JobId, WorkerId};

@@ -11,6 +11,10 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/haul.v1.rs"));
 }
 
+/// The encoded descriptor set of haul's protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/haul_descriptor.bin"));
+
 use wire::{AllRows, ChunkTask, CtidRange, KeyRange, NullKeys, chunk_range};
 
 /// The wire version this build writes and accepts.

@@ -53,6 +53,10 @@ pub trait ChunkQueue: Send + Sync + 'static {
 pub trait Subscription: Send {
     /// The next delivery, waiting for one (and for a free prefetch slot). Cancel-safe.
     async fn next(&mut self) -> Result<Delivery, QueueError>;
+    /// Stops new deliveries and hands back what was delivered to this subscription but
+    /// not yet returned by [`Subscription::next`]. Deliveries already taken stay with the
+    /// caller and can still be settled. After it, `next` returns an error.
+    async fn cancel(&mut self) -> Result<(), QueueError>;
 }
 
 /// Settles a delivery. Implementations must treat a drop without settling as a nack.
@@ -217,6 +221,12 @@ impl Subscription for MemorySubscription {
             }
             notified.await;
         }
+    }
+
+    /// Nothing is delivered ahead of `next` here, so there is nothing to hand back.
+    async fn cancel(&mut self) -> Result<(), QueueError> {
+        self.slots.close();
+        Ok(())
     }
 }
 

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -153,7 +153,11 @@ impl ChunkQueue for RabbitQueue {
             )
             .await
             .map_err(unavailable)?;
-        Ok(Box::new(RabbitSubscription { channel, consumer }))
+        Ok(Box::new(RabbitSubscription {
+            channel,
+            consumer,
+            tag,
+        }))
     }
 
     async fn ready_count(&self) -> Result<usize, QueueError> {
@@ -189,6 +193,7 @@ impl ChunkQueue for RabbitQueue {
 struct RabbitSubscription {
     channel: Channel,
     consumer: Consumer,
+    tag: String,
 }
 
 #[async_trait]
@@ -222,6 +227,29 @@ impl Subscription for RabbitSubscription {
                 acker: Some(d.acker),
             }),
         ))
+    }
+
+    /// `basic.cancel`, then every delivery already pushed to this consumer goes back with
+    /// a nack. The channel stays open, so deliveries taken before can still be acked.
+    async fn cancel(&mut self) -> Result<(), QueueError> {
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(unavailable)?;
+        // after cancel-ok the stream ends; what it still yields was prefetched
+        let handed_back = async {
+            while let Some(Ok(d)) = self.consumer.next().await {
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handed_back).await;
+        Ok(())
     }
 }
 

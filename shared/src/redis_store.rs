@@ -10,6 +10,8 @@
 //! | `<p>job:<id>` | string | the job record (JSON), without its state |
 //! | `<p>job:<id>:state` | string | the job's state (JSON) |
 //! | `<p>job:<id>:chunks` | hash | chunk id → chunk state (JSON) |
+//! | `<p>workers` | hash | worker id → its last heartbeat ([`WorkerRecord`], JSON) |
+//! | `<p>drains` | hash | worker id → the drain order left for it ([`DrainOrder`], JSON) |
 //!
 //! Lease operations are Lua scripts, so each is atomic on the server; expiry is the
 //! server's clock.
@@ -23,6 +25,7 @@ use redis::{AsyncCommands, Script};
 
 use crate::jobs::{ChunkState, JobRecord, JobState, JobStore};
 use crate::lease::{Lease, LeaseStore, StoreError};
+use crate::workers::{DrainOrder, WorkerRecord};
 use crate::{ChunkId, Epoch, JobId, WorkerId};
 
 const ACQUIRE: &str = r"
@@ -77,6 +80,88 @@ impl RedisStore {
 
     fn token(lease: &Lease) -> String {
         format!("{}|{}", lease.holder, lease.epoch)
+    }
+
+    /// Records a worker's heartbeat; answers the drain order left for it, if any.
+    pub async fn heartbeat(&self, rec: &WorkerRecord) -> Result<Option<DrainOrder>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k("workers");
+        let json = serde_json::to_string(rec).map_err(|e| corrupt(&key, e))?;
+        let (_, order): ((), Option<String>) = redis::pipe()
+            .hset(&key, rec.id.to_string(), json)
+            .hget(self.k("drains"), rec.id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        order
+            .map(|o| serde_json::from_str(&o).map_err(|e| corrupt(&self.k("drains"), e)))
+            .transpose()
+    }
+
+    /// Every registered worker with the drain order left for it, by id.
+    pub async fn workers(&self) -> Result<Vec<(WorkerRecord, Option<DrainOrder>)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (workers, drains): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
+            .hgetall(self.k("workers"))
+            .hgetall(self.k("drains"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        workers
+            .into_iter()
+            .map(|(id, json)| {
+                let rec: WorkerRecord =
+                    serde_json::from_str(&json).map_err(|e| corrupt(&self.k("workers"), e))?;
+                let order = drains
+                    .get(&id)
+                    .map(|o| serde_json::from_str(o).map_err(|e| corrupt(&self.k("drains"), e)))
+                    .transpose()?;
+                Ok((rec, order))
+            })
+            .collect()
+    }
+
+    /// Leaves a drain order for a registered worker; `false` if no such worker.
+    pub async fn request_drain(
+        &self,
+        id: &WorkerId,
+        order: DrainOrder,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let known: bool = conn
+            .hexists(self.k("workers"), id.to_string())
+            .await
+            .map_err(unavailable)?;
+        if known {
+            let json = serde_json::to_string(&order).map_err(|e| corrupt(&self.k("drains"), e))?;
+            let _: () = conn
+                .hset(self.k("drains"), id.to_string(), json)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(known)
+    }
+
+    /// Withdraws a drain order; `false` if none was left.
+    pub async fn undrain(&self, id: &WorkerId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = conn
+            .hdel(self.k("drains"), id.to_string())
+            .await
+            .map_err(unavailable)?;
+        Ok(n > 0)
+    }
+
+    /// Removes a worker that exited (and any drain order left for it).
+    pub async fn deregister(&self, id: &WorkerId) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .hdel(self.k("workers"), id.to_string())
+            .hdel(self.k("drains"), id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// Deletes every key under the prefix (for tests and teardown).

@@ -74,8 +74,13 @@ pub enum ChunkOutcome {
 /// Live counters a progress display reads.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Rows read, including those of chunks still in flight.
     pub rows: AtomicU64,
     pub source_bytes: AtomicU64,
+    /// Chunks this process committed (or found committed).
+    pub chunks_done: AtomicU64,
+    /// Chunks being worked on now.
+    pub in_flight: AtomicU64,
 }
 
 /// Everything one chunk attempt needs.

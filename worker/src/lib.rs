@@ -5,5 +5,6 @@
 pub mod decode;
 pub mod executor;
 pub mod layout;
+pub mod node;
 pub mod worker;
 pub mod writer;

@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobRecord, JobStore};
+use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
 use haul_shared::lease::LeaseStore;
 use haul_shared::proto::Task;
 use haul_shared::queue::{ChunkQueue, Delivery, QueueError};
@@ -42,12 +43,31 @@ pub struct Services {
     pub jobs: Arc<dyn JobStore>,
 }
 
-/// Runs until `shutdown` fires, then stops taking work and waits for in-flight chunks.
+/// How a worker is told to stop.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    /// Drain: stop taking work, hand back what was prefetched but not started, let the
+    /// chunks in flight finish and ack, then return.
+    pub drain: CancellationToken,
+    /// Also abort the chunks in flight and hand them back to the queue.
+    pub abort: CancellationToken,
+}
+
+impl Control {
+    /// Stop now: drain and abort.
+    pub fn stop(&self) {
+        self.abort.cancel();
+        self.drain.cancel();
+    }
+}
+
+/// Runs until `ctl.drain` fires, then stops taking work and waits for in-flight chunks
+/// (aborting them if `ctl.abort` fires).
 pub async fn run_worker(
     cfg: WorkerConfig,
     svc: Services,
     progress: Arc<Progress>,
-    shutdown: CancellationToken,
+    ctl: Control,
 ) -> Result<(), QueueError> {
     let mut sub = svc.queue.subscribe(cfg.slots as u16).await?;
     let slots = Arc::new(Semaphore::new(cfg.slots.max(1)));
@@ -55,12 +75,30 @@ pub async fn run_worker(
     let dests: Arc<Mutex<HashMap<JobId, Dest>>> = Arc::default();
     loop {
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = ctl.drain.cancelled() => break,
             p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore open"),
         };
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = sub.next() => d?,
+            _ = ctl.drain.cancelled() => break,
+            d = sub.next() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                // the broker connection is recovering, or the consumer was cancelled by
+                // the broker: subscribe again (in-flight chunks carry on; their acks may
+                // be lost, and a redelivered committed chunk is a cheap no-op)
+                warn!(error = %e, "consuming failed; subscribing again");
+                tokio::select! {
+                    _ = ctl.drain.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                match svc.queue.subscribe(cfg.slots as u16).await {
+                    Ok(s) => sub = s,
+                    Err(e) => warn!(error = %e, "subscribing failed; retrying"),
+                }
+                continue;
+            }
         };
         let (cfg, svc, progress, dests) = (
             cfg.clone(),
@@ -68,15 +106,21 @@ pub async fn run_worker(
             Arc::clone(&progress),
             Arc::clone(&dests),
         );
-        let stop = shutdown.child_token();
+        let abort = ctl.abort.child_token();
         tracker.spawn(async move {
-            handle(delivery, &cfg, &svc, &progress, &dests, stop).await;
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+            handle(delivery, &cfg, &svc, &progress, &dests, abort).await;
+            progress.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
-    drop(sub);
+    // no new deliveries; prefetched ones go back; the channel stays open for the acks
+    if let Err(e) = sub.cancel().await {
+        warn!(error = %e, "cancelling the consumer failed; its unsettled messages return when it closes");
+    }
     tracker.close();
     tracker.wait().await;
+    drop(sub);
     Ok(())
 }
 
@@ -86,7 +130,7 @@ async fn handle(
     svc: &Services,
     progress: &Progress,
     dests: &Mutex<HashMap<JobId, Dest>>,
-    stop: CancellationToken,
+    abort: CancellationToken,
 ) {
     let task = match Task::decode(&d.body) {
         Ok(t) => t,
@@ -116,8 +160,38 @@ async fn handle(
             settle(d.ack().await);
             return;
         }
+        if job.state == JobState::Paused {
+            // parked before the ack: a crash in between only redelivers the task
+            info!("job paused; parking the chunk until it resumes");
+            match svc.jobs.set_chunk_state(&job.id, task.chunk_id, &ChunkState::Parked).await {
+                Ok(()) => settle(d.ack().await),
+                Err(e) => {
+                    warn!(error = %e, "could not park the chunk; requeueing");
+                    settle(d.nack().await);
+                }
+            }
+            return;
+        }
         let attempt = d.attempt;
-        match attempt_chunk(&job, &task, cfg, svc, progress, dests, stop, attempt).await {
+        let result = attempt_chunk(&job, &task, cfg, svc, progress, dests, abort.clone(), attempt).await;
+        if result.is_err() && abort.is_cancelled() {
+            info!("chunk aborted by a drain; handing it back");
+            let _ = svc
+                .jobs
+                .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Pending)
+                .await;
+            settle(d.nack().await);
+            return;
+        }
+        if result.is_err()
+            && let Ok(Some(now)) = svc.jobs.get_job(&job.id).await
+            && now.state.is_terminal()
+        {
+            info!(state = ?now.state, "job ended while its chunk ran; dropping the task");
+            settle(d.ack().await);
+            return;
+        }
+        match result {
             Ok(outcome) => {
                 let (rows, bytes) = match outcome {
                     ChunkOutcome::Committed { rows, bytes, .. }
@@ -126,7 +200,10 @@ async fn handle(
                 tracing::debug!(?outcome, "chunk committed");
                 let state = ChunkState::Committed { rows, bytes };
                 match svc.jobs.set_chunk_state(&job.id, task.chunk_id, &state).await {
-                    Ok(()) => settle(d.ack().await),
+                    Ok(()) => {
+                        progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+                        settle(d.ack().await);
+                    }
                     Err(e) => {
                         // unrecorded, the job would wait for this chunk forever: the
                         // redelivery finds it committed and records it again
@@ -228,6 +305,12 @@ async fn attempt_chunk(
         renew_stop.clone(),
         lost.clone(),
     ));
+    let watcher = tokio::spawn(stop_when_job_ends(
+        Arc::clone(&svc.jobs),
+        job.id.clone(),
+        renew_stop.clone(),
+        lost.clone(),
+    ));
     let result = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,
@@ -243,8 +326,31 @@ async fn attempt_chunk(
     .await;
     renew_stop.cancel();
     let _ = renewer.await;
+    let _ = watcher.await;
     let _ = svc.leases.release(&lease).await;
     result
+}
+
+/// Cancels a chunk attempt when its job is cancelled or fails elsewhere, so a cancelled
+/// job stops using the source within a few seconds.
+async fn stop_when_job_ends(
+    jobs: Arc<dyn JobStore>,
+    job: JobId,
+    stop: CancellationToken,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        if let Ok(Some(j)) = jobs.get_job(&job).await
+            && j.state.is_terminal()
+        {
+            cancel.cancel();
+            return;
+        }
+    }
 }
 
 fn settle(r: Result<(), QueueError>) {

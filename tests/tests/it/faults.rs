@@ -519,7 +519,7 @@ impl haul_shared::jobs::JobStore for FlakyJobStore {
 async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
     use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
     use haul_shared::queue::{ChunkQueue, MemoryQueue};
-    use haul_worker::worker::{Services, WorkerConfig, run_worker};
+    use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000);")
@@ -536,6 +536,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
             spec: options(&db.dsn, "t", &dest).spec,
             plan: Some(one_chunk_plan(&db, "t", vec![], 1000).await),
             state: JobState::Running,
+            submitted_at: String::new(),
         })
         .await
         .unwrap();
@@ -546,7 +547,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         range: ChunkRange::All,
     };
     queue.publish(task.encode()).await.unwrap();
-    let shutdown = CancellationToken::new();
+    let ctl = Control::default();
     let worker = tokio::spawn(run_worker(
         WorkerConfig {
             id: WorkerId("w".into()),
@@ -560,7 +561,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
             jobs: Arc::clone(&store) as Arc<dyn JobStore>,
         },
         Arc::new(Progress::default()),
-        shutdown.clone(),
+        ctl.clone(),
     ));
     let mut recorded = false;
     for _ in 0..200 {
@@ -573,7 +574,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    shutdown.cancel();
+    ctl.stop();
     worker.await.unwrap().unwrap();
     assert!(
         store.failed.load(std::sync::atomic::Ordering::SeqCst),

@@ -1,0 +1,208 @@
+//! `haul worker`: one worker process of the cluster. It consumes chunk tasks from
+//! RabbitMQ, leases chunks in Redis, runs the same chunk executor as `haul run`, and
+//! heartbeats to the coordinator, whose answer may tell it to drain.
+//!
+//! Stopping: the first SIGTERM or SIGINT (or a drain order) drains: no new deliveries,
+//! prefetched tasks go back to the queue, chunks in flight finish and are acked, then the
+//! worker deregisters and the process exits 0. A second signal, a drain order with
+//! `requeue_in_flight`, or the end of the drain grace period aborts the chunks in flight
+//! and hands them back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use haul_shared::WorkerId;
+use haul_shared::lease::StoreError;
+use haul_shared::pg::Secret;
+use haul_shared::proto::wire::membership_client::MembershipClient;
+use haul_shared::proto::wire::{HeartbeatRequest, WorkerRef};
+use haul_shared::queue::QueueError;
+use haul_shared::rabbit_queue::RabbitQueue;
+use haul_shared::redis_store::RedisStore;
+use haul_shared::rpc::{ClientOptions, RpcError};
+use haul_shared::workers::HEARTBEAT_INTERVAL_MS;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::executor::Progress;
+use crate::worker::{Control, Services, WorkerConfig, run_worker};
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Unique among live workers; `<host>-<pid>` by default.
+    pub id: Option<String>,
+    pub coordinator: ClientOptions,
+    pub amqp: Secret,
+    pub redis: Secret,
+    pub queue: String,
+    pub redis_prefix: String,
+    pub slots: usize,
+    pub lease_ttl: Duration,
+    pub max_attempts: u32,
+    /// How long a drain waits for chunks in flight before aborting them.
+    pub drain_grace: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("chunk queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("redis: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// This machine's name, for `haul workers`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs the worker until it has drained.
+pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
+    let host = hostname();
+    let pid = std::process::id();
+    let id = WorkerId(opts.id.clone().unwrap_or_else(|| format!("{host}-{pid}")));
+    let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Signals)?;
+
+    let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
+    let queue = RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?;
+    let (channel, token) = opts.coordinator.connect_lazy()?;
+    let mut membership = MembershipClient::with_interceptor(channel, token);
+
+    let svc = Services {
+        queue: Arc::new(queue),
+        leases: Arc::new(store.clone()),
+        jobs: Arc::new(store),
+    };
+    let cfg = WorkerConfig {
+        id: id.clone(),
+        slots: opts.slots.max(1),
+        lease_ttl: opts.lease_ttl,
+        max_attempts: opts.max_attempts,
+    };
+    let progress = Arc::new(Progress::default());
+    let ctl = Control::default();
+    let mut work = tokio::spawn(run_worker(cfg, svc, Arc::clone(&progress), ctl.clone()));
+    info!(worker_id = %id, slots = opts.slots, queue = %opts.queue, coordinator = %opts.coordinator.url, "worker started");
+
+    let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS as u64));
+    let mut grace_end: Option<tokio::time::Instant> = None;
+    let mut coordinator_ok = true;
+    let result = loop {
+        let grace = async {
+            match grace_end {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut work => break r,
+            _ = sigterm.recv() => stop_signal(&ctl, &opts, &mut grace_end, "SIGTERM"),
+            _ = sigint.recv() => stop_signal(&ctl, &opts, &mut grace_end, "SIGINT"),
+            _ = grace, if !ctl.abort.is_cancelled() => {
+                warn!("drain grace period over; aborting the chunks in flight and handing them back");
+                ctl.abort.cancel();
+            }
+            _ = tick.tick() => {
+                let req = HeartbeatRequest {
+                    worker_id: id.to_string(),
+                    host: host.clone(),
+                    slots: opts.slots as u32,
+                    in_flight: progress.in_flight.load(Ordering::Relaxed) as u32,
+                    draining: ctl.drain.is_cancelled(),
+                    chunks_done: progress.chunks_done.load(Ordering::Relaxed),
+                    rows_done: progress.rows.load(Ordering::Relaxed),
+                    pid,
+                };
+                let call = tokio::time::timeout(Duration::from_secs(5), membership.heartbeat(req));
+                match call.await {
+                    Ok(Ok(reply)) => {
+                        if !coordinator_ok {
+                            info!("coordinator reachable again");
+                            coordinator_ok = true;
+                        }
+                        let reply = reply.into_inner();
+                        if reply.drain && !ctl.drain.is_cancelled() {
+                            info!(requeue_in_flight = reply.requeue_in_flight, "drain ordered by the coordinator");
+                            start_drain(&ctl, &opts, &mut grace_end);
+                        }
+                        if reply.drain && reply.requeue_in_flight && !ctl.abort.is_cancelled() {
+                            info!("aborting the chunks in flight and handing them back");
+                            ctl.abort.cancel();
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        if coordinator_ok {
+                            warn!(error = %status.message(), "heartbeat refused; working on");
+                        }
+                        coordinator_ok = false;
+                    }
+                    Err(_) => {
+                        if coordinator_ok {
+                            warn!("coordinator unreachable; working on and retrying");
+                        }
+                        coordinator_ok = false;
+                    }
+                }
+            }
+        }
+    };
+    let deregister = membership.deregister(WorkerRef {
+        worker_id: id.to_string(),
+    });
+    if let Ok(Err(e)) | Err(e) = tokio::time::timeout(Duration::from_secs(5), deregister)
+        .await
+        .map(|r| r.map(|_| ()))
+        .map_err(|_| tonic::Status::deadline_exceeded("deregistering"))
+    {
+        warn!(error = %e.message(), "could not deregister; the coordinator will show this worker as gone");
+    }
+    match result {
+        Ok(r) => r?,
+        Err(join) => {
+            return Err(NodeError::Queue(QueueError::Protocol(format!(
+                "worker loop panicked: {join}"
+            ))));
+        }
+    }
+    info!(worker_id = %id, chunks = progress.chunks_done.load(Ordering::Relaxed), "worker drained; exiting");
+    Ok(())
+}
+
+fn start_drain(ctl: &Control, opts: &NodeOptions, grace_end: &mut Option<tokio::time::Instant>) {
+    ctl.drain.cancel();
+    if let Some(g) = opts.drain_grace {
+        *grace_end = Some(tokio::time::Instant::now() + g);
+    }
+}
+
+fn stop_signal(
+    ctl: &Control,
+    opts: &NodeOptions,
+    grace_end: &mut Option<tokio::time::Instant>,
+    name: &str,
+) {
+    if ctl.drain.is_cancelled() {
+        warn!(
+            signal = name,
+            "second stop signal: aborting the chunks in flight and handing them back"
+        );
+        ctl.abort.cancel();
+    } else {
+        info!(
+            signal = name,
+            "draining: finishing the chunks in flight, taking no new ones"
+        );
+        start_drain(ctl, opts, grace_end);
+    }
+}
