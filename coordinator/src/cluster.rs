@@ -216,7 +216,9 @@ impl Coordinator {
         };
         let mut closed = holder.as_ref().map(|h| h.closed.clone());
         let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
+        let mut ticks: u64 = 0;
         let end: Option<JobState> = loop {
+            ticks += 1;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 // shutting down: the job stays recorded; the next coordinator decides
@@ -239,16 +241,28 @@ impl Coordinator {
                 JobState::Paused | JobState::Planning => continue,
                 _ => break None,
             }
-            let states = match self.store.chunk_states(&id).await {
+            let mut states = match self.store.chunk_states(&id).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(job_id = %id, error = %e, "job store unavailable; retrying");
                     continue;
                 }
             };
-            if let Some((chunk, ChunkState::Failed { reason })) = states
-                .iter()
-                .find(|(_, s)| matches!(s, ChunkState::Failed { .. }))
+            if ticks % 10 == 0 {
+                // the object store is the truth about what is committed: a chunk state
+                // lost or overwritten in Redis is restored from the chunk manifests
+                self.reconcile(&id, &dest, &mut states).await;
+            }
+            // a failed chunk fails the job once the other chunks have ended, so that a
+            // resume has only the failed ones left to do
+            let settled = states.len() == plan.chunks.len()
+                && states
+                    .values()
+                    .all(|s| matches!(s, ChunkState::Committed { .. } | ChunkState::Failed { .. }));
+            if settled
+                && let Some((chunk, ChunkState::Failed { reason })) = states
+                    .iter()
+                    .find(|(_, s)| matches!(s, ChunkState::Failed { .. }))
             {
                 break Some(JobState::Failed {
                     reason: format!("chunk {chunk} failed: {reason}"),
@@ -311,6 +325,29 @@ impl Coordinator {
         }
         if let Some(h) = holder {
             let _ = h.client.batch_execute("COMMIT").await;
+        }
+    }
+
+    async fn reconcile(&self, id: &JobId, dest: &Dest, states: &mut BTreeMap<ChunkId, ChunkState>) {
+        let manifests = match dest.chunk_manifests(id).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(job_id = %id, error = %e, "cannot list the committed chunks; retrying");
+                return;
+            }
+        };
+        for m in manifests {
+            if matches!(states.get(&m.chunk), Some(ChunkState::Committed { .. })) {
+                continue;
+            }
+            warn!(job_id = %id, chunk_id = %m.chunk, "chunk is committed in the destination but not in the job store; recording it");
+            let st = ChunkState::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+            };
+            if self.store.set_chunk_state(id, m.chunk, &st).await.is_ok() {
+                states.insert(m.chunk, st);
+            }
         }
     }
 

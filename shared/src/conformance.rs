@@ -261,6 +261,29 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
         ChunkState::Committed { rows: 5, bytes: 9 }
     );
 
+    // a committed chunk stays committed, whatever a late attempt writes
+    for late in [
+        ChunkState::Pending,
+        ChunkState::Parked,
+        ChunkState::Failed {
+            reason: "zombie".into(),
+        },
+    ] {
+        store.set_chunk_state(&id, ChunkId(1), &late).await.unwrap();
+    }
+    assert_eq!(
+        store.chunk_states(&id).await.unwrap()[&ChunkId(1)],
+        ChunkState::Committed { rows: 5, bytes: 9 }
+    );
+    store
+        .set_chunk_state(&id, ChunkId(0), &ChunkState::Parked)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.chunk_states(&id).await.unwrap()[&ChunkId(0)],
+        ChunkState::Parked
+    );
+
     let failed = JobState::Failed {
         reason: "boom".into(),
     };

@@ -2,7 +2,9 @@
 //! and where the job stands ([`JobStore`]).
 //!
 //! # Contract of [`JobStore`]
-//! - Every write is atomic and last-writer-wins per job (per chunk for chunk states).
+//! - Every write is atomic and last-writer-wins per job (per chunk for chunk states),
+//!   except that a committed chunk stays committed: a late writer (a zombie attempt, a
+//!   redelivery that failed) cannot set it back to pending, running, parked or failed.
 //! - The store is a coordination cache: the object store's chunk and job manifests are the
 //!   truth about what is committed. Losing the store may cause re-work, never lost or
 //!   doubled data.
@@ -266,7 +268,10 @@ impl JobStore for MemoryJobStore {
         let mut g = self.inner.lock().expect("job store lock");
         match g.get_mut(id) {
             Some((_, chunks)) => {
-                chunks.insert(chunk, state.clone());
+                let committed = matches!(chunks.get(&chunk), Some(ChunkState::Committed { .. }));
+                if !committed || matches!(state, ChunkState::Committed { .. }) {
+                    chunks.insert(chunk, state.clone());
+                }
                 Ok(())
             }
             None => Err(StoreError::Corrupt {

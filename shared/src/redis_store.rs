@@ -41,6 +41,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+// A committed chunk stays committed (see the JobStore contract).
+const SET_CHUNK: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.find(cur, '"state":"committed"', 1, true)
+   and not string.find(ARGV[2], '"state":"committed"', 1, true) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1"#;
+
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
@@ -313,7 +323,13 @@ impl JobStore for RedisStore {
         let mut conn = self.conn.clone();
         let key = self.k(&format!("job:{id}:chunks"));
         let s = serde_json::to_string(state).map_err(|e| corrupt(&key, e))?;
-        let _: () = conn.hset(&key, chunk.0, s).await.map_err(unavailable)?;
+        let _: i64 = Script::new(SET_CHUNK)
+            .key(&key)
+            .arg(chunk.0)
+            .arg(s)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

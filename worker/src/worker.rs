@@ -225,6 +225,11 @@ async fn handle(
                     settle(d.nack().await);
                 } else {
                     warn!(error = %reason, ?class, "chunk failed for good");
+                    let reason = if class.is_retryable() {
+                        format!("{reason} (attempt {attempt} of {})", cfg.max_attempts)
+                    } else {
+                        reason
+                    };
                     let _ = svc
                         .jobs
                         .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Failed { reason })

@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Tests that use RabbitMQ hold this: the cluster tests exclusively (they spawn several
+/// processes each, and one of them closes every broker connection), the others shared.
+pub static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}_{}_{}_{}",

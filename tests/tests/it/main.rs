@@ -2,6 +2,7 @@
 //! haul's integration tests, against the real Postgres on this machine (one database per
 //! test). Run them with `scripts/test.sh`, which starts the services first.
 
+mod cluster;
 mod common;
 mod engine;
 mod faults;

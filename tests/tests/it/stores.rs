@@ -5,12 +5,12 @@ use haul_shared::redis_store::RedisStore;
 
 use crate::common::unique;
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("HAUL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
 /// Removes the test's keys even when the suite panics.
-struct KeysGuard(String);
+pub(crate) struct KeysGuard(pub(crate) String);
 
 impl Drop for KeysGuard {
     fn drop(&mut self) {
@@ -60,14 +60,14 @@ async fn redis_store_conforms_to_the_lease_and_job_store_contracts() {
     assert!(left.is_empty(), "delete_all left {left:?}");
 }
 
-fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("HAUL_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Deletes the test's queues (and their dead-letter queues) even when the suite panics.
 #[derive(Default)]
-struct QueuesGuard(std::sync::Mutex<Vec<String>>);
+pub(crate) struct QueuesGuard(pub(crate) std::sync::Mutex<Vec<String>>);
 
 impl Drop for QueuesGuard {
     fn drop(&mut self) {
@@ -84,6 +84,8 @@ impl Drop for QueuesGuard {
 #[tokio::test]
 async fn rabbitmq_queue_conforms_to_the_queue_contract() {
     use haul_shared::rabbit_queue::RabbitQueue;
+    // the broker-blip test closes every connection; not while this suite runs
+    let _broker = crate::common::BROKER.read().await;
     let guard = QueuesGuard::default();
     haul_shared::conformance::queue_suite(|max| {
         let name = unique("haul_test_q");

@@ -1,0 +1,749 @@
+//! The cluster, as operators run it: a `haul coordinator` process and `haul worker`
+//! processes over the real RabbitMQ, Redis and Postgres on this machine, driven by the
+//! `haul` CLI. Each test has its own queue, Redis key prefix, database and destination.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use haul_shared::jobs::{ChunkState, JobStore};
+use haul_shared::redis_store::RedisStore;
+use haul_shared::{ChunkId, JobId};
+use haul_worker::layout::ChunkManifest;
+
+use crate::common::{BROKER, TempDest, TestDb, assert_same, unique};
+use crate::faults::haul_bin;
+use crate::stores::{KeysGuard, QueuesGuard, amqp_url, redis_url};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A coordinator and its workers, each a real `haul` process, killed at the end.
+struct Cluster {
+    url: String,
+    port: u16,
+    queue: String,
+    prefix: String,
+    token: Option<String>,
+    logs: PathBuf,
+    coordinator: Option<Child>,
+    workers: Vec<(String, Child)>,
+    _keys: KeysGuard,
+    _queues: QueuesGuard,
+}
+
+impl Cluster {
+    fn new(token: Option<&str>) -> Self {
+        let port = free_port();
+        let queue = unique("haul_cq");
+        let prefix = format!("{}:", unique("haul_ck"));
+        let logs = std::env::temp_dir().join(unique("haul_logs"));
+        std::fs::create_dir_all(&logs).unwrap();
+        let queues = QueuesGuard::default();
+        queues.0.lock().unwrap().push(queue.clone());
+        let mut c = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            queue,
+            prefix: prefix.clone(),
+            token: token.map(str::to_owned),
+            logs,
+            coordinator: None,
+            workers: Vec::new(),
+            _keys: KeysGuard(prefix),
+            _queues: queues,
+        };
+        c.start_coordinator();
+        c
+    }
+
+    fn log_file(&self, name: &str) -> File {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(haul_bin());
+        c.args(args)
+            .env("HAUL_AMQP", amqp_url())
+            .env("HAUL_REDIS", redis_url())
+            .env("HAUL_QUEUE", &self.queue)
+            .env("HAUL_REDIS_PREFIX", &self.prefix)
+            .env("HAUL_COORDINATOR", &self.url)
+            .env("HAUL_LOG", "info")
+            .env_remove("HAUL_TOKEN");
+        if let Some(t) = &self.token {
+            c.env("HAUL_TOKEN", t);
+        }
+        c
+    }
+
+    fn start_coordinator(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let child = self
+            .command(&["coordinator", "--listen", &listen, "--parallelism", "2"])
+            .stdout(self.log_file("coordinator"))
+            .stderr(self.log_file("coordinator"))
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "coordinator did not start:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_coordinator(&mut self) {
+        let mut c = self.coordinator.take().unwrap();
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+
+    fn start_worker(&mut self, id: &str, extra: &[&str]) {
+        let mut args = vec!["worker", "--id", id, "--lease-ttl-secs", "3"];
+        if !extra.contains(&"--slots") {
+            args.extend(["--slots", "1"]);
+        }
+        args.extend_from_slice(extra);
+        let child = self
+            .command(&args)
+            .stdout(self.log_file(id))
+            .stderr(self.log_file(id))
+            .spawn()
+            .unwrap();
+        self.workers.push((id.to_owned(), child));
+    }
+
+    fn worker(&mut self, id: &str) -> &mut Child {
+        &mut self.workers.iter_mut().find(|(w, _)| w == id).unwrap().1
+    }
+
+    fn signal(&mut self, id: &str, sig: &str) {
+        let pid = self.worker(id).id().to_string();
+        let st = Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Runs a `haul` client command against this cluster.
+    fn haul(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .env("HAUL_PROGRESS", "log")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn haul_ok(&self, args: &[&str]) -> String {
+        let out = self.haul(args);
+        assert!(
+            out.status.success(),
+            "haul {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn wait_workers(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            let out = self.haul(&["workers"]);
+            let active = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.ends_with(" active"))
+                .count();
+            if active >= n {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "workers did not register:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(&self.logs).unwrap().flatten() {
+            out.push_str(&format!("--- {}\n", e.path().display()));
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+        out
+    }
+
+    fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(&redis_url(), &self.prefix)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `pred` holds for the job's chunk states.
+    async fn wait_chunks(
+        &self,
+        job: &str,
+        what: &str,
+        pred: impl Fn(&std::collections::BTreeMap<ChunkId, ChunkState>) -> Option<ChunkId>,
+    ) -> ChunkId {
+        let store = self.store().await;
+        let job = JobId::parse(job).unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(c) = pred(&store.chunk_states(&job).await.unwrap()) {
+                return c;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.workers {
+            let _ = Command::new("kill")
+                .args(["-s", "CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = &mut self.coordinator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        } else {
+            eprintln!("cluster logs kept in {}", self.logs.display());
+        }
+    }
+}
+
+/// A skewed table: dense ids, then a sparse tail of huge ones.
+async fn skewed(db: &TestDb, rows: u64) {
+    db.exec(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, grp int, amount numeric(12,2), note text, at timestamptz);
+         INSERT INTO t SELECT CASE WHEN g <= {dense} THEN g ELSE g::bigint * 1000003 END, g % 7,
+                (g % 100000) / 100.0, repeat(md5(g::text), 2), '2024-01-01'::timestamptz + g * interval '1 second'
+           FROM generate_series(1, {rows}) g;
+         ANALYZE t;",
+        dense = rows * 9 / 10
+    ))
+    .await;
+}
+
+fn chunk_manifests(dest: &TempDest, job: &str) -> Vec<ChunkManifest> {
+    let dir = dest.0.join(format!("_haul/jobs/{job}/chunks"));
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn running_on(
+    worker: &str,
+) -> impl Fn(&std::collections::BTreeMap<ChunkId, ChunkState>) -> Option<ChunkId> {
+    let worker = worker.to_owned();
+    move |s| {
+        s.iter()
+            .find(|(_, st)| matches!(st, ChunkState::Running { worker: w, .. } if w.0 == worker))
+            .map(|(c, _)| *c)
+    }
+}
+
+fn committed_at_least(
+    n: usize,
+) -> impl Fn(&std::collections::BTreeMap<ChunkId, ChunkState>) -> Option<ChunkId> {
+    move |s| {
+        let done: Vec<_> = s
+            .iter()
+            .filter(|(_, st)| matches!(st, ChunkState::Committed { .. }))
+            .collect();
+        (done.len() >= n).then(|| *done[0].0)
+    }
+}
+
+fn submit_args<'a>(dsn: &'a str, dest: &'a str, job: &'a str, chunk_rows: &'a str) -> Vec<&'a str> {
+    vec![
+        "submit",
+        "--source",
+        dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest,
+        "--job-id",
+        job,
+        "--chunk-rows",
+        chunk_rows,
+    ]
+}
+
+#[tokio::test]
+async fn two_worker_processes_extract_a_skewed_million_rows() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 1_000_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(Some("s3cr3t-t0ken"));
+    cl.start_worker("w1", &["--slots", "2"]);
+    cl.start_worker("w2", &["--slots", "2"]);
+    cl.wait_workers(2);
+
+    // the password is used, never shown
+    let dsn = db.dsn.replacen("postgres@", "postgres:pg-pa55word@", 1);
+    let mut args = submit_args(&dsn, &dest.0.to_str().unwrap(), "e2e", "100000");
+    args.extend(["--partition-by", "at:day", "--wait"]);
+    let out = cl.haul_ok(&args);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    let digest = assert_same(&db.client, "t", &dest.0.join("t")).await;
+    assert_eq!(digest.rows, 1_000_000);
+
+    let jobs = cl.haul_ok(&["jobs"]);
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with("e2e ") && l.contains("succeeded") && l.contains("1000000")),
+        "{jobs}"
+    );
+    let status = cl.haul_ok(&["status", "e2e"]);
+    assert!(status.contains("rows:      1000000"), "{status}");
+    assert!(
+        status.contains("postgres:***@") || !status.contains("pg-pa55word"),
+        "{status}"
+    );
+    let workers = cl.haul_ok(&["workers"]);
+    let lines: Vec<_> = workers
+        .lines()
+        .filter(|l| l.starts_with("w1 ") || l.starts_with("w2 "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{workers}");
+    let chunks: u64 = lines
+        .iter()
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        chunks as usize,
+        chunk_manifests(&dest, "e2e").len(),
+        "{workers}"
+    );
+    for l in &lines {
+        assert!(l.ends_with(" active") && l.contains(" 2 "), "{l}");
+    }
+    assert!(
+        !cl.logs().contains("pg-pa55word"),
+        "a log shows the source password"
+    );
+    assert!(!cl.logs().contains("s3cr3t-t0ken"), "a log shows the token");
+
+    // the token is required
+    let mut no_token = cl.command(&["jobs"]);
+    no_token.env_remove("HAUL_TOKEN");
+    let out = no_token.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bearer token"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_worker_chunk_is_redone_by_the_other() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "killw",
+        "20000",
+    ));
+    let chunk = cl
+        .wait_chunks("killw", "a chunk on w1", running_on("w1"))
+        .await;
+    cl.worker("w1").kill().unwrap(); // SIGKILL, mid-chunk
+    cl.worker("w1").wait().unwrap();
+
+    cl.haul_ok(&["watch", "killw"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let m = chunk_manifests(&dest, "killw");
+    let redone = m.iter().find(|m| m.chunk == chunk).unwrap();
+    assert_eq!(
+        redone.worker.0, "w2",
+        "the killed worker's chunk was committed by the other"
+    );
+    assert!(redone.epoch.0 >= 2, "under a new lease");
+}
+
+#[tokio::test]
+async fn a_paused_zombie_worker_cannot_commit() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    // a short AMQP heartbeat, so the broker notices the frozen worker and redelivers
+    let amqp = format!("{}?heartbeat=2", amqp_url());
+    cl.start_worker("zombie", &["--amqp", &amqp]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "zomb",
+        "20000",
+    ));
+    let chunk = cl
+        .wait_chunks("zomb", "a chunk on the zombie", running_on("zombie"))
+        .await;
+    cl.signal("zombie", "STOP");
+    // its lease expires, the broker redelivers, and the other worker commits the chunk
+    cl.wait_chunks("zomb", "the other worker to commit the chunk", move |s| {
+        matches!(s.get(&chunk), Some(ChunkState::Committed { .. })).then_some(chunk)
+    })
+    .await;
+    cl.signal("zombie", "CONT");
+    cl.haul_ok(&["watch", "zomb"]);
+
+    // the zombie finds its lease gone and cleans up after itself
+    let t0 = Instant::now();
+    while !cl.log_of("zombie").contains("lease") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the zombie never noticed:\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let staged = files_under(&dest.0.join("_haul/staging"));
+    assert!(staged.is_empty(), "staging files left: {staged:?}");
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let m = chunk_manifests(&dest, "zomb");
+    let c = m.iter().find(|m| m.chunk == chunk).unwrap();
+    assert_eq!(c.worker.0, "w2");
+    assert!(c.epoch.0 >= 2);
+    assert!(
+        cl.worker("zombie").try_wait().unwrap().is_none(),
+        "the zombie crashed"
+    );
+}
+
+#[tokio::test]
+async fn a_poison_chunk_is_dead_lettered_after_the_delivery_limit() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE FUNCTION poison_check(bigint) RETURNS bool LANGUAGE plpgsql AS $$
+         BEGIN
+           IF $1 = 20000 THEN
+             RAISE EXCEPTION 'poisoned row %', $1 USING ERRCODE = '40001';
+           END IF;
+           RETURN true;
+         END $$;
+         CREATE DOMAIN poison_t AS bigint CHECK (poison_check(VALUE));
+         CREATE TABLE t (id bigint PRIMARY KEY, v bigint);
+         INSERT INTO t SELECT g, g FROM generate_series(1, 50000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "poison", "5000");
+    args.extend(["--cast", "v=poison_t", "--wait"]);
+    let out = cl.haul(&args);
+    assert!(!out.status.success(), "a job with a poison chunk succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("poisoned row") && err.contains("attempt 3 of 3"),
+        "{err}"
+    );
+
+    let store = cl.store().await;
+    let states = store
+        .chunk_states(&JobId::parse("poison").unwrap())
+        .await
+        .unwrap();
+    let failed: Vec<_> = states
+        .iter()
+        .filter(|(_, s)| matches!(s, ChunkState::Failed { .. }))
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(failed.len(), 1, "{states:?}");
+    assert!(err.contains(&format!("chunk {}", failed[0])), "{err}");
+    assert!(
+        states
+            .iter()
+            .filter(|(c, _)| **c != failed[0])
+            .all(|(_, s)| matches!(s, ChunkState::Committed { .. })),
+        "the other chunks complete: {states:?}"
+    );
+
+    // exactly one message in the dead-letter queue: the poison chunk's task
+    let q = haul_shared::rabbit_queue::RabbitQueue::connect(&amqp_url(), &cl.queue, 3)
+        .await
+        .unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        dead.extend(
+            haul_shared::queue::ChunkQueue::drain_dead_letters(&q)
+                .await
+                .unwrap(),
+        );
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    let task = haul_shared::proto::Task::decode(&dead[0]).unwrap();
+    assert_eq!(task.chunk_id, failed[0]);
+    let tries: usize = ["w1", "w2"]
+        .iter()
+        .map(|w| cl.log_of(w).matches("poisoned row").count())
+        .sum();
+    assert_eq!(tries, 3, "three attempts, each logged once:\n{}", cl.logs());
+    for w in ["w1", "w2"] {
+        assert!(cl.worker(w).try_wait().unwrap().is_none(), "{w} crashed");
+    }
+}
+
+#[tokio::test]
+async fn a_drained_worker_finishes_its_chunk_and_exits_zero() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "drainj",
+        "20000",
+    ));
+    let chunk = cl
+        .wait_chunks("drainj", "a chunk on w1", running_on("w1"))
+        .await;
+    cl.haul_ok(&["drain", "w1", "--wait"]);
+    let st = cl.worker("w1").wait().unwrap();
+    assert!(st.success(), "drained worker exited with {st}");
+
+    cl.haul_ok(&["watch", "drainj"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let m = chunk_manifests(&dest, "drainj");
+    let c = m.iter().find(|m| m.chunk == chunk).unwrap();
+    assert_eq!(
+        c.worker.0, "w1",
+        "the in-flight chunk finished on the drained worker"
+    );
+    assert!(
+        m.iter().all(|m| m.epoch.0 == 1),
+        "no chunk was redelivered: {m:?}"
+    );
+    assert!(
+        !cl.haul_ok(&["workers"]).contains("w1 "),
+        "the drained worker deregistered"
+    );
+}
+
+#[tokio::test]
+async fn the_job_survives_a_broker_connection_blip() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "blip",
+        "10000",
+    ));
+    cl.wait_chunks("blip", "two committed chunks", committed_at_least(2))
+        .await;
+    let st = Command::new("rabbitmqctl")
+        .args(["-q", "close_all_connections", "haul test: broker blip"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    cl.haul_ok(&["watch", "blip"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    for w in ["w1", "w2"] {
+        assert!(
+            cl.worker(w).try_wait().unwrap().is_none(),
+            "{w} died with the connection"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_carries_on() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+
+    // without a snapshot, the job carries on under the new coordinator
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "restart1", "10000");
+    args.push("--no-snapshot");
+    cl.haul_ok(&args);
+    cl.wait_chunks("restart1", "two committed chunks", committed_at_least(2))
+        .await;
+    cl.kill_coordinator();
+    cl.start_coordinator();
+    cl.haul_ok(&["watch", "restart1"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+
+    // with one, the snapshot died with the coordinator: the job fails saying how to
+    // finish it, and finishes under a fresh snapshot
+    let dest2 = TempDest::new();
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest2.0.to_str().unwrap(),
+        "restart2",
+        "10000",
+    ));
+    cl.wait_chunks("restart2", "two committed chunks", committed_at_least(2))
+        .await;
+    cl.kill_coordinator();
+    cl.start_coordinator();
+    let out = cl.haul(&["watch", "restart2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("--resume restart2 --fresh-snapshot"), "{err}");
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &db.dsn,
+        "--dest",
+        dest2.0.to_str().unwrap(),
+        "--resume",
+        "restart2",
+        "--fresh-snapshot",
+        "--wait",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_same(&db.client, "t", &dest2.0.join("t")).await;
+}
+
+#[tokio::test]
+async fn pause_resume_and_cancel() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 100_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "pj",
+        "5000",
+    ));
+    let paused = cl.haul_ok(&["pause", "pj"]);
+    assert!(paused.contains("state:     paused"), "{paused}");
+    // the queued chunks are parked, not run
+    cl.wait_chunks("pj", "parked chunks", |s| {
+        s.iter()
+            .find(|(_, st)| **st == ChunkState::Parked)
+            .map(|(c, _)| *c)
+    })
+    .await;
+    let store = cl.store().await;
+    let id = JobId::parse("pj").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = store.chunk_states(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = store.chunk_states(&id).await.unwrap();
+    let done = |s: &std::collections::BTreeMap<ChunkId, ChunkState>| {
+        s.values()
+            .filter(|st| matches!(st, ChunkState::Committed { .. }))
+            .count()
+    };
+    assert_eq!(done(&before), done(&after), "chunks ran while paused");
+    assert!(done(&after) < after.len());
+    let out = cl.haul(&["pause", "pj"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only when running"),
+        "{out:?}"
+    );
+    cl.haul_ok(&["resume", "pj"]);
+    cl.haul_ok(&["watch", "pj"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+
+    let dest2 = TempDest::new();
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest2.0.to_str().unwrap(),
+        "cj",
+        "5000",
+    ));
+    let c = cl.haul_ok(&["cancel", "cj"]);
+    assert!(c.contains("state:     cancelled"), "{c}");
+    let out = cl.haul(&["watch", "cj"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    assert!(!dest2.0.join("t/_manifest.json").exists());
+    assert!(cl.worker("w1").try_wait().unwrap().is_none());
+    let _ = store.get_job(&id).await.unwrap();
+}
