@@ -31,6 +31,8 @@ struct Cluster {
     queue: String,
     prefix: String,
     token: Option<String>,
+    /// PEM certificate and key the coordinator serves TLS with.
+    tls: Option<(String, String)>,
     logs: PathBuf,
     coordinator: Option<Child>,
     workers: Vec<(String, Child)>,
@@ -40,6 +42,10 @@ struct Cluster {
 
 impl Cluster {
     fn new(token: Option<&str>) -> Self {
+        Self::with(token, None)
+    }
+
+    fn with(token: Option<&str>, tls: Option<(String, String)>) -> Self {
         let port = free_port();
         let queue = unique("haul_cq");
         let prefix = format!("{}:", unique("haul_ck"));
@@ -48,11 +54,16 @@ impl Cluster {
         let queues = QueuesGuard::default();
         queues.0.lock().unwrap().push(queue.clone());
         let mut c = Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: if tls.is_some() {
+                format!("https://127.0.0.1:{port}")
+            } else {
+                format!("http://127.0.0.1:{port}")
+            },
             port,
             queue,
             prefix: prefix.clone(),
             token: token.map(str::to_owned),
+            tls,
             logs,
             coordinator: None,
             workers: Vec::new(),
@@ -89,8 +100,12 @@ impl Cluster {
 
     fn start_coordinator(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
+        let mut args = vec!["coordinator", "--listen", &listen, "--parallelism", "2"];
+        if let Some((cert, key)) = &self.tls {
+            args.extend(["--tls-cert", cert, "--tls-key", key]);
+        }
         let child = self
-            .command(&["coordinator", "--listen", &listen, "--parallelism", "2"])
+            .command(&args)
             .stdout(self.log_file("coordinator"))
             .stderr(self.log_file("coordinator"))
             .spawn()
@@ -746,4 +761,97 @@ async fn pause_resume_and_cancel() {
     assert!(!dest2.0.join("t/_manifest.json").exists());
     assert!(cl.worker("w1").try_wait().unwrap().is_none());
     let _ = store.get_job(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_with_a_token() {
+    let _broker = BROKER.write().await;
+    let certs = std::env::temp_dir().join(unique("haul_tls"));
+    std::fs::create_dir_all(&certs).unwrap();
+    // a CA, and a server certificate for 127.0.0.1 signed by it
+    let (ca, cert, key) = (
+        certs.join("ca.pem"),
+        certs.join("cert.pem"),
+        certs.join("key.pem"),
+    );
+    std::fs::write(
+        certs.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<String>> = vec![
+        ["req", "-x509", "-days", "1", "-subj", "/CN=haul-test-ca"]
+            .iter()
+            .chain(&ec)
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
+            .collect(),
+        ["req", "-subj", "/CN=localhost"]
+            .iter()
+            .chain(&ec)
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("key.pem"), "-out".into(), p("cert.csr")])
+            .collect(),
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-days".into(),
+            "1".into(),
+            "-in".into(),
+            p("cert.csr"),
+            "-CA".into(),
+            p("ca.pem"),
+            "-CAkey".into(),
+            p("ca.key"),
+            "-CAcreateserial".into(),
+            "-extfile".into(),
+            p("ext.cnf"),
+            "-out".into(),
+            p("cert.pem"),
+        ],
+    ];
+    for step in steps {
+        let out = Command::new("openssl").args(&step).output().unwrap();
+        assert!(out.status.success(), "openssl {step:?}: {out:?}");
+    }
+    let tls = (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    );
+    let mut cl = Cluster::with(Some("tls-t0ken"), Some(tls));
+    let ca = ca.to_str().unwrap().to_owned();
+    cl.start_worker("w1", &["--tls-ca", &ca]);
+    let t0 = Instant::now();
+    loop {
+        let out = cl.haul(&["workers", "--tls-ca", &ca]);
+        if String::from_utf8_lossy(&out.stdout).contains(" active") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no worker over TLS: {out:?}\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let db = TestDb::new().await;
+    skewed(&db, 20_000).await;
+    let dest = TempDest::new();
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "tlsjob", "5000");
+    args.extend(["--wait", "--tls-ca", &ca]);
+    cl.haul_ok(&args);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+
+    // a client that does not trust the certificate is refused
+    let out = cl.haul(&["jobs"]);
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&certs);
 }
