@@ -163,6 +163,9 @@ pub struct CoordinatorArgs {
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
     #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4)]
     pub parallelism: usize,
+    /// Serve Prometheus metrics on http://<addr>/metrics.
+    #[arg(long, env = "HAUL_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -183,6 +186,9 @@ pub struct WorkerArgs {
     /// On drain, abort chunks still running after this many seconds (default: wait for them).
     #[arg(long, env = "HAUL_DRAIN_GRACE_SECS")]
     pub drain_grace_secs: Option<u64>,
+    /// Serve Prometheus metrics on http://<addr>/metrics.
+    #[arg(long, env = "HAUL_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]

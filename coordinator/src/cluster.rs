@@ -52,6 +52,8 @@ pub struct CoordinatorOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Chunks extracted at once across the cluster (workers × slots), for planning.
     pub parallelism: usize,
+    /// Serve Prometheus metrics on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +250,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            if ticks % 10 == 0 {
+            if ticks.is_multiple_of(10) {
                 // the object store is the truth about what is committed: a chunk state
                 // lost or overwritten in Redis is restored from the chunk manifests
                 self.reconcile(&id, &dest, &mut states).await;
@@ -326,6 +328,80 @@ impl Coordinator {
         if let Some(h) = holder {
             let _ = h.client.batch_execute("COMMIT").await;
         }
+    }
+
+    /// Prometheus text: jobs by state, progress of unfinished jobs, workers by state,
+    /// and the chunk queue's depth (what an autoscaler scales workers on).
+    async fn metrics(&self) -> String {
+        let mut t = haul_shared::metrics::Text::default();
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut open = Vec::new();
+        for id in self.store.list_jobs().await.unwrap_or_default() {
+            if let Ok(Some(j)) = self.store.get_job(&id).await {
+                *by_state.entry(j.state.name()).or_default() += 1;
+                if !j.state.is_terminal() {
+                    let chunks = self.store.chunk_states(&id).await.unwrap_or_default();
+                    open.push(job_status(&j, &chunks));
+                }
+            }
+        }
+        t.family("haul_jobs", "gauge", "Jobs recorded, by state.");
+        for (state, n) in &by_state {
+            t.sample("haul_jobs", &[("state", state)], *n as f64);
+        }
+        t.family(
+            "haul_job_chunks",
+            "gauge",
+            "Chunks of unfinished jobs, by state.",
+        );
+        for j in &open {
+            let pending = j.chunks_total - j.chunks_done - j.chunks_running - j.chunks_failed;
+            for (state, n) in [
+                ("committed", j.chunks_done),
+                ("running", j.chunks_running),
+                ("failed", j.chunks_failed),
+                ("pending", pending),
+            ] {
+                t.sample(
+                    "haul_job_chunks",
+                    &[("job", &j.job_id), ("state", state)],
+                    f64::from(n),
+                );
+            }
+        }
+        t.family(
+            "haul_job_rows_done",
+            "gauge",
+            "Rows in committed chunks of unfinished jobs.",
+        );
+        for j in &open {
+            t.sample(
+                "haul_job_rows_done",
+                &[("job", &j.job_id)],
+                j.rows_done as f64,
+            );
+        }
+        let mut workers: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (w, o) in self.store.workers().await.unwrap_or_default() {
+            *workers.entry(worker_state(&w, o, now_ms())).or_default() += 1;
+        }
+        t.family("haul_workers", "gauge", "Registered workers, by state.");
+        for (state, n) in &workers {
+            t.sample("haul_workers", &[("state", state)], *n as f64);
+        }
+        if let Ok(ready) = self.queue.ready_count().await {
+            t.family(
+                "haul_queue_ready_messages",
+                "gauge",
+                "Chunk tasks waiting in the queue.",
+            )
+            .sample(
+                "haul_queue_ready_messages",
+                &[("queue", &self.opts.queue)],
+                ready as f64,
+            );
+        }
+        t.finish()
     }
 
     async fn reconcile(&self, id: &JobId, dest: &Dest, states: &mut BTreeMap<ChunkId, ChunkState>) {
@@ -813,6 +889,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
     let coordinator = Coordinator::start(opts.clone(), shutdown.clone()).await?;
+    if let Some(addr) = opts.metrics_listen {
+        let c = Arc::clone(&coordinator);
+        let render: haul_shared::metrics::Render = Arc::new(move || {
+            let c = Arc::clone(&c);
+            Box::pin(async move { c.metrics().await })
+        });
+        haul_shared::metrics::spawn(addr, render, shutdown.clone())
+            .await
+            .map_err(|e| CoordinatorError::Serve(format!("cannot serve metrics on {addr}: {e}")))?;
+    }
     let api = Api(coordinator);
     let auth = RequireToken::new(opts.token.as_ref());
 

@@ -70,6 +70,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 token: a.token.map(Secret::new),
                 tls,
                 parallelism: a.parallelism.max(1),
+                metrics_listen: a.metrics_listen,
             };
             let shutdown = CancellationToken::new();
             let on_signal = shutdown.clone();
@@ -98,6 +99,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
                 max_attempts: a.cluster.max_attempts.max(1),
                 drain_grace: a.drain_grace_secs.map(Duration::from_secs),
+                metrics_listen: a.metrics_listen,
             };
             run_node(opts).await?;
         }

@@ -194,7 +194,7 @@ pub struct Prepared {
 /// The outcome of preparing a job.
 pub enum Preparation {
     /// The job had already succeeded; nothing to do.
-    AlreadyDone(JobManifest),
+    AlreadyDone(Box<JobManifest>),
     Ready(Box<Prepared>),
 }
 
@@ -212,7 +212,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         .get_json::<JobManifest>(&dest.job_manifest_path(&job))
         .await?
     {
-        return Ok(Preparation::AlreadyDone(m));
+        return Ok(Preparation::AlreadyDone(Box::new(m)));
     }
     let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
     match (&previous, opts.resume) {

@@ -9,6 +9,7 @@
 //! - [`redis_store`]: the Redis lease and job stores and worker registry, for the cluster.
 //! - [`workers`]: what the worker registry holds.
 //! - [`rpc`]: gRPC client channels and the bearer token.
+//! - [`metrics`]: Prometheus text on `/metrics`.
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod ids;
 pub mod jobs;
 pub mod lease;
+pub mod metrics;
 pub mod pg;
 pub mod proto;
 pub mod queue;

@@ -6,7 +6,7 @@ use prost::Message;
 use crate::{ChunkId, ChunkRange, JobId};
 
 /// Code generated from `proto/haul/v1/haul.proto`.
-#[allow(unreachable_pub, clippy::all)]
+#[allow(unreachable_pub, clippy::all, clippy::clone_on_ref_ptr)]
 pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/haul.v1.rs"));
 }

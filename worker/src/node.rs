@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use haul_shared::WorkerId;
 use haul_shared::lease::StoreError;
+use haul_shared::metrics;
 use haul_shared::pg::Secret;
 use haul_shared::proto::wire::membership_client::MembershipClient;
 use haul_shared::proto::wire::{HeartbeatRequest, WorkerRef};
@@ -42,6 +43,8 @@ pub struct NodeOptions {
     pub max_attempts: u32,
     /// How long a drain waits for chunks in flight before aborting them.
     pub drain_grace: Option<Duration>,
+    /// Serve Prometheus metrics on this address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,8 @@ pub enum NodeError {
     Rpc(#[from] RpcError),
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot serve metrics on {addr}: {reason}")]
+    Metrics { addr: String, reason: String },
 }
 
 /// This machine's name, for `haul workers`.
@@ -92,6 +97,21 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     };
     let progress = Arc::new(Progress::default());
     let ctl = Control::default();
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = opts.metrics_listen {
+        let (p, c, slots) = (Arc::clone(&progress), ctl.clone(), opts.slots);
+        let render: metrics::Render = Arc::new(move || {
+            let text = worker_metrics(&p, &c, slots);
+            Box::pin(async move { text })
+        });
+        metrics::spawn(addr, render, metrics_stop.clone())
+            .await
+            .map_err(|e| NodeError::Metrics {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
+    let _stop_metrics = metrics_stop.drop_guard();
     let mut work = tokio::spawn(run_worker(cfg, svc, Arc::clone(&progress), ctl.clone()));
     info!(worker_id = %id, slots = opts.slots, queue = %opts.queue, coordinator = %opts.coordinator.url, "worker started");
 
@@ -177,6 +197,52 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     }
     info!(worker_id = %id, chunks = progress.chunks_done.load(Ordering::Relaxed), "worker drained; exiting");
     Ok(())
+}
+
+fn worker_metrics(p: &Progress, ctl: &Control, slots: usize) -> String {
+    let mut t = metrics::Text::default();
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    t.family(
+        "haul_worker_chunks_done_total",
+        "counter",
+        "Chunks this worker committed (or found committed).",
+    )
+    .sample("haul_worker_chunks_done_total", &[], n(&p.chunks_done));
+    t.family(
+        "haul_worker_rows_read_total",
+        "counter",
+        "Rows read from the source, including chunks in flight.",
+    )
+    .sample("haul_worker_rows_read_total", &[], n(&p.rows));
+    t.family(
+        "haul_worker_source_bytes_total",
+        "counter",
+        "Bytes of binary COPY data read from the source.",
+    )
+    .sample("haul_worker_source_bytes_total", &[], n(&p.source_bytes));
+    t.family(
+        "haul_worker_chunks_in_flight",
+        "gauge",
+        "Chunks being extracted now.",
+    )
+    .sample("haul_worker_chunks_in_flight", &[], n(&p.in_flight));
+    t.family(
+        "haul_worker_slots",
+        "gauge",
+        "Chunks this worker extracts at once.",
+    )
+    .sample("haul_worker_slots", &[], slots as f64);
+    t.family(
+        "haul_worker_draining",
+        "gauge",
+        "1 while the worker drains.",
+    )
+    .sample(
+        "haul_worker_draining",
+        &[],
+        if ctl.drain.is_cancelled() { 1.0 } else { 0.0 },
+    );
+    t.finish()
 }
 
 fn start_drain(ctl: &Control, opts: &NodeOptions, grace_end: &mut Option<tokio::time::Instant>) {

@@ -28,6 +28,7 @@ fn free_port() -> u16 {
 struct Cluster {
     url: String,
     port: u16,
+    metrics_port: u16,
     queue: String,
     prefix: String,
     token: Option<String>,
@@ -60,6 +61,7 @@ impl Cluster {
                 format!("http://127.0.0.1:{port}")
             },
             port,
+            metrics_port: free_port(),
             queue,
             prefix: prefix.clone(),
             token: token.map(str::to_owned),
@@ -100,7 +102,16 @@ impl Cluster {
 
     fn start_coordinator(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
-        let mut args = vec!["coordinator", "--listen", &listen, "--parallelism", "2"];
+        let metrics = format!("127.0.0.1:{}", self.metrics_port);
+        let mut args = vec![
+            "coordinator",
+            "--listen",
+            &listen,
+            "--parallelism",
+            "2",
+            "--metrics-listen",
+            &metrics,
+        ];
         if let Some((cert, key)) = &self.tls {
             args.extend(["--tls-cert", cert, "--tls-key", key]);
         }
@@ -260,6 +271,24 @@ impl Drop for Cluster {
     }
 }
 
+/// `GET /metrics` on a local port.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of one sample line (`name{labels} value`) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A skewed table: dense ids, then a sparse tail of huge ones.
 async fn skewed(db: &TestDb, rows: u64) {
     db.exec(&format!(
@@ -343,13 +372,15 @@ async fn two_worker_processes_extract_a_skewed_million_rows() {
     skewed(&db, 1_000_000).await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(Some("s3cr3t-t0ken"));
-    cl.start_worker("w1", &["--slots", "2"]);
-    cl.start_worker("w2", &["--slots", "2"]);
+    let (m1, m2) = (free_port(), free_port());
+    let (m1s, m2s) = (format!("127.0.0.1:{m1}"), format!("127.0.0.1:{m2}"));
+    cl.start_worker("w1", &["--slots", "2", "--metrics-listen", &m1s]);
+    cl.start_worker("w2", &["--slots", "2", "--metrics-listen", &m2s]);
     cl.wait_workers(2);
 
     // the password is used, never shown
     let dsn = db.dsn.replacen("postgres@", "postgres:pg-pa55word@", 1);
-    let mut args = submit_args(&dsn, &dest.0.to_str().unwrap(), "e2e", "100000");
+    let mut args = submit_args(&dsn, dest.0.to_str().unwrap(), "e2e", "100000");
     args.extend(["--partition-by", "at:day", "--wait"]);
     let out = cl.haul_ok(&args);
     assert!(out.contains("state:     succeeded"), "{out}");
