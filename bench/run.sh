@@ -3,6 +3,8 @@
 # (the source's raw binary COPY limit and DuckDB's postgres scanner), in one run.
 # Not a test: it prints figures.
 #   bench/run.sh [ROWS] [extra haul run flags]      e.g.  bench/run.sh 10000000
+# With CLUSTER=1 it also runs the same extraction through a coordinator and two worker
+# processes (one slot each, like `haul run --workers 2`) and prints that beside the rest.
 # Regenerates `orders` only when its row count differs from ROWS.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,14 +12,40 @@ ROWS="${1:-1000000}"; shift || true
 PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
 RUNS="${RUNS:-3}"
 bash scripts/services.sh
-have=$(psql "$PGURL" -XtAc "SELECT CASE WHEN to_regclass('public.orders') IS NULL THEN -1 ELSE (SELECT count(*) FROM orders) END")
+have=-1
+if [ "$(psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL")" = t ]; then
+  have=$(psql "$PGURL" -XtAc "SELECT count(*) FROM orders")
+fi
 if [ "$have" != "$ROWS" ]; then
   echo "bench: generating orders with $ROWS rows" >&2
   PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
 fi
 cargo build --release --bin haul >&2
 OUT=$(mktemp -d /tmp/haul-bench.XXXX)
-trap 'rm -rf "$OUT"' EXIT
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$OUT"
+  if [ "${CLUSTER:-0}" = 1 ]; then
+    redis-cli --scan --pattern "haul:bench:$$:*" | xargs -r redis-cli del >/dev/null
+    for q in "haul.bench.$$" "haul.bench.$$.dlq"; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+  fi
+}
+trap cleanup EXIT
+cluster_times=()
+if [ "${CLUSTER:-0}" = 1 ]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  export HAUL_COORDINATOR="http://127.0.0.1:$port" HAUL_QUEUE="haul.bench.$$" HAUL_REDIS_PREFIX="haul:bench:$$:"
+  ./target/release/haul coordinator --listen "127.0.0.1:$port" --parallelism 2 --log warn &
+  PIDS+=($!)
+  sleep 1
+  for w in 1 2; do
+    ./target/release/haul worker --id "bench-w$w" --slots 1 --log warn &
+    PIDS+=($!)
+  done
+  sleep 3
+fi
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # interleaved, each after a `sync`, so no run pays for another's disk writeback
 haul_times=(); haul_rss=(); copy_times=(); duck_times=()
@@ -28,6 +56,12 @@ for i in $(seq 1 "$RUNS"); do
   read -r wall rss_kb < "$OUT/time"
   haul_times+=("$wall"); haul_rss+=("$rss_kb")
   parquet_bytes=$(du -sb "$OUT/lake/orders" | cut -f1)
+  if [ "${CLUSTER:-0}" = 1 ]; then
+    rm -rf "$OUT/lake"; sync
+    /usr/bin/time -f "%e" -o "$OUT/time" ./target/release/haul submit --source "$PGURL" --table public.orders \
+      --dest "file://$OUT/lake" --job-id "bench-$$-$i" --progress none --wait "$@" >/dev/null
+    cluster_times+=("$(cat "$OUT/time")")
+  fi
   rm -rf "$OUT/lake"; sync
   a=$(PGURL="$PGURL" bash bench/anchor.sh orders)
   copy_times+=("$(echo "$a" | awk '/copy_binary/ {sub("wall_s=","",$2); print $2}')")
@@ -37,12 +71,17 @@ haul_wall=$(printf '%s\n' "${haul_times[@]}" | median)
 haul_rss_mib=$(( $(printf '%s\n' "${haul_rss[@]}" | sort -n | tail -1) / 1024 ))
 copy_wall=$(printf '%s\n' "${copy_times[@]}" | median)
 duck_wall=$(printf '%s\n' "${duck_times[@]}" | median)
-python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" <<'PY'
+cluster_wall=0
+if [ "${#cluster_times[@]}" -gt 0 ]; then cluster_wall=$(printf '%s\n' "${cluster_times[@]}" | median); fi
+python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" "$cluster_wall" <<'PY'
 import sys
-rows, hw, rss, pb, cw, dw, runs = sys.argv[1:]
+rows, hw, rss, pb, cw, dw, runs, clw = sys.argv[1:]
+clw = float(clw)
 rows, hw, cw, dw = int(rows), float(hw), float(cw), float(dw)
 print(f"rows={rows} runs={runs} (median)")
 print(f"haul_run          wall_s={hw:.2f} rows_per_s={rows/hw:,.0f} peak_rss_mib={rss} parquet_mib={int(pb)/2**20:.0f}")
 print(f"copy_binary_2x    wall_s={cw:.2f}   haul/copy={hw/cw:.2f}")
 print(f"duckdb_scanner    wall_s={dw:.2f}   haul/duckdb={hw/dw:.2f}")
+if clw:
+    print(f"haul_cluster      wall_s={clw:.2f} rows_per_s={rows/clw:,.0f}   cluster/run={clw/hw:.2f} cluster/duckdb={clw/dw:.2f}")
 PY

@@ -105,10 +105,10 @@ pub struct DrainArgs {
     /// The worker id, as `haul workers` shows it.
     pub worker: String,
     /// Abort the worker's in-flight chunks and hand them back instead of letting them finish.
-    #[arg(long)]
+    #[arg(long, env = "HAUL_REQUEUE_IN_FLIGHT")]
     pub requeue_in_flight: bool,
     /// Wait until the worker has drained and left.
-    #[arg(long)]
+    #[arg(long, env = "HAUL_WAIT")]
     pub wait: bool,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -198,7 +198,7 @@ pub struct SubmitArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// Follow the job until it ends; exit non-zero with the reason if it fails.
-    #[arg(long)]
+    #[arg(long, env = "HAUL_WAIT")]
     pub wait: bool,
     /// Progress display with --wait.
     #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
@@ -273,10 +273,15 @@ pub struct JobArgs {
     #[arg(long, env = "HAUL_JOB_ID")]
     pub job_id: Option<String>,
     /// Finish an interrupted job: skip its committed chunks, extract the rest.
-    #[arg(long, value_name = "JOB", conflicts_with = "job_id")]
+    #[arg(
+        long,
+        env = "HAUL_RESUME",
+        value_name = "JOB",
+        conflicts_with = "job_id"
+    )]
     pub resume: Option<String>,
     /// With --resume: read the remaining chunks under a new snapshot (the old one died with its process).
-    #[arg(long, requires = "resume")]
+    #[arg(long, env = "HAUL_FRESH_SNAPSHOT", requires = "resume")]
     pub fresh_snapshot: bool,
     /// Do not export a snapshot: each chunk reads the table as of its own start (for sources that cannot export one).
     #[arg(long, env = "HAUL_NO_SNAPSHOT")]

@@ -78,6 +78,13 @@ pub struct Coordinator {
     shutdown: CancellationToken,
 }
 
+/// How often a job's driver looks at its chunk states ...
+const DRIVER_TICK: Duration = Duration::from_millis(100);
+/// ... and every how many looks it checks the destination and the leases (5 s).
+const RECONCILE_EVERY: u64 = 50;
+/// How often `Watch` looks for a change to stream.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -219,10 +226,14 @@ impl Coordinator {
         let mut closed = holder.as_ref().map(|h| h.closed.clone());
         let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
         let mut ticks: u64 = 0;
+        // last attempts whose lease was found gone at the previous check
+        let mut orphaned: std::collections::BTreeSet<ChunkId> = Default::default();
         let end: Option<JobState> = loop {
             ticks += 1;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // a cheap poll (two small Redis reads), so a job commits right after
+                // its last chunk
+                _ = tokio::time::sleep(DRIVER_TICK) => {}
                 // shutting down: the job stays recorded; the next coordinator decides
                 _ = stop.cancelled() => break None,
                 _ = async { closed.as_mut().expect("a holder").changed().await }, if snapshot.is_some() => {
@@ -250,10 +261,12 @@ impl Coordinator {
                     continue;
                 }
             };
-            if ticks.is_multiple_of(10) {
+            if ticks.is_multiple_of(RECONCILE_EVERY) {
                 // the object store is the truth about what is committed: a chunk state
                 // lost or overwritten in Redis is restored from the chunk manifests
                 self.reconcile(&id, &dest, &mut states).await;
+                self.fail_dead_last_attempts(&id, &mut states, &mut orphaned)
+                    .await;
             }
             // a failed chunk fails the job once the other chunks have ended, so that a
             // resume has only the failed ones left to do
@@ -402,6 +415,52 @@ impl Coordinator {
             );
         }
         t.finish()
+    }
+
+    /// A worker that dies during a chunk's last allowed attempt leaves nobody to record
+    /// the failure: the broker dead-letters the task. A chunk still `Running` its last
+    /// attempt with no lease at two checks in a row is failed here, so the job ends
+    /// instead of waiting for it forever.
+    async fn fail_dead_last_attempts(
+        &self,
+        id: &JobId,
+        states: &mut BTreeMap<ChunkId, ChunkState>,
+        orphaned: &mut std::collections::BTreeSet<ChunkId>,
+    ) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (chunk, st) in states.iter_mut() {
+            let ChunkState::Running { worker, attempt } = st else {
+                continue;
+            };
+            if *attempt < self.opts.max_attempts {
+                continue;
+            }
+            match haul_shared::lease::LeaseStore::holder(&self.store, &format!("{id}/{chunk}"))
+                .await
+            {
+                Ok(None) => {}
+                _ => continue,
+            }
+            if !orphaned.contains(chunk) {
+                seen.insert(*chunk);
+                continue;
+            }
+            let reason = format!(
+                "worker {worker} stopped during the last attempt ({attempt} of {}) and the task went to the dead-letter queue {}.dlq",
+                self.opts.max_attempts, self.opts.queue
+            );
+            warn!(job_id = %id, chunk_id = %chunk, %reason, "chunk failed");
+            let failed = ChunkState::Failed { reason };
+            if self
+                .store
+                .set_chunk_state(id, *chunk, &failed)
+                .await
+                .is_ok()
+            {
+                *st = failed;
+            }
+        }
+        *orphaned = seen;
     }
 
     async fn reconcile(&self, id: &JobId, dest: &Dest, states: &mut BTreeMap<ChunkId, ChunkState>) {
@@ -721,7 +780,7 @@ impl Jobs for Api {
                     if last.as_ref().is_some_and(|l| is_terminal(&l.state)) {
                         return None;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(WATCH_TICK).await;
                     match c.status(&id).await {
                         Ok(s) => next = Some(s),
                         Err(e) => return Some((Err(e), (c, id, None, last))),

@@ -171,6 +171,7 @@ pub async fn lease_suite<S: LeaseStore>(store: &S, prefix: &str) {
         "held lease is exclusive"
     );
     assert!(store.is_current(&l1).await.unwrap());
+    assert_eq!(store.holder(&key).await.unwrap(), Some(w1.clone()));
     assert!(store.renew(&l1, ttl).await.unwrap(), "current lease renews");
 
     // Expiry: another holder takes it with a larger epoch; the old one is fenced off.
@@ -178,6 +179,11 @@ pub async fn lease_suite<S: LeaseStore>(store: &S, prefix: &str) {
     assert!(
         !store.is_current(&l1).await.unwrap(),
         "expired lease is not current"
+    );
+    assert_eq!(
+        store.holder(&key).await.unwrap(),
+        None,
+        "nobody holds an expired lease"
     );
     let l2 = store
         .acquire(&key, &w2, ttl)

@@ -61,6 +61,8 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError>;
     /// Gives the lease up if still current; a no-op otherwise.
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Who holds an unexpired lease on `key`, if anyone.
+    async fn holder(&self, key: &str) -> Result<Option<WorkerId>, StoreError>;
 }
 
 /// The in-process lease store used by `haul run`.
@@ -131,6 +133,14 @@ impl LeaseStore for MemoryLeaseStore {
             g.held.remove(&lease.key);
         }
         Ok(())
+    }
+
+    async fn holder(&self, key: &str) -> Result<Option<WorkerId>, StoreError> {
+        let g = self.inner.lock().expect("lease lock");
+        Ok(g.held
+            .get(key)
+            .filter(|(_, _, exp)| *exp > Instant::now())
+            .map(|(h, _, _)| h.clone()))
     }
 }
 

@@ -249,6 +249,16 @@ impl LeaseStore for RedisStore {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn holder(&self, key: &str) -> Result<Option<WorkerId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = conn
+            .get(self.k(&format!("lease:{key}")))
+            .await
+            .map_err(unavailable)?;
+        // `<holder>|<epoch>`; holder ids may contain `|`, the epoch never does
+        Ok(v.and_then(|t| t.rsplit_once('|').map(|(h, _)| WorkerId(h.to_owned()))))
+    }
 }
 
 #[async_trait]

@@ -180,7 +180,15 @@ async fn handle(
                 .jobs
                 .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Pending)
                 .await;
-            settle(d.nack().await);
+            // a drain is not a failed attempt: queue a fresh copy (its delivery count
+            // starts again) and ack this one; a nack would count against the limit
+            match svc.queue.publish(d.body.clone()).await {
+                Ok(()) => settle(d.ack().await),
+                Err(e) => {
+                    warn!(error = %e, "could not queue the chunk again; returning it instead");
+                    settle(d.nack().await);
+                }
+            }
             return;
         }
         if result.is_err()

@@ -32,6 +32,8 @@ struct Cluster {
     queue: String,
     prefix: String,
     token: Option<String>,
+    /// Extra environment for every process (e.g. `HAUL_MAX_ATTEMPTS`).
+    env: Vec<(String, String)>,
     /// PEM certificate and key the coordinator serves TLS with.
     tls: Option<(String, String)>,
     logs: PathBuf,
@@ -43,10 +45,10 @@ struct Cluster {
 
 impl Cluster {
     fn new(token: Option<&str>) -> Self {
-        Self::with(token, None)
+        Self::with(token, None, &[])
     }
 
-    fn with(token: Option<&str>, tls: Option<(String, String)>) -> Self {
+    fn with(token: Option<&str>, tls: Option<(String, String)>, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let queue = unique("haul_cq");
         let prefix = format!("{}:", unique("haul_ck"));
@@ -65,6 +67,10 @@ impl Cluster {
             queue,
             prefix: prefix.clone(),
             token: token.map(str::to_owned),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             tls,
             logs,
             coordinator: None,
@@ -97,6 +103,7 @@ impl Cluster {
         if let Some(t) = &self.token {
             c.env("HAUL_TOKEN", t);
         }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -255,7 +262,7 @@ impl Drop for Cluster {
         for (_, c) in &mut self.workers {
             let _ = Command::new("kill")
                 .args(["-s", "CONT", &c.id().to_string()])
-                .status();
+                .output();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -417,11 +424,76 @@ async fn two_worker_processes_extract_a_skewed_million_rows() {
     for l in &lines {
         assert!(l.ends_with(" active") && l.contains(" 2 "), "{l}");
     }
+    // Prometheus metrics on every role agree with the outcome
+    let done: f64 = [m1, m2]
+        .iter()
+        .map(|p| sample(&scrape(*p), "haul_worker_chunks_done_total").unwrap())
+        .sum();
+    assert_eq!(done as u64, chunks);
+    let read: f64 = [m1, m2]
+        .iter()
+        .map(|p| sample(&scrape(*p), "haul_worker_rows_read_total").unwrap())
+        .sum();
+    assert_eq!(read as u64, 1_000_000, "no row was read twice");
+    let coord = scrape(cl.metrics_port);
+    assert_eq!(
+        sample(&coord, r#"haul_jobs{state="succeeded"}"#),
+        Some(1.0),
+        "{coord}"
+    );
+    assert_eq!(
+        sample(&coord, r#"haul_workers{state="active"}"#),
+        Some(2.0),
+        "{coord}"
+    );
+    assert!(coord.contains("haul_queue_ready_messages{"), "{coord}");
     assert!(
         !cl.logs().contains("pg-pa55word"),
         "a log shows the source password"
     );
     assert!(!cl.logs().contains("s3cr3t-t0ken"), "a log shows the token");
+
+    // gRPC health and reflection are served (without the token: probes and tools use them)
+    let ch = tonic::transport::Endpoint::from_shared(cl.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "haul.v1.Jobs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    {
+        use futures::StreamExt;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(ch)
+            .server_reflection_info(futures::stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            replies.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list from reflection");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        for want in ["haul.v1.Jobs", "haul.v1.Admin", "haul.v1.Membership"] {
+            assert!(names.iter().any(|n| n == want), "{names:?}");
+        }
+    }
 
     // the token is required
     let mut no_token = cl.command(&["jobs"]);
@@ -641,6 +713,12 @@ async fn a_drained_worker_finishes_its_chunk_and_exits_zero() {
         !cl.haul_ok(&["workers"]).contains("w1 "),
         "the drained worker deregistered"
     );
+
+    // SIGTERM drains too (what Kubernetes sends): the idle worker leaves and exits 0
+    cl.signal("w2", "TERM");
+    let st = cl.worker("w2").wait().unwrap();
+    assert!(st.success(), "SIGTERM-drained worker exited with {st}");
+    assert!(cl.log_of("w2").contains("SIGTERM"));
 }
 
 #[tokio::test]
@@ -663,9 +741,9 @@ async fn the_job_survives_a_broker_connection_blip() {
         .await;
     let st = Command::new("rabbitmqctl")
         .args(["-q", "close_all_connections", "haul test: broker blip"])
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    assert!(st.status.success(), "{st:?}");
     cl.haul_ok(&["watch", "blip"]);
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     for w in ["w1", "w2"] {
@@ -857,7 +935,7 @@ async fn tls_with_a_token() {
         cert.to_str().unwrap().to_owned(),
         key.to_str().unwrap().to_owned(),
     );
-    let mut cl = Cluster::with(Some("tls-t0ken"), Some(tls));
+    let mut cl = Cluster::with(Some("tls-t0ken"), Some(tls), &[]);
     let ca = ca.to_str().unwrap().to_owned();
     cl.start_worker("w1", &["--tls-ca", &ca]);
     let t0 = Instant::now();
@@ -885,4 +963,115 @@ async fn tls_with_a_token() {
     let out = cl.haul(&["jobs"]);
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+#[tokio::test]
+async fn a_worker_killed_on_the_last_attempt_fails_the_job_instead_of_hanging_it() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    // one attempt per chunk: a dead worker's task goes straight to the dead-letter queue
+    let mut cl = Cluster::with(None, None, &[("HAUL_MAX_ATTEMPTS", "1")]);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "lastgo",
+        "20000",
+    ));
+    let chunk = cl
+        .wait_chunks("lastgo", "a chunk on w1", running_on("w1"))
+        .await;
+    cl.worker("w1").kill().unwrap();
+    cl.worker("w1").wait().unwrap();
+
+    let out = cl.haul(&["watch", "lastgo"]);
+    assert!(
+        !out.status.success(),
+        "the job succeeded without chunk {chunk}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains(&format!("chunk {chunk} failed"))
+            && err.contains("stopped during the last attempt (1 of 1)"),
+        "{err}"
+    );
+    let states = cl
+        .store()
+        .await
+        .chunk_states(&JobId::parse("lastgo").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        states
+            .iter()
+            .all(|(c, s)| *c == chunk || matches!(s, ChunkState::Committed { .. })),
+        "the other chunks complete: {states:?}"
+    );
+
+    // finishing it redoes only that chunk, and the output is whole
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &db.dsn,
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--resume",
+        "lastgo",
+        "--fresh-snapshot",
+        "--wait",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+#[tokio::test]
+async fn a_drain_can_hand_in_flight_chunks_back_without_spending_an_attempt() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    // chunks that take seconds: a domain check that sleeps on every 5000th row
+    db.exec(
+        "CREATE FUNCTION slow_check(bigint) RETURNS bool LANGUAGE plpgsql AS $$
+         BEGIN
+           IF $1 % 5000 = 0 THEN PERFORM pg_sleep(1); END IF;
+           RETURN true;
+         END $$;
+         CREATE DOMAIN slow_t AS bigint CHECK (slow_check(VALUE));
+         CREATE TABLE t (id bigint PRIMARY KEY, v bigint, note text);
+         INSERT INTO t SELECT g, g, md5(g::text) FROM generate_series(1, 100000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    // one attempt per chunk: a handed-back chunk that counted as a failed attempt would
+    // go to the dead-letter queue and fail the job
+    let mut cl = Cluster::with(None, None, &[("HAUL_MAX_ATTEMPTS", "1")]);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "handback", "20000");
+    args.extend(["--cast", "v=slow_t"]);
+    cl.haul_ok(&args);
+    let chunk = cl
+        .wait_chunks("handback", "a chunk on w1", running_on("w1"))
+        .await;
+    cl.haul_ok(&["drain", "w1", "--requeue-in-flight", "--wait"]);
+    let st = cl.worker("w1").wait().unwrap();
+    assert!(st.success(), "drained worker exited with {st}");
+
+    cl.haul_ok(&["watch", "handback"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let m = chunk_manifests(&dest, "handback");
+    let c = m.iter().find(|m| m.chunk == chunk).unwrap();
+    assert_eq!(
+        c.worker.0, "w2",
+        "the handed-back chunk was redone by the other worker"
+    );
+    assert!(
+        cl.log_of("w1").contains("handing it back"),
+        "{}",
+        cl.log_of("w1")
+    );
 }
