@@ -24,7 +24,8 @@ cargo build --release --bin haul >&2
 OUT=$(mktemp -d /tmp/haul-bench.XXXX)
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # workers first (they deregister with the coordinator), then the coordinator
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill "${PIDS[$i]}" 2>/dev/null || true; sleep 0.2; done
   wait 2>/dev/null || true
   rm -rf "$OUT"
   if [ "${CLUSTER:-0}" = 1 ]; then
