@@ -85,6 +85,9 @@ const RECONCILE_EVERY: u64 = 50;
 /// How often `Watch` looks for a change to stream.
 const WATCH_TICK: Duration = Duration::from_millis(250);
 
+/// `haul workers` forgets a worker after an hour without a heartbeat.
+const FORGET_GONE_MS: i64 = 3_600_000;
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -117,6 +120,65 @@ fn store_status(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("job store: {e}"))
 }
 
+/// The lease that makes one coordinator per Redis prefix the active one.
+const LEADER_KEY: &str = "coordinator";
+const LEADER_TTL: Duration = Duration::from_secs(10);
+
+/// Waits until this process is the only active coordinator (a second one, e.g. during a
+/// rolling deploy, stands by until the first is gone), then keeps the lease renewed. If
+/// it is ever lost (this process was frozen past its TTL), `shutdown` fires: two
+/// coordinators must never drive the same jobs.
+async fn lead(store: &RedisStore, shutdown: &CancellationToken) -> Result<(), CoordinatorError> {
+    use haul_shared::lease::LeaseStore;
+    let me = WorkerId(format!(
+        "coordinator@{}-{}",
+        haul_worker::node::hostname(),
+        std::process::id()
+    ));
+    let mut waiting_logged = false;
+    let lease = loop {
+        if let Some(l) = store.acquire(LEADER_KEY, &me, LEADER_TTL).await? {
+            break l;
+        }
+        if !waiting_logged {
+            let other = store
+                .holder(LEADER_KEY)
+                .await?
+                .map(|h| h.0)
+                .unwrap_or_default();
+            info!(active = %other, "another coordinator is active on this Redis prefix; standing by");
+            waiting_logged = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(CoordinatorError::Serve("stopped while standing by".into())),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    info!(epoch = %lease.epoch, "this coordinator is the active one");
+    let (store, shutdown) = (store.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = store.release(&lease).await;
+                    return;
+                }
+                _ = tokio::time::sleep(LEADER_TTL / 4) => {}
+            }
+            match store.renew(&lease, LEADER_TTL).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!("lost the coordinator lease to another coordinator; stopping");
+                    shutdown.cancel();
+                    return;
+                }
+                Err(e) => warn!(error = %e, "renewing the coordinator lease failed; retrying"),
+            }
+        }
+    });
+    Ok(())
+}
+
 impl Coordinator {
     /// Connects to Redis and RabbitMQ and takes over the unfinished jobs recorded there.
     pub async fn start(
@@ -124,6 +186,7 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, CoordinatorError> {
         let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
+        lead(&store, &shutdown).await?;
         let queue =
             RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?;
         let c = Arc::new(Self {
@@ -156,7 +219,13 @@ impl Coordinator {
                     .await?;
                 continue;
             };
-            if let Some(snapshot) = &plan.snapshot {
+            let committed_chunks = match Dest::open(&rec.spec.dest, rec.spec.output.fsync) {
+                Ok(d) => d.chunk_manifests(&id).await.map(|m| m.len()).unwrap_or(0),
+                Err(_) => 0,
+            };
+            if let Some(snapshot) = &plan.snapshot
+                && committed_chunks < plan.chunks.len()
+            {
                 let reason = format!(
                     "the coordinator holding snapshot {snapshot} restarted, so the remaining chunks cannot read from it; finish the job with `haul submit --resume {id} --fresh-snapshot` (committed chunks are kept)"
                 );
@@ -854,15 +923,15 @@ impl Admin for Api {
         &self,
         _: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersReply>, Status> {
-        let workers = self
-            .0
-            .store
-            .workers()
-            .await
-            .map_err(store_status)?
-            .iter()
-            .map(|(r, o)| worker_info(r, *o))
-            .collect();
+        let mut workers = Vec::new();
+        for (r, o) in self.0.store.workers().await.map_err(store_status)? {
+            // a worker silent for an hour is forgotten (it was killed without draining)
+            if now_ms() - r.last_heartbeat_ms > FORGET_GONE_MS {
+                let _ = self.0.store.deregister(&r.id).await;
+                continue;
+            }
+            workers.push(worker_info(&r, o));
+        }
         Ok(Response::new(ListWorkersReply { workers }))
     }
 
@@ -947,7 +1016,12 @@ pub async fn serve(
     opts: CoordinatorOptions,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
-    let coordinator = Coordinator::start(opts.clone(), shutdown.clone()).await?;
+    let coordinator = match Coordinator::start(opts.clone(), shutdown.clone()).await {
+        Ok(c) => c,
+        // stopped while standing by for the active coordinator: nothing to clean up
+        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     if let Some(addr) = opts.metrics_listen {
         let c = Arc::clone(&coordinator);
         let render: haul_shared::metrics::Render = Arc::new(move || {

@@ -13,6 +13,8 @@
 //! | `<p>workers` | hash | worker id → its last heartbeat ([`WorkerRecord`], JSON) |
 //! | `<p>drains` | hash | worker id → the drain order left for it ([`DrainOrder`], JSON) |
 //!
+//! The coordinator's own lease (one active coordinator per prefix) is the lease `coordinator`.
+//!
 //! Lease operations are Lua scripts, so each is atomic on the server; expiry is the
 //! server's clock.
 

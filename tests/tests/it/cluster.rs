@@ -108,7 +108,25 @@ impl Cluster {
     }
 
     fn start_coordinator(&mut self) {
-        let listen = format!("127.0.0.1:{}", self.port);
+        let child = self.spawn_coordinator(self.port, "coordinator");
+        self.coordinator = Some(child);
+        self.wait_listening(self.port);
+    }
+
+    fn wait_listening(&self, port: u16) {
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "coordinator did not start:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn_coordinator(&self, port: u16, log: &str) -> Child {
+        let listen = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{}", self.metrics_port);
         let mut args = vec![
             "coordinator",
@@ -122,22 +140,11 @@ impl Cluster {
         if let Some((cert, key)) = &self.tls {
             args.extend(["--tls-cert", cert, "--tls-key", key]);
         }
-        let child = self
-            .command(&args)
-            .stdout(self.log_file("coordinator"))
-            .stderr(self.log_file("coordinator"))
+        self.command(&args)
+            .stdout(self.log_file(log))
+            .stderr(self.log_file(log))
             .spawn()
-            .unwrap();
-        self.coordinator = Some(child);
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "coordinator did not start:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .unwrap()
     }
 
     fn kill_coordinator(&mut self) {
@@ -172,6 +179,23 @@ impl Cluster {
             .status()
             .unwrap();
         assert!(st.success());
+    }
+
+    /// `haul submit --resume <job> --fresh-snapshot --wait`, which must succeed.
+    fn finish_under_a_fresh_snapshot(&self, dsn: &str, dest: &TempDest, job: &str) {
+        let dest = dest.0.to_str().unwrap();
+        let out = self.haul_ok(&[
+            "submit",
+            "--source",
+            dsn,
+            "--dest",
+            dest,
+            "--resume",
+            job,
+            "--fresh-snapshot",
+            "--wait",
+        ]);
+        assert!(out.contains("state:     succeeded"), "{out}");
     }
 
     /// Runs a `haul` client command against this cluster.
@@ -765,16 +789,41 @@ async fn a_restarted_coordinator_carries_on() {
     cl.start_worker("w2", &[]);
     cl.wait_workers(2);
 
+    // a second coordinator on the same Redis prefix stands by while the first is active
+    let standby_port = free_port();
+    let mut standby = cl.spawn_coordinator(standby_port, "standby");
+
     // without a snapshot, the job carries on under the new coordinator
     let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "restart1", "10000");
     args.push("--no-snapshot");
     cl.haul_ok(&args);
     cl.wait_chunks("restart1", "two committed chunks", committed_at_least(2))
         .await;
+    assert!(
+        cl.log_of("standby").contains("standing by"),
+        "{}",
+        cl.log_of("standby")
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", standby_port)).is_err(),
+        "the standby serves while another coordinator is active"
+    );
     cl.kill_coordinator();
-    cl.start_coordinator();
-    cl.haul_ok(&["watch", "restart1"]);
+    // the standby takes over once the dead one's lease expires
+    cl.wait_listening(standby_port);
+    let out = cl
+        .command(&["watch", "restart1"])
+        .env(
+            "HAUL_COORDINATOR",
+            format!("http://127.0.0.1:{standby_port}"),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", cl.logs());
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+    standby.kill().unwrap();
+    standby.wait().unwrap();
+    cl.start_coordinator();
 
     // with one, the snapshot died with the coordinator: the job fails saying how to
     // finish it, and finishes under a fresh snapshot
@@ -793,18 +842,7 @@ async fn a_restarted_coordinator_carries_on() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("--resume restart2 --fresh-snapshot"), "{err}");
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &db.dsn,
-        "--dest",
-        dest2.0.to_str().unwrap(),
-        "--resume",
-        "restart2",
-        "--fresh-snapshot",
-        "--wait",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
+    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest2, "restart2");
     assert_same(&db.client, "t", &dest2.0.join("t")).await;
 }
 
@@ -1013,18 +1051,7 @@ async fn a_worker_killed_on_the_last_attempt_fails_the_job_instead_of_hanging_it
     );
 
     // finishing it redoes only that chunk, and the output is whole
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &db.dsn,
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--resume",
-        "lastgo",
-        "--fresh-snapshot",
-        "--wait",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
+    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "lastgo");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
