@@ -12,5 +12,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, pyarro
   "$VENV/bin/pip" install -q duckdb==1.5.5 pyarrow==26.0.1
 fi
 export HAUL_TEST_PYTHON="$VENV/bin/python"
+# the TLS test makes its certificates with the openssl CLI
+if ! command -v openssl >/dev/null; then
+  SUDO=""; if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 cargo build --bin haul
 cargo test --workspace "$@"
