@@ -123,6 +123,8 @@ fn store_status(e: impl std::fmt::Display) -> Status {
 /// The lease that makes one coordinator per Redis prefix the active one.
 const LEADER_KEY: &str = "coordinator";
 const LEADER_TTL: Duration = Duration::from_secs(10);
+/// Set when this process lost the coordinator lease: it then exits with an error.
+static LEASE_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Waits until this process is the only active coordinator (a second one, e.g. during a
 /// rolling deploy, stands by until the first is gone), then keeps the lease renewed. If
@@ -169,6 +171,7 @@ async fn lead(store: &RedisStore, shutdown: &CancellationToken) -> Result<(), Co
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::error!("lost the coordinator lease to another coordinator; stopping");
+                    LEASE_LOST.store(true, std::sync::atomic::Ordering::SeqCst);
                     shutdown.cancel();
                     return;
                 }
@@ -295,6 +298,7 @@ impl Coordinator {
         let mut closed = holder.as_ref().map(|h| h.closed.clone());
         let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
         let mut ticks: u64 = 0;
+        let mut commit_failures = 0;
         // last attempts whose lease was found gone at the previous check
         let mut orphaned: std::collections::BTreeSet<ChunkId> = Default::default();
         let end: Option<JobState> = loop {
@@ -310,15 +314,15 @@ impl Coordinator {
                     break Some(JobState::Failed { reason: e.to_string() });
                 }
             }
-            let now = match self.store.get_job(&id).await {
-                Ok(Some(j)) => j,
+            let now = match self.store.job_state(&id).await {
+                Ok(Some(s)) => s,
                 Ok(None) => break None,
                 Err(e) => {
                     warn!(job_id = %id, error = %e, "job store unavailable; retrying");
                     continue;
                 }
             };
-            match now.state {
+            match now {
                 JobState::Running => {}
                 JobState::Paused | JobState::Planning => continue,
                 _ => break None,
@@ -376,6 +380,11 @@ impl Coordinator {
                     Ok(m) => {
                         info!(job_id = %id, rows = m.rows, files = m.files.len(), "job committed");
                         break Some(JobState::Succeeded);
+                    }
+                    Err(e) if other_class(&e).is_retryable() && commit_failures < 10 => {
+                        commit_failures += 1;
+                        warn!(job_id = %id, error = %e, "committing the job failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     Err(e) => {
                         break Some(JobState::Failed {
@@ -1072,6 +1081,11 @@ pub async fn serve(
         .serve_with_shutdown(opts.listen, shutdown.cancelled_owned())
         .await
         .map_err(|e| CoordinatorError::Serve(haul_shared::rpc::error_chain(&e)))?;
+    if LEASE_LOST.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(CoordinatorError::Serve(
+            "lost the coordinator lease to another coordinator (was this process frozen?)".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -295,4 +295,6 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
     };
     store.set_job_state(&id, &failed).await.unwrap();
     assert_eq!(store.get_job(&id).await.unwrap().unwrap().state, failed);
+    assert_eq!(store.job_state(&id).await.unwrap(), Some(failed));
+    assert_eq!(store.job_state(&JobId::generate()).await.unwrap(), None);
 }

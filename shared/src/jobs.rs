@@ -205,6 +205,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Creates or replaces a job record.
     async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
     async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError>;
+    /// Just the job's state: what pollers read, without the (possibly large) plan.
+    async fn job_state(&self, id: &JobId) -> Result<Option<JobState>, StoreError> {
+        Ok(self.get_job(id).await?.map(|j| j.state))
+    }
     async fn list_jobs(&self) -> Result<Vec<JobId>, StoreError>;
     async fn set_job_state(&self, id: &JobId, state: &JobState) -> Result<(), StoreError>;
     async fn set_chunk_state(

@@ -300,6 +300,15 @@ impl JobStore for RedisStore {
         Ok(Some(job))
     }
 
+    async fn job_state(&self, id: &JobId) -> Result<Option<JobState>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:state"));
+        let state: Option<String> = conn.get(&key).await.map_err(unavailable)?;
+        state
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(&key, e)))
+            .transpose()
+    }
+
     async fn list_jobs(&self) -> Result<Vec<JobId>, StoreError> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn.smembers(self.k("jobs")).await.map_err(unavailable)?;

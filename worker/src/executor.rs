@@ -186,10 +186,8 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
     }
     let epoch = c.lease.epoch;
     let staging = dest.staging_prefix(c.job_id, c.chunk, epoch);
-    let result = tokio::select! {
-        r = extract(&c, &staging) => r,
-        _ = c.cancel.cancelled() => Err(ChunkError::Cancelled),
-    };
+    // `extract` watches `c.cancel` itself, so that it can stop its writer first
+    let result = extract(&c, &staging).await;
     let files = match result {
         Ok(files) => files,
         Err(e) => {
@@ -274,30 +272,43 @@ async fn extract(
         decoder.schema(),
     )?;
     let stmt = copy_statement(c.plan, c.range);
-    let stream = client
-        .copy_out(stmt.as_str())
-        .await
-        .map_err(|e| SourceError::query("starting COPY", e))?;
-    pin_mut!(stream);
-    let mut batches = Vec::new();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| SourceError::query("reading COPY", e))?;
-        c.progress
-            .source_bytes
-            .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        decoder.push(&piece, &mut batches)?;
-        for b in batches.drain(..) {
+    let copy = async {
+        let stream = client
+            .copy_out(stmt.as_str())
+            .await
+            .map_err(|e| SourceError::query("starting COPY", e))?;
+        pin_mut!(stream);
+        let mut batches = Vec::new();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| SourceError::query("reading COPY", e))?;
+            c.progress
+                .source_bytes
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            decoder.push(&piece, &mut batches)?;
+            for b in batches.drain(..) {
+                c.progress
+                    .rows
+                    .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                writer.write(b).await?;
+            }
+        }
+        if let Some(b) = decoder.finish()? {
             c.progress
                 .rows
                 .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
             writer.write(b).await?;
         }
-    }
-    if let Some(b) = decoder.finish()? {
-        c.progress
-            .rows
-            .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-        writer.write(b).await?;
+        Ok::<_, ChunkError>(())
+    };
+    let copied = tokio::select! {
+        r = copy => r,
+        _ = c.cancel.cancelled() => Err(ChunkError::Cancelled),
+    };
+    if let Err(e) = copied {
+        // the writer's thread may be mid-file: let it stop before the caller deletes
+        // the staging prefix, so no part of this attempt is written after the cleanup
+        writer.abort().await;
+        return Err(e);
     }
     let files = writer.finish().await?;
     client

@@ -192,10 +192,10 @@ async fn handle(
             return;
         }
         if result.is_err()
-            && let Ok(Some(now)) = svc.jobs.get_job(&job.id).await
-            && now.state.is_terminal()
+            && let Ok(Some(now)) = svc.jobs.job_state(&job.id).await
+            && now.is_terminal()
         {
-            info!(state = ?now.state, "job ended while its chunk ran; dropping the task");
+            info!(state = ?now, "job ended while its chunk ran; dropping the task");
             settle(d.ack().await);
             return;
         }
@@ -357,8 +357,8 @@ async fn stop_when_job_ends(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
-        if let Ok(Some(j)) = jobs.get_job(&job).await
-            && j.state.is_terminal()
+        if let Ok(Some(state)) = jobs.job_state(&job).await
+            && state.is_terminal()
         {
             cancel.cancel();
             return;

@@ -118,6 +118,13 @@ impl ChunkWriter {
     }
 
     /// Closes every file and returns the staged parts.
+    /// Stops the writer and waits for its thread, whatever it had in hand, so that no
+    /// file of this attempt is written after this returns (the caller then removes them).
+    pub async fn abort(self) {
+        drop(self.tx);
+        let _ = self.join.await;
+    }
+
     pub async fn finish(self) -> Result<Vec<PartFile>, WriteError> {
         drop(self.tx);
         self.join
