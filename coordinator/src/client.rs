@@ -305,7 +305,16 @@ pub fn status_text(s: &JobStatus) -> String {
         s.bytes_done
     );
     if !s.snapshot.is_empty() {
-        out.push_str(&format!("snapshot:  {}\n", s.snapshot));
+        // an open snapshot holds back vacuum on the source: say for how long
+        let held = if matches!(s.state.as_str(), "planning" | "running" | "paused") {
+            format!(
+                " (held open for {})",
+                ago(s.submitted_at_ms).trim_end_matches(" ago")
+            )
+        } else {
+            String::new()
+        };
+        out.push_str(&format!("snapshot:  {}{held}\n", s.snapshot));
     }
     if !s.reason.is_empty() {
         out.push_str(&format!("reason:    {}\n", s.reason));

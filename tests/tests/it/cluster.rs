@@ -864,6 +864,10 @@ async fn pause_resume_and_cancel() {
     ));
     let paused = cl.haul_ok(&["pause", "pj"]);
     assert!(paused.contains("state:     paused"), "{paused}");
+    assert!(
+        paused.contains("held open for"),
+        "the snapshot's age is shown: {paused}"
+    );
     // the queued chunks are parked, not run
     cl.wait_chunks("pj", "parked chunks", |s| {
         s.iter()
