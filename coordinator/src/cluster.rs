@@ -17,7 +17,7 @@ use haul_shared::jobs::{ChunkState, JobRecord, JobSpec, JobState, JobStore, Outp
 use haul_shared::pg::{self, Secret, SourceError};
 use haul_shared::proto::Task;
 use haul_shared::proto::wire::{
-    self, DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
+    DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
     ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest, WorkerInfo, WorkerRef,
     admin_server::{Admin, AdminServer},
     jobs_server::{Jobs, JobsServer},
@@ -1088,6 +1088,3 @@ pub async fn serve(
     }
     Ok(())
 }
-
-#[allow(unused_imports)]
-use wire as _;
