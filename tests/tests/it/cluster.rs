@@ -333,6 +333,19 @@ async fn skewed(db: &TestDb, rows: u64) {
     .await;
 }
 
+/// A database with the skewed table `t`, a destination, and a cluster with two one-slot
+/// workers `w1` and `w2`, registered.
+async fn two_workers_on_skewed(rows: u64, env: &[(&str, &str)]) -> (TestDb, TempDest, Cluster) {
+    let db = TestDb::new().await;
+    skewed(&db, rows).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::with(None, None, env);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    (db, dest, cl)
+}
+
 fn chunk_manifests(dest: &TempDest, job: &str) -> Vec<ChunkManifest> {
     let dir = dest.0.join(format!("_haul/jobs/{job}/chunks"));
     std::fs::read_dir(dir)
@@ -533,13 +546,7 @@ async fn two_worker_processes_extract_a_skewed_million_rows() {
 #[tokio::test]
 async fn a_killed_worker_chunk_is_redone_by_the_other() {
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    skewed(&db, 200_000).await;
-    let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[]).await;
     cl.haul_ok(&submit_args(
         &db.dsn,
         dest.0.to_str().unwrap(),
@@ -701,13 +708,7 @@ async fn a_poison_chunk_is_dead_lettered_after_the_delivery_limit() {
 #[tokio::test]
 async fn a_drained_worker_finishes_its_chunk_and_exits_zero() {
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    skewed(&db, 200_000).await;
-    let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[]).await;
     cl.haul_ok(&submit_args(
         &db.dsn,
         dest.0.to_str().unwrap(),
@@ -748,13 +749,7 @@ async fn a_drained_worker_finishes_its_chunk_and_exits_zero() {
 #[tokio::test]
 async fn the_job_survives_a_broker_connection_blip() {
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    skewed(&db, 200_000).await;
-    let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[]).await;
     cl.haul_ok(&submit_args(
         &db.dsn,
         dest.0.to_str().unwrap(),
@@ -781,13 +776,7 @@ async fn the_job_survives_a_broker_connection_blip() {
 #[tokio::test]
 async fn a_restarted_coordinator_carries_on() {
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    skewed(&db, 200_000).await;
-    let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[]).await;
 
     // a second coordinator on the same Redis prefix stands by while the first is active
     let standby_port = free_port();
@@ -1010,14 +999,8 @@ async fn tls_with_a_token() {
 #[tokio::test]
 async fn a_worker_killed_on_the_last_attempt_fails_the_job_instead_of_hanging_it() {
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    skewed(&db, 200_000).await;
-    let dest = TempDest::new();
     // one attempt per chunk: a dead worker's task goes straight to the dead-letter queue
-    let mut cl = Cluster::with(None, None, &[("HAUL_MAX_ATTEMPTS", "1")]);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[("HAUL_MAX_ATTEMPTS", "1")]).await;
     cl.haul_ok(&submit_args(
         &db.dsn,
         dest.0.to_str().unwrap(),
