@@ -4,11 +4,11 @@
 //! (job manifest last). Restarted, it picks its jobs up again from Redis and the object
 //! store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -73,8 +73,6 @@ pub struct Coordinator {
     store: RedisStore,
     queue: Arc<RabbitQueue>,
     opts: CoordinatorOptions,
-    /// Jobs this process drives, each with the token that stops its driver.
-    drivers: Mutex<HashMap<JobId, CancellationToken>>,
     shutdown: CancellationToken,
 }
 
@@ -196,7 +194,6 @@ impl Coordinator {
             store,
             queue: Arc::new(queue),
             opts,
-            drivers: Mutex::default(),
             shutdown,
         });
         c.recover().await?;
@@ -222,10 +219,16 @@ impl Coordinator {
                     .await?;
                 continue;
             };
-            let committed_chunks = match Dest::open(&rec.spec.dest, rec.spec.output.fsync) {
-                Ok(d) => d.chunk_manifests(&id).await.map(|m| m.len()).unwrap_or(0),
-                Err(_) => 0,
+            // the destination is opened, and its chunk manifests listed, once
+            let dest = Dest::open(&rec.spec.dest, rec.spec.output.fsync);
+            let manifests = match &dest {
+                Ok(d) => Some(d.chunk_manifests(&id).await),
+                Err(_) => None,
             };
+            let committed_chunks = manifests
+                .as_ref()
+                .and_then(|m| m.as_ref().ok())
+                .map_or(0, Vec::len);
             if let Some(snapshot) = &plan.snapshot
                 && committed_chunks < plan.chunks.len()
             {
@@ -238,7 +241,7 @@ impl Coordinator {
                     .await?;
                 continue;
             }
-            let dest = match Dest::open(&rec.spec.dest, rec.spec.output.fsync) {
+            let dest = match dest {
                 Ok(d) => d,
                 Err(e) => {
                     let reason = format!("cannot open the destination again: {e}");
@@ -250,9 +253,8 @@ impl Coordinator {
             };
             if rec.state == JobState::Planning {
                 // its chunks may not all have been queued: queue what is not committed
-                let committed = dest
-                    .chunk_manifests(&id)
-                    .await
+                let committed = manifests
+                    .expect("listed once the destination opened")
                     .map_err(|e| CoordinatorError::Serve(e.to_string()))?
                     .into_iter()
                     .map(|m| (m.chunk, m))
@@ -270,16 +272,8 @@ impl Coordinator {
 
     fn spawn_driver(self: &Arc<Self>, rec: JobRecord, dest: Dest, holder: Option<pg::Session>) {
         let stop = self.shutdown.child_token();
-        self.drivers
-            .lock()
-            .expect("drivers lock")
-            .insert(rec.id.clone(), stop.clone());
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let id = rec.id.clone();
-            me.drive(rec, dest, holder, stop).await;
-            me.drivers.lock().expect("drivers lock").remove(&id);
-        });
+        tokio::spawn(async move { me.drive(rec, dest, holder, stop).await });
     }
 
     /// Follows one job to its end: requeues parked chunks while it runs, fails it when a
@@ -838,25 +832,16 @@ impl Jobs for Api {
         // one event now, then one whenever something changed, until the job ends
         let stream = futures::stream::unfold(
             (c, id, Some(first), None::<JobStatus>),
-            |(c, id, next, last)| async move {
-                let mut next = next;
+            |(c, id, mut next, last)| async move {
                 loop {
-                    if let Some(s) = next.take() {
-                        if last.as_ref() == Some(&s) {
-                            // unchanged: poll again
-                        } else {
-                            let terminal =
-                                matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled");
-                            let carry = (!terminal).then(|| s.clone());
-                            if last.as_ref().is_some_and(|l| is_terminal(&l.state)) {
-                                return None;
-                            }
-                            let last = if terminal { Some(s.clone()) } else { carry };
-                            return Some((Ok(s), (c, id, None, last)));
-                        }
-                    }
+                    // the last event sent was terminal: the stream ends
                     if last.as_ref().is_some_and(|l| is_terminal(&l.state)) {
                         return None;
+                    }
+                    if let Some(s) = next.take()
+                        && last.as_ref() != Some(&s)
+                    {
+                        return Some((Ok(s.clone()), (c, id, None, Some(s))));
                     }
                     tokio::time::sleep(WATCH_TICK).await;
                     match c.status(&id).await {
