@@ -351,6 +351,8 @@ fn chunk_manifests(dest: &TempDest, job: &str) -> Vec<ChunkManifest> {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
+        // a manifest being created is staged as `<chunk>.json#<n>` first
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
         .collect()
 }

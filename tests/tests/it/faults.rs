@@ -123,7 +123,11 @@ pub(crate) fn haul_bin() -> PathBuf {
 
 fn committed_chunks(dest: &TempDest, job: &str) -> usize {
     std::fs::read_dir(dest.0.join(format!("_haul/jobs/{job}/chunks")))
-        .map(|d| d.count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -186,6 +190,9 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
     for e in std::fs::read_dir(dest.0.join("_haul/jobs/killed/chunks"))
         .unwrap()
         .flatten()
+        // a manifest being created is staged as `<chunk>.json#<n>` first; like
+        // `Dest::chunk_manifests`, read only the committed `.json` files
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
     {
         let m: haul_worker::layout::ChunkManifest =
             serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
