@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use haul_shared::JobId;
-use haul_shared::jobs::{Compression, Granularity, JobSpec, OutputOptions, PartitionBy, Split};
+use haul_shared::jobs::{
+    Compression, Granularity, JobSpec, LoadSpec, OutputOptions, PartitionBy, Split,
+};
 use haul_shared::pg::Secret;
 
 use crate::progress::ProgressMode;
@@ -34,6 +36,8 @@ pub enum Cmd {
     Coordinator(CoordinatorArgs),
     /// Extract chunks from the queue (one process per machine; scale freely).
     Worker(WorkerArgs),
+    /// Serve Arrow Flight: load the chunks workers stream into a target Postgres, once each.
+    Loader(LoaderArgs),
     /// Submit a job to the coordinator (`--wait` follows it and sets the exit code).
     Submit(SubmitArgs),
     /// List the coordinator's jobs.
@@ -221,6 +225,42 @@ pub struct RunArgs {
     /// Chunk lease time-to-live in seconds (renewed every third of it).
     #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
     pub lease_ttl_secs: u64,
+    /// Also load the rows into this Postgres (an in-process loader), e.g. postgresql://host/warehouse.
+    #[arg(
+        long,
+        env = "HAUL_LOAD_TARGET",
+        hide_env_values = true,
+        conflicts_with = "load"
+    )]
+    pub load_target: Option<String>,
+    /// Schema of haul's load ledger tables in the target.
+    #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
+    pub ledger_schema: String,
+}
+
+#[derive(Args, Debug)]
+pub struct LoaderArgs {
+    /// Address to serve Arrow Flight on.
+    #[arg(long, env = "HAUL_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: std::net::SocketAddr,
+    /// Target Postgres DSN (the password is never logged).
+    #[arg(long, env = "HAUL_TARGET", hide_env_values = true)]
+    pub target: String,
+    /// Schema of haul's load ledger tables in the target.
+    #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
+    pub ledger_schema: String,
+    /// Require this bearer token on every RPC.
+    #[arg(long, env = "HAUL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// TLS certificate (PEM); with --tls-key, serve TLS.
+    #[arg(long, env = "HAUL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "HAUL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on http://<addr>/metrics.
+    #[arg(long, env = "HAUL_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What to extract and how: the flags `run` and `submit` share.
@@ -292,6 +332,19 @@ pub struct JobArgs {
     /// Local destinations: fsync part files and manifests before each commit (survives power loss).
     #[arg(long, env = "HAUL_FSYNC")]
     pub fsync: bool,
+    /// Also load every chunk into a target database through these loaders
+    /// (`flight://host:port`, `flight+tls://host:port`; comma-separated).
+    #[arg(long, env = "HAUL_LOAD", value_delimiter = ',')]
+    pub load: Vec<String>,
+    /// Table to load into (`schema.table`); the source table's name by default.
+    #[arg(long, env = "HAUL_TARGET_TABLE")]
+    pub target_table: Option<String>,
+    /// Create the target table from the source's columns if it does not exist.
+    #[arg(long, env = "HAUL_CREATE_TABLE")]
+    pub create_table: bool,
+    /// Empty the target table before the job loads its first chunk (not again on --resume).
+    #[arg(long, env = "HAUL_TRUNCATE_FIRST")]
+    pub truncate_first: bool,
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -387,6 +440,22 @@ impl TryFrom<JobArgs> for JobRequest {
             .map(JobId::parse)
             .transpose()?;
         haul_shared::pg::parse_dsn(&Secret::new(a.source.clone())).map_err(|e| e.to_string())?;
+        let endpoints = a
+            .load
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| haul_worker::load_client::flight_url(e).map_err(|m| format!("--load {m}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let load = (!endpoints.is_empty()
+            || a.target_table.is_some()
+            || a.create_table
+            || a.truncate_first)
+            .then(|| LoadSpec {
+                endpoints,
+                target_table: a.target_table.unwrap_or_default(),
+                create_table: a.create_table,
+                truncate_first: a.truncate_first,
+            });
         Ok(JobRequest {
             spec: JobSpec {
                 source: Secret::new(a.source),
@@ -411,6 +480,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     fsync: a.fsync,
                 },
                 use_snapshot: !a.no_snapshot,
+                load,
             },
             job_id,
             resume: a.resume.is_some(),
@@ -427,7 +497,22 @@ impl TryFrom<RunArgs> for RunOptions {
         if a.workers == 0 {
             return Err("--workers must be at least 1".into());
         }
-        let j = JobRequest::try_from(a.job)?;
+        let mut j = JobRequest::try_from(a.job)?;
+        if let Some(t) = &a.load_target {
+            haul_shared::pg::parse_dsn(&Secret::new(t.clone()))
+                .map_err(|e| format!("--load-target: {e}"))?;
+            j.spec.load.get_or_insert_with(|| LoadSpec {
+                endpoints: Vec::new(),
+                target_table: String::new(),
+                create_table: false,
+                truncate_first: false,
+            });
+        } else if j.spec.load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
+            return Err(
+                "--target-table, --create-table and --truncate-first need --load or --load-target"
+                    .into(),
+            );
+        }
         Ok(RunOptions {
             spec: j.spec,
             job_id: j.job_id,
@@ -438,6 +523,8 @@ impl TryFrom<RunArgs> for RunOptions {
             max_attempts: a.max_attempts.max(1),
             lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
             progress: a.progress,
+            load_target: a.load_target.map(Secret::new),
+            ledger_schema: a.ledger_schema,
         })
     }
 }

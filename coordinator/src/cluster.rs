@@ -782,6 +782,7 @@ fn spec_from_request(
         },
         output,
         use_snapshot: !r.no_snapshot,
+        load: None,
     };
     let popts = PrepareOptions {
         job_id,

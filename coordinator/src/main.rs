@@ -11,6 +11,7 @@ use haul_coordinator::cluster::{self, CoordinatorOptions};
 use haul_coordinator::progress::ProgressMode;
 use haul_coordinator::run::{RunOptions, run};
 use haul_shared::pg::Secret;
+use haul_worker::loader::{LoaderOptions, serve as serve_loader};
 use haul_worker::node::{NodeOptions, run_node};
 use tokio_util::sync::CancellationToken;
 
@@ -102,6 +103,33 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 metrics_listen: a.metrics_listen,
             };
             run_node(opts).await?;
+        }
+        Cmd::Loader(a) => {
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
+            let opts = LoaderOptions {
+                target: Secret::new(a.target),
+                ledger_schema: a.ledger_schema,
+                token: a.token.map(Secret::new),
+                tls: a.tls_cert.zip(a.tls_key),
+                metrics_listen: a.metrics_listen,
+            };
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                // a chunk being loaded is rolled back; its worker retries it
+                tracing::info!("loader stopping");
+                on_signal.cancel();
+            });
+            serve_loader(listener, opts, shutdown).await?;
         }
         Cmd::Submit(a) => {
             let j = JobRequest::try_from(a.job).map_err(anyhow::Error::msg)?;

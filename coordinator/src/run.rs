@@ -61,6 +61,12 @@ pub enum RunError {
         "interrupted; committed chunks are kept: run again with --resume {job} --fresh-snapshot to finish"
     )]
     Interrupted { job: JobId },
+    #[error(transparent)]
+    Load(#[from] haul_worker::load_client::LoadClientError),
+    #[error(transparent)]
+    Loader(#[from] haul_worker::loader::LoadError),
+    #[error("--load needs at least one loader address")]
+    NoLoaders,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -77,6 +83,10 @@ pub struct RunOptions {
     pub max_attempts: u32,
     pub lease_ttl: Duration,
     pub progress: ProgressMode,
+    /// Load into this Postgres through an in-process loader (`--load-target`).
+    pub load_target: Option<pg::Secret>,
+    /// Schema of the in-process loader's ledger tables.
+    pub ledger_schema: String,
 }
 
 /// What `plan.json` holds: enough to resume a job (the source DSN is not stored; the
@@ -136,6 +146,8 @@ pub struct JobSummary {
     /// The job had already succeeded; nothing was done.
     pub already_done: bool,
     pub manifest: String,
+    /// The table the rows were loaded into, with `--load`/`--load-target`.
+    pub loaded_into: Option<String>,
 }
 
 impl std::fmt::Display for JobSummary {
@@ -159,7 +171,11 @@ impl std::fmt::Display for JobSummary {
             secs,
             self.rows as f64 / secs,
             self.manifest
-        )
+        )?;
+        if let Some(t) = &self.loaded_into {
+            write!(f, "\nloaded: {} rows into {t}", self.rows)?;
+        }
+        Ok(())
     }
 }
 
@@ -399,8 +415,19 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
 }
 
 /// Runs a job to its end in this process.
-pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSummary, RunError> {
+pub async fn run(
+    mut opts: RunOptions,
+    interrupt: CancellationToken,
+) -> Result<JobSummary, RunError> {
     let started = Instant::now();
+    let loader_stop = CancellationToken::new();
+    let _stop_loader = loader_stop.clone().drop_guard();
+    if let Some(target) = &opts.load_target {
+        let url = start_local_loader(target, &opts.ledger_schema, loader_stop).await?;
+        if let Some(l) = opts.spec.load.as_mut() {
+            l.endpoints = vec![url];
+        }
+    }
     let prepare_opts = PrepareOptions {
         job_id: opts.job_id.clone(),
         resume: opts.resume,
@@ -420,10 +447,13 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 wall: started.elapsed(),
                 already_done: true,
                 manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
+                loaded_into: None,
             });
         }
         Preparation::Ready(p) => *p,
     };
+    let mut p = p;
+    prepare_load(&mut p, &haul_worker::load_client::LoadAuth::default()).await?;
     let Prepared {
         job,
         spec,
@@ -462,6 +492,7 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
                 slots: 1,
                 lease_ttl: opts.lease_ttl,
                 max_attempts: opts.max_attempts,
+                load_auth: Default::default(),
             };
             tokio::spawn(run_worker(
                 cfg,
@@ -539,7 +570,82 @@ pub async fn run(opts: RunOptions, interrupt: CancellationToken) -> Result<JobSu
         wall: started.elapsed(),
         already_done: false,
         manifest: format!("{}/{tdir}/_manifest.json", dest.url),
+        loaded_into: spec.load.as_ref().map(|l| l.target_table.clone()),
     })
+}
+
+/// Starts an in-process loader on a loopback port (`haul run --load-target`); it serves
+/// until `stop` fires. Returns its address.
+async fn start_local_loader(
+    target: &pg::Secret,
+    ledger_schema: &str,
+    stop: CancellationToken,
+) -> Result<String, RunError> {
+    use haul_worker::loader::{Loader, LoaderOptions, serve};
+    // fail here, before any work, if the target cannot take the ledger
+    Loader::new(target.clone(), ledger_schema)
+        .ensure_ledger()
+        .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| RunError::Internal(format!("binding the in-process loader: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| RunError::Internal(e.to_string()))?;
+    let opts = LoaderOptions {
+        target: target.clone(),
+        ledger_schema: ledger_schema.to_owned(),
+        token: None,
+        tls: None,
+        metrics_listen: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, opts, stop).await {
+            warn!(error = %e, "the in-process loader stopped");
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// With `--load`: names the target table (the source table's name unless given) and
+/// prepares the job on it through a loader — created, checked against the columns, and
+/// emptied if asked, once per job — before any chunk is queued.
+pub async fn prepare_load(
+    p: &mut Prepared,
+    auth: &haul_worker::load_client::LoadAuth,
+) -> Result<(), RunError> {
+    let Some(load) = p.spec.load.as_mut() else {
+        return Ok(());
+    };
+    if load.endpoints.is_empty() {
+        return Err(RunError::NoLoaders);
+    }
+    if load.target_table.is_empty() {
+        load.target_table = p.plan.table.quoted();
+    }
+    let schema = std::sync::Arc::new(p.plan.table.arrow_schema());
+    let req = haul_shared::proto::wire::PrepareLoad {
+        version: haul_shared::proto::LOAD_VERSION,
+        job_id: p.job.to_string(),
+        target_table: load.target_table.clone(),
+        arrow_schema: haul_worker::loader::schema_to_ipc(&schema)
+            .map_err(|e| RunError::Internal(format!("encoding the schema: {e}")))?
+            .to_vec(),
+        create_table: load.create_table,
+        truncate_first: load.truncate_first,
+    };
+    let client =
+        haul_worker::load_client::LoadClient::new(load, auth.token.clone(), auth.tls_ca.clone());
+    let reply = client.prepare(req).await?;
+    info!(
+        target = %reply.target_table,
+        created = reply.created,
+        truncated = reply.truncated,
+        resumed = reply.already_prepared,
+        "load target ready"
+    );
+    load.target_table = reply.target_table;
+    Ok(())
 }
 
 /// Records every chunk's state (committed ones as committed) and queues the rest.

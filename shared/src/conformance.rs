@@ -234,6 +234,7 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
             chunk_rows: 10,
             output: OutputOptions::default(),
             use_snapshot: true,
+            load: None,
         },
         plan: None,
         state: JobState::Planning,

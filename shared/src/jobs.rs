@@ -112,6 +112,23 @@ pub struct JobSpec {
     /// Read all chunks from one exported snapshot (the default). Without it, each chunk
     /// sees the table as of its own start.
     pub use_snapshot: bool,
+    /// Also load every chunk into a target database through loaders.
+    #[serde(default)]
+    pub load: Option<LoadSpec>,
+}
+
+/// Where and how a job's chunks are loaded (`--load`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadSpec {
+    /// Loader endpoints (`http://host:port`, or `https://` for TLS); chunks are spread
+    /// across them, and a chunk goes to another one when its first choice is down.
+    pub endpoints: Vec<String>,
+    /// The target table (`schema.table`, quoting allowed).
+    pub target_table: String,
+    /// Create the target table from the stream's schema when it does not exist.
+    pub create_table: bool,
+    /// Empty the target table once, before the job's first chunk is loaded.
+    pub truncate_first: bool,
 }
 
 /// A column the table is split on, with its type as written in casts (`bigint`,

@@ -42,28 +42,54 @@ pub enum DecodeError {
     BadJobId(String),
 }
 
+/// A chunk range on the wire.
+pub fn range_to_wire(range: &ChunkRange) -> wire::ChunkRange {
+    let kind = match range {
+        ChunkRange::All => chunk_range::Kind::All(AllRows {}),
+        ChunkRange::NullKeys => chunk_range::Kind::NullKeys(NullKeys {}),
+        ChunkRange::Key { lower, upper } => chunk_range::Kind::Key(KeyRange {
+            lower: lower.clone().unwrap_or_default(),
+            upper: upper.clone().unwrap_or_default(),
+        }),
+        ChunkRange::Ctid {
+            first_page,
+            end_page,
+        } => chunk_range::Kind::Ctid(CtidRange {
+            first_page: *first_page,
+            end_page: end_page.unwrap_or(0),
+        }),
+    };
+    wire::ChunkRange { kind: Some(kind) }
+}
+
+/// A chunk range from the wire; `None` when it is missing.
+pub fn range_from_wire(range: Option<wire::ChunkRange>) -> Option<ChunkRange> {
+    let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    Some(match range?.kind? {
+        chunk_range::Kind::All(_) => ChunkRange::All,
+        chunk_range::Kind::NullKeys(_) => ChunkRange::NullKeys,
+        chunk_range::Kind::Key(k) => ChunkRange::Key {
+            lower: non_empty(k.lower),
+            upper: non_empty(k.upper),
+        },
+        chunk_range::Kind::Ctid(c) => ChunkRange::Ctid {
+            first_page: c.first_page,
+            end_page: (c.end_page != 0).then_some(c.end_page),
+        },
+    })
+}
+
+/// The wire version of the loader messages (`LoadChunk`, `PrepareLoad`) this build
+/// writes and accepts.
+pub const LOAD_VERSION: u32 = 1;
+
 impl Task {
     pub fn encode(&self) -> Bytes {
-        let range = match &self.range {
-            ChunkRange::All => chunk_range::Kind::All(AllRows {}),
-            ChunkRange::NullKeys => chunk_range::Kind::NullKeys(NullKeys {}),
-            ChunkRange::Key { lower, upper } => chunk_range::Kind::Key(KeyRange {
-                lower: lower.clone().unwrap_or_default(),
-                upper: upper.clone().unwrap_or_default(),
-            }),
-            ChunkRange::Ctid {
-                first_page,
-                end_page,
-            } => chunk_range::Kind::Ctid(CtidRange {
-                first_page: *first_page,
-                end_page: end_page.unwrap_or(0),
-            }),
-        };
         ChunkTask {
             version: TASK_VERSION,
             job_id: self.job_id.to_string(),
             chunk_id: self.chunk_id.0,
-            range: Some(wire::ChunkRange { kind: Some(range) }),
+            range: Some(range_to_wire(&self.range)),
         }
         .encode_to_vec()
         .into()
@@ -74,23 +100,7 @@ impl Task {
         if t.version != TASK_VERSION {
             return Err(DecodeError::UnknownVersion(t.version));
         }
-        let kind = t
-            .range
-            .and_then(|r| r.kind)
-            .ok_or(DecodeError::Missing("range"))?;
-        let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
-        let range = match kind {
-            chunk_range::Kind::All(_) => ChunkRange::All,
-            chunk_range::Kind::NullKeys(_) => ChunkRange::NullKeys,
-            chunk_range::Kind::Key(k) => ChunkRange::Key {
-                lower: non_empty(k.lower),
-                upper: non_empty(k.upper),
-            },
-            chunk_range::Kind::Ctid(c) => ChunkRange::Ctid {
-                first_page: c.first_page,
-                end_page: (c.end_page != 0).then_some(c.end_page),
-            },
-        };
+        let range = range_from_wire(t.range).ok_or(DecodeError::Missing("range"))?;
         Ok(Task {
             job_id: JobId::parse(&t.job_id).map_err(DecodeError::BadJobId)?,
             chunk_id: ChunkId(t.chunk_id),

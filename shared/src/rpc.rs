@@ -37,7 +37,7 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    fn endpoint(&self) -> Result<Endpoint, RpcError> {
+    pub fn endpoint(&self) -> Result<Endpoint, RpcError> {
         let bad = |e: &dyn std::fmt::Display| RpcError::BadAddress {
             url: self.url.clone(),
             reason: e.to_string(),

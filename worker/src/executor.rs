@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::decode::CopyDecoder;
 use crate::layout::{ChunkManifest, Dest, DestError};
+use crate::load_client::{LoadClient, LoadClientError};
 use crate::writer::{ChunkWriter, WriteError, WriterConfig};
 
 /// Upper bound on one decoded batch's source bytes (in addition to the row bound).
@@ -45,6 +46,14 @@ pub enum ChunkError {
     LeaseBusy { chunk: ChunkId },
     #[error("cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Load(#[from] LoadClientError),
+    #[error("chunk {chunk}: the loader committed {loaded} rows but the attempt read {read}")]
+    LoadCount {
+        chunk: ChunkId,
+        loaded: u64,
+        read: u64,
+    },
 }
 
 impl Classify for ChunkError {
@@ -58,6 +67,8 @@ impl Classify for ChunkError {
             ChunkError::LeaseLost { .. } | ChunkError::LeaseBusy { .. } | ChunkError::Cancelled => {
                 ErrorClass::Transient
             }
+            ChunkError::Load(e) => e.class(),
+            ChunkError::LoadCount { .. } => ErrorClass::Internal,
         }
     }
 }
@@ -94,6 +105,8 @@ pub struct ChunkJob<'a> {
     pub lease: &'a Lease,
     pub leases: &'a dyn LeaseStore,
     pub progress: &'a Progress,
+    /// The job's loaders, when it loads a target too.
+    pub load: Option<&'a LoadClient>,
     /// Fires when the lease is lost or the worker must stop now.
     pub cancel: CancellationToken,
 }
@@ -158,6 +171,34 @@ pub fn range_predicate(range: &ChunkRange, key: &[haul_shared::jobs::KeyColumn])
             }
             p
         }
+    }
+}
+
+/// What the loader is told about a chunk attempt.
+fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
+    use haul_shared::proto::wire;
+    wire::LoadChunk {
+        version: haul_shared::proto::LOAD_VERSION,
+        job_id: c.job_id.to_string(),
+        chunk_id: c.chunk.0,
+        epoch: c.lease.epoch.0,
+        target_table: c
+            .spec
+            .load
+            .as_ref()
+            .map(|l| l.target_table.clone())
+            .unwrap_or_default(),
+        snapshot: c.plan.snapshot.clone().unwrap_or_default(),
+        range: Some(haul_shared::proto::range_to_wire(c.range)),
+        key: c
+            .plan
+            .key
+            .iter()
+            .map(|k| wire::KeyColumn {
+                name: k.name.clone(),
+                pg_type: k.pg_type.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -271,6 +312,10 @@ async fn extract(
         },
         decoder.schema(),
     )?;
+    let mut load = match c.load {
+        Some(l) => Some(l.start(load_command(c), decoder.schema()).await?),
+        None => None,
+    };
     let stmt = copy_statement(c.plan, c.range);
     let copy = async {
         let stream = client
@@ -289,6 +334,9 @@ async fn extract(
                 c.progress
                     .rows
                     .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                if let Some(l) = load.as_mut() {
+                    l.send(b.clone()).await?;
+                }
                 writer.write(b).await?;
             }
         }
@@ -296,6 +344,9 @@ async fn extract(
             c.progress
                 .rows
                 .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+            if let Some(l) = load.as_mut() {
+                l.send(b.clone()).await?;
+            }
             writer.write(b).await?;
         }
         Ok::<_, ChunkError>(())
@@ -310,7 +361,25 @@ async fn extract(
         writer.abort().await;
         return Err(e);
     }
-    let files = writer.finish().await?;
+    let files = match writer.finish().await {
+        Ok(f) => f,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(l) = load {
+        // the load commits before the chunk manifest: a chunk with a manifest is loaded
+        let ack = tokio::select! {
+            r = l.finish() => r?,
+            _ = c.cancel.cancelled() => return Err(ChunkError::Cancelled),
+        };
+        let read: u64 = files.iter().map(|f| f.rows).sum();
+        if ack.rows != read {
+            return Err(ChunkError::LoadCount {
+                chunk: c.chunk,
+                loaded: ack.rows,
+                read,
+            });
+        }
+    }
     client
         .batch_execute("COMMIT")
         .await

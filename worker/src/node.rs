@@ -94,6 +94,10 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
         slots: opts.slots.max(1),
         lease_ttl: opts.lease_ttl,
         max_attempts: opts.max_attempts,
+        load_auth: crate::load_client::LoadAuth {
+            token: opts.coordinator.token.clone(),
+            tls_ca: opts.coordinator.tls_ca.clone(),
+        },
     };
     let progress = Arc::new(Progress::default());
     let ctl = Control::default();

@@ -24,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::executor::{ChunkJob, ChunkOutcome, Progress, keep_lease, run_chunk};
 use crate::layout::Dest;
+use crate::load_client::{LoadAuth, LoadClient};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -33,6 +34,8 @@ pub struct WorkerConfig {
     pub lease_ttl: Duration,
     /// Attempts before a chunk is given up (must match the queue's delivery limit).
     pub max_attempts: u32,
+    /// How to authenticate to loaders (jobs with `--load`).
+    pub load_auth: LoadAuth,
 }
 
 /// The boundaries a worker talks to.
@@ -324,6 +327,11 @@ async fn attempt_chunk(
         renew_stop.clone(),
         lost.clone(),
     ));
+    let load = job
+        .spec
+        .load
+        .as_ref()
+        .map(|l| LoadClient::new(l, cfg.load_auth.token.clone(), cfg.load_auth.tls_ca.clone()));
     let result = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,
@@ -334,6 +342,7 @@ async fn attempt_chunk(
         lease: &lease,
         leases: svc.leases.as_ref(),
         progress,
+        load: load.as_ref(),
         cancel: lost,
     })
     .await;

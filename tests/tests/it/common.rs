@@ -132,6 +132,7 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
             chunk_rows: 1000,
             output: OutputOptions::default(),
             use_snapshot: true,
+            load: None,
         },
         job_id: None,
         resume: false,
@@ -141,6 +142,8 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
         max_attempts: 3,
         lease_ttl: Duration::from_secs(10),
         progress: ProgressMode::None,
+        load_target: None,
+        ledger_schema: "haul".into(),
     }
 }
 

@@ -294,6 +294,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
                 lease: &lease,
                 leases: leases.as_ref(),
                 progress,
+                load: None,
                 cancel: CancellationToken::new(),
             })
             .await
@@ -561,6 +562,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
             slots: 1,
             lease_ttl: Duration::from_secs(10),
             max_attempts: 3,
+            load_auth: Default::default(),
         },
         Services {
             queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
