@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/services.sh
 export HAUL_TEST_PG="${HAUL_TEST_PG:-postgresql://postgres@127.0.0.1:5432/postgres}"
-# independent Parquet readers (DuckDB, pyarrow) for the reader test, in a venv of our own
+# independent readers (DuckDB, pyarrow, pyarrow.flight) for the reader tests, in a venv of our own
 VENV="${HAUL_TEST_VENV:-$PWD/target/pyenv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, pyarrow" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, pyarrow, pyarrow.flight" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q duckdb==1.5.5 pyarrow==26.0.1
 fi

@@ -59,6 +59,12 @@ pub async fn submit(
     progress: ProgressMode,
 ) -> Result<JobStatus, ClientError> {
     let mut c = jobs_client(o).await?;
+    let load = j.spec.load.clone();
+    if load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
+        return Err(ClientError::Encode(
+            "--target-table, --create-table and --truncate-first need --load".into(),
+        ));
+    }
     let req = SubmitRequest {
         source: j.spec.source.expose().to_owned(),
         table: j.spec.table,
@@ -78,6 +84,16 @@ pub async fn submit(
         resume: j.resume,
         fresh_snapshot: j.fresh_snapshot,
         overwrite: j.overwrite,
+        load: load
+            .as_ref()
+            .map(|l| l.endpoints.clone())
+            .unwrap_or_default(),
+        target_table: load
+            .as_ref()
+            .map(|l| l.target_table.clone())
+            .unwrap_or_default(),
+        create_table: load.as_ref().is_some_and(|l| l.create_table),
+        truncate_first: load.as_ref().is_some_and(|l| l.truncate_first),
     };
     let status = c.submit(req).await?.into_inner();
     eprintln!(
@@ -315,6 +331,14 @@ pub fn status_text(s: &JobStatus) -> String {
             String::new()
         };
         out.push_str(&format!("snapshot:  {}{held}\n", s.snapshot));
+    }
+    if !s.load_target.is_empty() {
+        out.push_str(&format!(
+            "load:      {} rows committed into {} (loaders {})\n",
+            s.rows_done,
+            s.load_target,
+            s.loaders.join(", ")
+        ));
     }
     if !s.reason.is_empty() {
         out.push_str(&format!("reason:    {}\n", s.reason));

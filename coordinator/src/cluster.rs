@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobRecord, JobSpec, JobState, JobStore, OutputOptions, Split};
+use haul_shared::jobs::{
+    ChunkState, JobRecord, JobSpec, JobState, JobStore, LoadSpec, OutputOptions, Split,
+};
 use haul_shared::pg::{self, Secret, SourceError};
 use haul_shared::proto::Task;
 use haul_shared::proto::wire::{
@@ -31,12 +33,15 @@ use haul_shared::workers::{DrainOrder, WorkerRecord, worker_state};
 use haul_shared::{ChunkId, ErrorClass, JobId, WorkerId};
 use haul_worker::executor::table_dir;
 use haul_worker::layout::Dest;
+use haul_worker::load_client::LoadAuth;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::run::{Preparation, PrepareOptions, RunError, commit_job, prepare, queue_chunks};
+use crate::run::{
+    Preparation, PrepareOptions, RunError, commit_job, prepare, prepare_load, queue_chunks,
+};
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -110,6 +115,8 @@ fn other_class(e: &RunError) -> ErrorClass {
     match e {
         RunError::Source(s) => s.class(),
         RunError::Dest(d) => d.class(),
+        RunError::Load(l) => l.class(),
+        RunError::Loader(l) => l.class(),
         _ => ErrorClass::User,
     }
 }
@@ -616,6 +623,16 @@ impl Coordinator {
             }
             Preparation::Ready(p) => *p,
         };
+        let mut p = p;
+        prepare_load(
+            &mut p,
+            &LoadAuth {
+                token: self.opts.token.clone(),
+                tls_ca: None,
+            },
+        )
+        .await
+        .map_err(|e| status_of(&e))?;
         let rec = JobRecord {
             id: p.job.clone(),
             spec: p.spec.clone(),
@@ -723,6 +740,10 @@ pub fn job_status(rec: &JobRecord, chunks: &BTreeMap<ChunkId, ChunkState>) -> Jo
             ChunkState::Pending | ChunkState::Parked => {}
         }
     }
+    if let Some(l) = &rec.spec.load {
+        s.load_target = l.target_table.clone();
+        s.loaders = l.endpoints.clone();
+    }
     if rec.state == JobState::Succeeded
         && let Some(p) = &rec.plan
     {
@@ -767,6 +788,21 @@ fn spec_from_request(
     if r.resume && job_id.is_none() {
         return Err(bad("resume needs the job id".into()));
     }
+    let load = if r.load.is_empty() {
+        if !r.target_table.is_empty() || r.create_table || r.truncate_first {
+            return Err(bad(
+                "target_table, create_table and truncate_first need loaders (--load)".into(),
+            ));
+        }
+        None
+    } else {
+        Some(LoadSpec {
+            endpoints: r.load,
+            target_table: r.target_table,
+            create_table: r.create_table,
+            truncate_first: r.truncate_first,
+        })
+    };
     let spec = JobSpec {
         source,
         table: r.table,
@@ -782,7 +818,7 @@ fn spec_from_request(
         },
         output,
         use_snapshot: !r.no_snapshot,
-        load: None,
+        load,
     };
     let popts = PrepareOptions {
         job_id,
@@ -1027,6 +1063,9 @@ pub async fn serve(
             .await
             .map_err(|e| CoordinatorError::Serve(format!("cannot serve metrics on {addr}: {e}")))?;
     }
+    let flight = crate::flight::JobsFlight {
+        jobs: Arc::new(coordinator.store.clone()),
+    };
     let api = Api(coordinator);
     let auth = RequireToken::new(opts.token.as_ref());
 
@@ -1063,7 +1102,11 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(JobsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(AdminServer::with_interceptor(api.clone(), auth.clone()))
-        .add_service(MembershipServer::with_interceptor(api, auth))
+        .add_service(MembershipServer::with_interceptor(api, auth.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            arrow_flight::flight_service_server::FlightServiceServer::new(flight),
+            auth,
+        ))
         .serve_with_shutdown(opts.listen, shutdown.cancelled_owned())
         .await
         .map_err(|e| CoordinatorError::Serve(haul_shared::rpc::error_chain(&e)))?;

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod flight;
 pub mod planner;
 pub mod progress;
 pub mod run;

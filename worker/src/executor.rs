@@ -174,6 +174,15 @@ pub fn range_predicate(range: &ChunkRange, key: &[haul_shared::jobs::KeyColumn])
     }
 }
 
+/// Fault injection for tests: sleeps for the milliseconds in env var `name`, if set, so a
+/// test can kill the process at that point of the protocol.
+async fn fault_pause(name: &str) {
+    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()) {
+        tracing::warn!(fault = name, ms, "pausing (fault injection)");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 /// What the loader is told about a chunk attempt.
 fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
     use haul_shared::proto::wire;
@@ -371,6 +380,7 @@ async fn extract(
             r = l.finish() => r?,
             _ = c.cancel.cancelled() => return Err(ChunkError::Cancelled),
         };
+        fault_pause("HAUL_FAULT_PAUSE_AFTER_LOAD_MS").await;
         let read: u64 = files.iter().map(|f| f.rows).sum();
         if ack.rows != read {
             return Err(ChunkError::LoadCount {

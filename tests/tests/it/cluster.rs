@@ -16,7 +16,7 @@ use crate::common::{BROKER, TempDest, TestDb, assert_same, unique};
 use crate::faults::haul_bin;
 use crate::stores::{KeysGuard, QueuesGuard, amqp_url, redis_url};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -25,8 +25,8 @@ fn free_port() -> u16 {
 }
 
 /// A coordinator and its workers, each a real `haul` process, killed at the end.
-struct Cluster {
-    url: String,
+pub(crate) struct Cluster {
+    pub(crate) url: String,
     port: u16,
     metrics_port: u16,
     queue: String,
@@ -36,7 +36,7 @@ struct Cluster {
     env: Vec<(String, String)>,
     /// PEM certificate and key the coordinator serves TLS with.
     tls: Option<(String, String)>,
-    logs: PathBuf,
+    pub(crate) logs: PathBuf,
     coordinator: Option<Child>,
     workers: Vec<(String, Child)>,
     _keys: KeysGuard,
@@ -44,11 +44,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(token: Option<&str>) -> Self {
+    pub(crate) fn new(token: Option<&str>) -> Self {
         Self::with(token, None, &[])
     }
 
-    fn with(token: Option<&str>, tls: Option<(String, String)>, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn with(
+        token: Option<&str>,
+        tls: Option<(String, String)>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let queue = unique("haul_cq");
         let prefix = format!("{}:", unique("haul_ck"));
@@ -82,7 +86,7 @@ impl Cluster {
         c
     }
 
-    fn log_file(&self, name: &str) -> File {
+    pub(crate) fn log_file(&self, name: &str) -> File {
         OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,7 +94,7 @@ impl Cluster {
             .unwrap()
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(haul_bin());
         c.args(args)
             .env("HAUL_AMQP", amqp_url())
@@ -153,7 +157,12 @@ impl Cluster {
         c.wait().unwrap();
     }
 
-    fn start_worker(&mut self, id: &str, extra: &[&str]) {
+    pub(crate) fn start_worker(&mut self, id: &str, extra: &[&str]) {
+        self.start_worker_env(id, extra, &[]);
+    }
+
+    /// A worker with environment of its own (e.g. a fault injection).
+    pub(crate) fn start_worker_env(&mut self, id: &str, extra: &[&str], env: &[(&str, &str)]) {
         let mut args = vec!["worker", "--id", id, "--lease-ttl-secs", "3"];
         if !extra.contains(&"--slots") {
             args.extend(["--slots", "1"]);
@@ -161,6 +170,7 @@ impl Cluster {
         args.extend_from_slice(extra);
         let child = self
             .command(&args)
+            .envs(env.iter().copied())
             .stdout(self.log_file(id))
             .stderr(self.log_file(id))
             .spawn()
@@ -168,11 +178,11 @@ impl Cluster {
         self.workers.push((id.to_owned(), child));
     }
 
-    fn worker(&mut self, id: &str) -> &mut Child {
+    pub(crate) fn worker(&mut self, id: &str) -> &mut Child {
         &mut self.workers.iter_mut().find(|(w, _)| w == id).unwrap().1
     }
 
-    fn signal(&mut self, id: &str, sig: &str) {
+    pub(crate) fn signal(&mut self, id: &str, sig: &str) {
         let pid = self.worker(id).id().to_string();
         let st = Command::new("kill")
             .args(["-s", sig, &pid])
@@ -199,7 +209,7 @@ impl Cluster {
     }
 
     /// Runs a `haul` client command against this cluster.
-    fn haul(&self, args: &[&str]) -> Output {
+    pub(crate) fn haul(&self, args: &[&str]) -> Output {
         self.command(args)
             .env("HAUL_PROGRESS", "log")
             .stdin(Stdio::null())
@@ -207,7 +217,7 @@ impl Cluster {
             .unwrap()
     }
 
-    fn haul_ok(&self, args: &[&str]) -> String {
+    pub(crate) fn haul_ok(&self, args: &[&str]) -> String {
         let out = self.haul(args);
         assert!(
             out.status.success(),
@@ -218,7 +228,7 @@ impl Cluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    fn wait_workers(&self, n: usize) {
+    pub(crate) fn wait_workers(&self, n: usize) {
         let t0 = Instant::now();
         loop {
             let out = self.haul(&["workers"]);
@@ -238,7 +248,7 @@ impl Cluster {
         }
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
         for e in std::fs::read_dir(&self.logs).unwrap().flatten() {
             out.push_str(&format!("--- {}\n", e.path().display()));
@@ -247,18 +257,18 @@ impl Cluster {
         out
     }
 
-    fn log_of(&self, name: &str) -> String {
+    pub(crate) fn log_of(&self, name: &str) -> String {
         std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    async fn store(&self) -> RedisStore {
+    pub(crate) async fn store(&self) -> RedisStore {
         RedisStore::connect(&redis_url(), &self.prefix)
             .await
             .unwrap()
     }
 
     /// Waits until `pred` holds for the job's chunk states.
-    async fn wait_chunks(
+    pub(crate) async fn wait_chunks(
         &self,
         job: &str,
         what: &str,
@@ -303,7 +313,7 @@ impl Drop for Cluster {
 }
 
 /// `GET /metrics` on a local port.
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -315,13 +325,13 @@ fn scrape(port: u16) -> String {
 }
 
 /// The value of one sample line (`name{labels} value`) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A skewed table: dense ids, then a sparse tail of huge ones.
-async fn skewed(db: &TestDb, rows: u64) {
+pub(crate) async fn skewed(db: &TestDb, rows: u64) {
     db.exec(&format!(
         "CREATE TABLE t (id bigint PRIMARY KEY, grp int, amount numeric(12,2), note text, at timestamptz);
          INSERT INTO t SELECT CASE WHEN g <= {dense} THEN g ELSE g::bigint * 1000003 END, g % 7,
@@ -383,7 +393,7 @@ fn running_on(
     }
 }
 
-fn committed_at_least(
+pub(crate) fn committed_at_least(
     n: usize,
 ) -> impl Fn(&std::collections::BTreeMap<ChunkId, ChunkState>) -> Option<ChunkId> {
     move |s| {

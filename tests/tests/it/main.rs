@@ -6,5 +6,6 @@ mod cluster;
 mod common;
 mod engine;
 mod faults;
+mod load;
 mod s3;
 mod stores;

@@ -1,0 +1,696 @@
+//! Loading: chunks streamed over Arrow Flight to `haul loader` processes (or the
+//! in-process loader of `haul run --load-target`) and committed into a real target
+//! Postgres exactly once per chunk; and Flight DoGet of a finished job.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use haul_shared::ChunkRange;
+use haul_shared::jobs::JobStore;
+use haul_shared::proto::wire::{KeyColumn, LoadChunk, PrepareLoad};
+use haul_shared::proto::{LOAD_VERSION, range_to_wire};
+use haul_worker::load_client::{LoadClient, LoadClientError};
+use haul_worker::loader::{LoaderOptions, schema_to_ipc};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Cluster, free_port, sample, scrape, skewed};
+use crate::common::{BROKER, TempDest, TestDb, options, run, unique};
+
+/// Count and an order-independent checksum of a table's rows, as Postgres renders them.
+async fn digest(c: &Client, table: &str) -> (i64, String) {
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT count(*)::int8, coalesce(sum(('x' || substr(md5(t::text), 1, 16))::bit(64)::int8::numeric), 0)::text FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// The column names and types of a table, in order.
+async fn column_types(c: &Client, table: &str) -> Vec<(String, String)> {
+    c.query(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Every type haul maps, with edge values, on a skewed key.
+fn every_type_sql(rows: u64) -> String {
+    format!(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+         CREATE TABLE t (id bigint PRIMARY KEY, i2 smallint, i4 integer, f4 real, f8 double precision,
+            amount numeric(12,2), big numeric(50,10), nu numeric, flag boolean, note text,
+            vc varchar(20), ch char(4), j json, jb jsonb, raw bytea, d date, tm time, ts timestamp,
+            tz timestamptz, iv interval, u uuid, ints integer[], tags text[], ip inet, net cidr,
+            mac macaddr, m mood, pos posint, ttz timetz, ips inet[], mo money, bits varbit);
+         INSERT INTO t SELECT CASE WHEN g <= {dense} THEN g ELSE g::bigint * 1000003 END,
+            (g % 30000 - 15000)::smallint, g, g / 7.0,
+            CASE WHEN g % 1000 = 0 THEN 'NaN' WHEN g % 1001 = 0 THEN '-Infinity' WHEN g % 1002 = 0 THEN '-0' ELSE g / 3.0 END,
+            (g % 100000 - 50000) / 100.0, g::numeric * 1234567.0123456789 - 1e20,
+            CASE WHEN g % 997 = 0 THEN 'NaN'::numeric ELSE g::numeric / 7 END,
+            CASE WHEN g % 17 = 0 THEN NULL ELSE g % 2 = 0 END,
+            CASE WHEN g % 13 = 0 THEN NULL ELSE 'ré ' || md5(g::text) END, 'v' || g, 'ab',
+            json_build_object('a', g), jsonb_build_object('b', g, 'c', 'x\"y'),
+            decode(md5(g::text), 'hex'),
+            CASE WHEN g = 5 THEN 'infinity'::date WHEN g = 6 THEN '-infinity'::date ELSE date '1999-12-01' + g % 20000 END,
+            time '00:00' + g * interval '1 ms',
+            CASE WHEN g = 7 THEN 'infinity'::timestamp ELSE timestamp '1960-01-01' + g * interval '1 s' END,
+            timestamptz '2020-01-01 00:00+00' + g * interval '1 min',
+            make_interval(0, g % 13, 0, -(g % 5), 0, 0, g % 1000 + 0.000001),
+            md5(g::text)::uuid,
+            CASE WHEN g % 11 = 0 THEN NULL WHEN g % 7 = 0 THEN '{{}}'::int[] ELSE ARRAY[g, NULL, -g] END,
+            ARRAY['a', 'b' || g, NULL],
+            ('10.' || (g % 256) || '.' || (g / 256 % 256) || '.1')::inet, '10.0.0.0/8'::cidr,
+            '08:00:2b:01:02:03'::macaddr, (ARRAY['sad', 'ok', 'happy'])[g % 3 + 1]::mood, g % 1000 + 1,
+            '10:00:00.5+02'::timetz, ARRAY['1.2.3.4'::inet, NULL, '::1'::inet], (g % 1000) * 1.25,
+            (g % 256)::bit(8)::varbit
+         FROM generate_series(1, {rows}) g;
+         INSERT INTO t (id) VALUES (0);
+         ANALYZE t;",
+        dense = rows * 9 / 10
+    )
+}
+
+/// A `haul loader` process, killed at the end.
+struct LoaderProc {
+    port: u16,
+    metrics_port: u16,
+    child: Child,
+}
+
+impl LoaderProc {
+    fn start(cl: &Cluster, name: &str, target: &str) -> Self {
+        let port = free_port();
+        let metrics_port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let child = cl
+            .command(&[
+                "loader",
+                "--listen",
+                &listen,
+                "--target",
+                target,
+                "--metrics-listen",
+                &metrics,
+            ])
+            .stdout(cl.log_file(name))
+            .stderr(cl.log_file(name))
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "loader did not start:\n{}",
+                cl.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            port,
+            metrics_port,
+            child,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("flight://127.0.0.1:{}", self.port)
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        sample(&scrape(self.metrics_port), series).unwrap_or(0.0)
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for LoaderProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "CONT", &self.child.id().to_string()])
+            .output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn ledger_rows(target: &Client, job: &str) -> i64 {
+    target
+        .query_one(
+            "SELECT count(*) FROM haul.load_chunks WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// The issue's main proof: PG → PG through two loader processes, from two worker
+/// processes, with the Parquet output written too; then pyarrow.flight reads the job back
+/// from the coordinator.
+#[tokio::test]
+async fn two_loaders_move_a_skewed_million_rows_of_every_type() {
+    let _broker = BROKER.write().await;
+    let src = TestDb::new().await;
+    src.exec(&every_type_sql(1_000_000)).await;
+    let tgt = TestDb::new().await;
+    // the target knows the source's own types, so --create-table uses them
+    tgt.exec(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE DOMAIN posint AS integer CHECK (VALUE > 0);",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let la = LoaderProc::start(&cl, "loader-a", &tgt.dsn);
+    let lb = LoaderProc::start(&cl, "loader-b", &tgt.dsn);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    let job = unique("j");
+    let loaders = format!("{},{}", la.url(), lb.url());
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &src.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        &job,
+        "--chunk-rows",
+        "100000",
+        "--load",
+        &loaders,
+        "--create-table",
+        "--wait",
+    ]);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    assert!(
+        out.contains("load:      1000001 rows committed into public.t"),
+        "{out}"
+    );
+
+    // the target equals the source, with the source's column types
+    let want = digest(&src.client, "t").await;
+    assert_eq!(want.0, 1_000_001);
+    assert_eq!(digest(&tgt.client, "t").await, want);
+    assert_eq!(
+        column_types(&tgt.client, "t").await,
+        column_types(&src.client, "t").await
+    );
+    // one ledger row per chunk; both loaders took chunks
+    let chunks: i64 = tgt
+        .client
+        .query_one(
+            "SELECT count(*) FROM haul.load_chunks WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let loaded_a = la.metric("haul_loader_chunks_total{outcome=\"loaded\"}");
+    let loaded_b = lb.metric("haul_loader_chunks_total{outcome=\"loaded\"}");
+    assert_eq!(loaded_a + loaded_b, chunks as f64, "{}", cl.logs());
+    assert!(loaded_a > 0.0 && loaded_b > 0.0, "{loaded_a} / {loaded_b}");
+    assert_eq!(
+        la.metric("haul_loader_rows_total") + lb.metric("haul_loader_rows_total"),
+        1_000_001.0
+    );
+
+    // pyarrow.flight reads the finished job from the coordinator
+    let python = std::env::var("HAUL_TEST_PYTHON")
+        .expect("HAUL_TEST_PYTHON is unset: run the suite with scripts/test.sh");
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(python);
+    let sums = src
+        .client
+        .query_one(
+            "SELECT sum(id)::text, sum(i4)::int8, count(note)::int8 FROM t",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (sum_id, sum_i4, notes): (String, i64, i64) = (sums.get(0), sums.get(1), sums.get(2));
+    let script = format!(
+        r#"
+import pyarrow.compute as pc, pyarrow.flight as fl
+c = fl.connect("grpc://127.0.0.1:{port}")
+jobs = [f.descriptor.path[0].decode() for f in c.list_flights()]
+assert "{job}" in jobs, jobs
+info = c.get_flight_info(fl.FlightDescriptor.for_path("{job}"))
+assert info.total_records == 1000001, info.total_records
+t = c.do_get(info.endpoints[0].ticket).read_all()
+assert t.num_rows == 1000001, t.num_rows
+assert str(pc.sum(t["id"]).as_py()) == "{sum_id}", pc.sum(t["id"])
+assert pc.sum(t["i4"]).as_py() == {sum_i4}
+assert t["note"].length() - t["note"].null_count == {notes}
+assert t.schema.field("u").type.extension_name == "arrow.uuid" if hasattr(t.schema.field("u").type, "extension_name") else True
+print("flight ok", t.num_rows)
+"#,
+        port = cl.url.rsplit(':').next().unwrap(),
+    );
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow.flight: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("flight ok 1000001"));
+}
+
+/// kill -9 a loader while it loads a chunk: the worker's attempt fails, the chunk is
+/// redelivered and loaded (by the other loader or again), and the target has each row
+/// once (the killed loader's transaction rolled back).
+#[tokio::test]
+async fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing() {
+    let _broker = BROKER.write().await;
+    let src = TestDb::new().await;
+    skewed(&src, 300_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let mut la = LoaderProc::start(&cl, "loader-a", &tgt.dsn);
+    let lb = LoaderProc::start(&cl, "loader-b", &tgt.dsn);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    let job = unique("j");
+    let loaders = format!("{},{}", la.url(), lb.url());
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &src.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        &job,
+        "--chunk-rows",
+        "20000",
+        "--load",
+        &loaders,
+        "--create-table",
+    ]);
+    assert!(out.trim() == job, "{out}");
+    // catch loader A with a chunk open, then kill it
+    let t0 = Instant::now();
+    while la.metric("haul_loader_chunks_in_flight") < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "loader A never had a chunk:\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    la.child.kill().unwrap();
+    la.child.wait().unwrap();
+    let out = cl.haul_ok(&["watch", &job]);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    let want = digest(&src.client, "t").await;
+    assert_eq!(digest(&tgt.client, "t").await, want, "{}", cl.logs());
+    assert!(lb.metric("haul_loader_chunks_total{outcome=\"loaded\"}") > 0.0);
+    assert_eq!(
+        ledger_rows(&tgt.client, &job).await,
+        cl.store()
+            .await
+            .chunk_states(&haul_shared::JobId::parse(&job).unwrap())
+            .await
+            .unwrap()
+            .len() as i64
+    );
+}
+
+/// kill -9 a worker after the loader committed its chunk but before the chunk's manifest
+/// and the queue ack: the redelivered chunk is recognised in the ledger and not loaded
+/// twice.
+#[tokio::test]
+async fn a_worker_killed_after_the_load_commit_does_not_duplicate_rows() {
+    let _broker = BROKER.write().await;
+    let src = TestDb::new().await;
+    skewed(&src, 100_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let l = LoaderProc::start(&cl, "loader", &tgt.dsn);
+    // w1 stops for a minute right after each load commit
+    cl.start_worker_env("w1", &[], &[("HAUL_FAULT_PAUSE_AFTER_LOAD_MS", "60000")]);
+    cl.wait_workers(1);
+    let job = unique("j");
+    let load = l.url();
+    let mut cmd = cl.command(&[
+        "submit",
+        "--source",
+        &src.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        &job,
+        "--chunk-rows",
+        "25000",
+        "--load",
+        &load,
+        "--create-table",
+    ]);
+    assert!(cmd.status().unwrap().success());
+    let t0 = Instant::now();
+    while ledger_rows(&tgt.client, &job).await < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no chunk was loaded:\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cl.signal("w1", "KILL");
+    cl.start_worker("w2", &[]);
+    let out = cl.haul_ok(&["watch", &job]);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    assert_eq!(
+        digest(&tgt.client, "t").await,
+        digest(&src.client, "t").await,
+        "{}",
+        cl.logs()
+    );
+    assert!(
+        l.metric("haul_loader_chunks_total{outcome=\"replayed\"}") >= 1.0,
+        "{}",
+        cl.logs()
+    );
+}
+
+/// A loader slowed to a crawl (SIGSTOP/SIGCONT, stopped 90% of the time): the worker's
+/// reads wait for it, and the worker's peak memory stays bounded by its batches.
+#[tokio::test]
+async fn a_slow_loader_keeps_the_worker_memory_flat() {
+    let _broker = BROKER.write().await;
+    let src = TestDb::new().await;
+    skewed(&src, 300_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let l = LoaderProc::start(&cl, "loader", &tgt.dsn);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let job = unique("j");
+    let load = l.url();
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &src.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        &job,
+        "--chunk-rows",
+        "300000",
+        "--batch-rows",
+        "4096",
+        "--load",
+        &load,
+        "--create-table",
+    ]);
+    assert_eq!(out.trim(), job);
+    let pid = cl.worker("w1").id();
+    let status = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |s: &str, key: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    let store = cl.store().await;
+    let id = haul_shared::JobId::parse(&job).unwrap();
+    loop {
+        let state = store.job_state(&id).await.unwrap();
+        if state.is_some_and(|s| s.is_terminal()) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(240), "{}", cl.logs());
+        l.signal("STOP");
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        l.signal("CONT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak_mib = kib(&status(), "VmHWM:") / 1024;
+    eprintln!(
+        "slow loader: 300k rows in {:.1}s, worker peak RSS {peak_mib} MiB",
+        t0.elapsed().as_secs_f64()
+    );
+    let out = cl.haul_ok(&["status", &job]);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    assert_eq!(
+        digest(&tgt.client, "t").await,
+        digest(&src.client, "t").await
+    );
+    // the source table is ~30 MiB: a worker that buffered the chunk would show it
+    assert!(peak_mib < 200, "worker peak RSS {peak_mib} MiB");
+}
+
+/// `haul run --load-target` into an existing table: its rows are replaced
+/// (--truncate-first), its index and constraints stay, every mapped type arrives equal;
+/// running the job again changes nothing.
+#[tokio::test]
+async fn run_loads_an_existing_table_and_keeps_its_index_and_constraints() {
+    let src = TestDb::new().await;
+    src.exec(&every_type_sql(20_000)).await;
+    let tgt = TestDb::new().await;
+    // the target's own shape: text for the enum and the domain, its own index and checks
+    tgt.exec(
+        "CREATE SCHEMA analytics;
+         CREATE TABLE analytics.t (id bigint PRIMARY KEY, i2 smallint, i4 bigint CHECK (i4 >= 0), f4 real,
+            f8 double precision, amount numeric(12,2), big numeric(50,10), nu numeric, flag boolean,
+            note text, vc varchar(20), ch char(4), j json, jb jsonb, raw bytea, d date, tm time,
+            ts timestamp, tz timestamptz, iv interval, u uuid, ints integer[], tags text[], ip inet,
+            net cidr, mac macaddr, m text, pos integer, ttz timetz, ips inet[], mo money, bits varbit,
+            extra text DEFAULT 'kept');
+         CREATE INDEX t_note ON analytics.t (note);
+         INSERT INTO analytics.t (id, note) VALUES (-1, 'junk from before');",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "public.t", &dest);
+    o.spec.chunk_rows = 4000;
+    o.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: "analytics.t".into(),
+        create_table: false,
+        truncate_first: true,
+    });
+    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    o.job_id = Some(haul_shared::JobId::parse(&unique("j")).unwrap());
+    let summary = run(o.clone()).await.unwrap();
+    assert_eq!(summary.rows, 20_001);
+    assert_eq!(summary.loaded_into.as_deref(), Some("analytics.t"));
+    let cols: Vec<String> = column_types(&src.client, "t")
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let list = cols.join(", ");
+    let want = digest(&src.client, &format!("(SELECT {list} FROM t)")).await;
+    let got = digest(&tgt.client, &format!("(SELECT {list} FROM analytics.t)")).await;
+    assert_eq!(got, want);
+    let (idx, checks, kept): (i64, i64, i64) = {
+        let r = tgt
+            .client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_indexes WHERE schemaname = 'analytics' AND tablename = 't'),
+                        (SELECT count(*) FROM pg_constraint WHERE conrelid = 'analytics.t'::regclass AND contype = 'c'),
+                        (SELECT count(*) FROM analytics.t WHERE extra = 'kept')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((idx, checks, kept), (2, 1, 20_001));
+    // the same job again: already done, nothing loaded twice
+    let again = run(o).await.unwrap();
+    assert!(again.already_done);
+    assert_eq!(
+        digest(&tgt.client, &format!("(SELECT {list} FROM analytics.t)")).await,
+        want
+    );
+}
+
+/// The loader's exactly-once rules, driven directly: an older epoch is fenced off, a
+/// replay in the same snapshot loads nothing, a replay under another snapshot replaces
+/// the chunk's key range, and a stream that does not fit the table is refused before any
+/// row is loaded.
+#[tokio::test]
+async fn the_loader_fences_replays_and_replaces() {
+    let tgt = TestDb::new().await;
+    tgt.exec("CREATE TABLE t (id bigint PRIMARY KEY, note text NOT NULL)")
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let opts = LoaderOptions {
+        target: haul_shared::pg::Secret::new(tgt.dsn.clone()),
+        ledger_schema: "haul".into(),
+        token: None,
+        tls: None,
+        metrics_listen: None,
+    };
+    let server = tokio::spawn(haul_worker::loader::serve(listener, opts, stop.clone()));
+    let spec = haul_shared::jobs::LoadSpec {
+        endpoints: vec![format!("http://{addr}")],
+        target_table: "t".into(),
+        create_table: false,
+        truncate_first: false,
+    };
+    let client = LoadClient::new(&spec, None, None);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("note", DataType::Utf8, false),
+    ]));
+    let job = unique("j");
+    let t0 = Instant::now();
+    loop {
+        let prepared = client
+            .prepare(PrepareLoad {
+                version: LOAD_VERSION,
+                job_id: job.clone(),
+                target_table: "t".into(),
+                arrow_schema: schema_to_ipc(&schema).unwrap().to_vec(),
+                create_table: false,
+                truncate_first: false,
+            })
+            .await;
+        match prepared {
+            Ok(r) => {
+                assert_eq!(r.target_table, "public.t");
+                break;
+            }
+            Err(LoadClientError::Unreachable { .. }) if t0.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // chunk 0 holds ids [0, 100)
+    let range = ChunkRange::Key {
+        lower: None,
+        upper: Some(vec!["100".into()]),
+    };
+    let cmd = |epoch: u64, snapshot: &str| LoadChunk {
+        version: LOAD_VERSION,
+        job_id: job.clone(),
+        chunk_id: 0,
+        epoch,
+        target_table: "t".into(),
+        snapshot: snapshot.into(),
+        range: Some(range_to_wire(&range)),
+        key: vec![KeyColumn {
+            name: "id".into(),
+            pg_type: "bigint".into(),
+        }],
+    };
+    let batch = |ids: std::ops::Range<i64>, tag: &str| {
+        RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from_iter_values(ids.clone())),
+                Arc::new(StringArray::from_iter_values(
+                    ids.map(|i| format!("{tag}{i}")),
+                )),
+            ],
+        )
+        .unwrap()
+    };
+    let load = |epoch: u64, snapshot: &'static str, b: RecordBatch| {
+        let client = client.clone();
+        let c = cmd(epoch, snapshot);
+        let schema = Arc::clone(&schema);
+        async move {
+            let mut l = client.start(c, schema).await?;
+            l.send(b).await?;
+            l.finish().await
+        }
+    };
+    let count = || async {
+        let r = tgt
+            .client
+            .query_one("SELECT count(*), min(note) FROM t", &[])
+            .await
+            .unwrap();
+        (r.get::<_, i64>(0), r.get::<_, Option<String>>(1))
+    };
+
+    let ack = load(2, "snap-1", batch(0..100, "a")).await.unwrap();
+    assert_eq!((ack.rows, ack.replayed), (100, false));
+    // an older epoch is fenced off, and loads nothing
+    let err = load(1, "snap-1", batch(0..100, "z")).await.unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert_eq!(count().await, (100, Some("a0".into())));
+    // a newer attempt in the same snapshot: a replay, nothing loaded again
+    let ack = load(3, "snap-1", batch(0..100, "a")).await.unwrap();
+    assert_eq!((ack.rows, ack.replayed), (100, true));
+    assert_eq!(count().await, (100, Some("a0".into())));
+    // under another snapshot the chunk's rows are replaced, not added to
+    let ack = load(4, "snap-2", batch(0..90, "b")).await.unwrap();
+    assert_eq!((ack.rows, ack.replayed), (90, false));
+    assert_eq!(count().await, (90, Some("b0".into())));
+    // a stream that does not fit the table: refused, naming the column
+    let wrong = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("nope", DataType::Utf8, false),
+    ]));
+    // (under another snapshot, so the delete of the replace is rolled back too)
+    let mut l = client
+        .start(cmd(5, "snap-3"), Arc::clone(&wrong))
+        .await
+        .unwrap();
+    let b = RecordBatch::try_new(
+        wrong,
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..3)),
+            Arc::new(StringArray::from_iter_values(["x", "y", "z"])),
+        ],
+    )
+    .unwrap();
+    let err = match l.send(b).await {
+        Err(e) => e,
+        Ok(()) => l.finish().await.unwrap_err(),
+    };
+    assert!(err.to_string().contains("no column \"nope\""), "{err}");
+    assert_eq!(count().await, (90, Some("b0".into())));
+    stop.cancel();
+    let _ = server.await;
+}
