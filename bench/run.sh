@@ -5,6 +5,10 @@
 #   bench/run.sh [ROWS] [extra haul run flags]      e.g.  bench/run.sh 10000000
 # With CLUSTER=1 it also runs the same extraction through a coordinator and two worker
 # processes (one slot each, like `haul run --workers 2`) and prints that beside the rest.
+# With LOAD=1 it also moves `orders` Postgres → Postgres (database `haul_bench_wh` on the
+# same server): `haul run --workers 2 --load-target` (which writes the Parquet too) beside
+# the plain pipe `psql -c "COPY ... TO STDOUT (FORMAT binary)" | psql -c "COPY ... FROM
+# STDIN (FORMAT binary)"`, each into a fresh unindexed table.
 # Regenerates `orders` only when its row count differs from ROWS.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,6 +38,12 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+WH="${WHURL:-${PGURL%/*}/haul_bench_wh}"
+if [ "${LOAD:-0}" = 1 ]; then
+  if [ "$(psql "${PGURL%/*}/postgres" -XtAc "SELECT 1 FROM pg_database WHERE datname = '${WH##*/}'")" != 1 ]; then
+    psql "${PGURL%/*}/postgres" -Xq -c "CREATE DATABASE ${WH##*/}"
+  fi
+fi
 cluster_times=()
 if [ "${CLUSTER:-0}" = 1 ]; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -49,8 +59,25 @@ if [ "${CLUSTER:-0}" = 1 ]; then
 fi
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # interleaved, each after a `sync`, so no run pays for another's disk writeback
-haul_times=(); haul_rss=(); copy_times=(); duck_times=()
+haul_times=(); haul_rss=(); copy_times=(); duck_times=(); load_times=(); load_rss=(); pipe_times=()
 for i in $(seq 1 "$RUNS"); do
+  if [ "${LOAD:-0}" = 1 ]; then
+    psql "$WH" -Xq -c "DROP TABLE IF EXISTS orders_haul" -c "DROP TABLE IF EXISTS orders_pipe"
+    rm -rf "$OUT/lake"; sync
+    /usr/bin/time -f "%e %M" -o "$OUT/time" ./target/release/haul run --source "$PGURL" --table public.orders \
+      --dest "file://$OUT/lake" --workers 2 --progress none --log warn \
+      --load-target "$WH" --target-table public.orders_haul --create-table "$@" >/dev/null
+    read -r wall rss_kb < "$OUT/time"
+    load_times+=("$wall"); load_rss+=("$rss_kb")
+    psql "$WH" -Xq -c "CREATE TABLE orders_pipe (LIKE orders_haul)" -c "CHECKPOINT"
+    sync
+    /usr/bin/time -f "%e" -o "$OUT/time" bash -c "psql '$PGURL' -Xq -c 'COPY orders TO STDOUT (FORMAT binary)' \
+      | psql '$WH' -Xq -c 'COPY orders_pipe FROM STDIN (FORMAT binary)'"
+    pipe_times+=("$(cat "$OUT/time")")
+    [ "$(psql "$WH" -XtAc "SELECT (SELECT count(*) FROM orders_haul) = (SELECT count(*) FROM orders_pipe)")" = t ] \
+      || { echo "bench: orders_haul and orders_pipe differ in row count" >&2; exit 1; }
+    psql "$WH" -Xq -c "DROP TABLE orders_haul" -c "DROP TABLE orders_pipe" -c "CHECKPOINT"
+  fi
   rm -rf "$OUT/lake"; sync
   /usr/bin/time -f "%e %M" -o "$OUT/time" ./target/release/haul run --source "$PGURL" --table public.orders \
     --dest "file://$OUT/lake" --workers 2 --progress none --log warn "$@" >/dev/null
@@ -74,9 +101,16 @@ copy_wall=$(printf '%s\n' "${copy_times[@]}" | median)
 duck_wall=$(printf '%s\n' "${duck_times[@]}" | median)
 cluster_wall=0
 if [ "${#cluster_times[@]}" -gt 0 ]; then cluster_wall=$(printf '%s\n' "${cluster_times[@]}" | median); fi
-python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" "$cluster_wall" <<'PY'
+load_wall=0; pipe_wall=0; load_rss_mib=0
+if [ "${#load_times[@]}" -gt 0 ]; then
+  load_wall=$(printf '%s\n' "${load_times[@]}" | median)
+  pipe_wall=$(printf '%s\n' "${pipe_times[@]}" | median)
+  load_rss_mib=$(( $(printf '%s\n' "${load_rss[@]}" | sort -n | tail -1) / 1024 ))
+fi
+python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" "$cluster_wall" "$load_wall" "$pipe_wall" "$load_rss_mib" <<'PY'
 import sys
-rows, hw, rss, pb, cw, dw, runs, clw = sys.argv[1:]
+rows, hw, rss, pb, cw, dw, runs, clw, lw, pw, lrss = sys.argv[1:]
+lw, pw = float(lw), float(pw)
 clw = float(clw)
 rows, hw, cw, dw = int(rows), float(hw), float(cw), float(dw)
 print(f"rows={rows} runs={runs} (median)")
@@ -85,4 +119,7 @@ print(f"copy_binary_2x    wall_s={cw:.2f}   haul/copy={hw/cw:.2f}")
 print(f"duckdb_scanner    wall_s={dw:.2f}   haul/duckdb={hw/dw:.2f}")
 if clw:
     print(f"haul_cluster      wall_s={clw:.2f} rows_per_s={rows/clw:,.0f}   cluster/run={clw/hw:.2f} cluster/duckdb={clw/dw:.2f}")
+if lw:
+    print(f"haul_run_load     wall_s={lw:.2f} rows_per_s={rows/lw:,.0f} peak_rss_mib={lrss} (Parquet + PG load)")
+    print(f"psql_pipe_binary  wall_s={pw:.2f}   haul_load/pipe={lw/pw:.2f}")
 PY

@@ -205,6 +205,8 @@ pub struct Prepared {
     pub committed: std::collections::BTreeMap<ChunkId, ChunkManifest>,
     pub table_dir: String,
     pub started_at: String,
+    /// This call planned the job (it is not a resume).
+    pub planned_now: bool,
 }
 
 /// The outcome of preparing a job.
@@ -411,6 +413,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         committed,
         table_dir: tdir,
         started_at,
+        planned_now: previous.is_none(),
     })))
 }
 
@@ -463,6 +466,7 @@ pub async fn run(
         committed,
         table_dir: tdir,
         started_at,
+        ..
     } = p;
     let snapshot = plan.snapshot.clone();
 
@@ -636,7 +640,16 @@ pub async fn prepare_load(
     };
     let client =
         haul_worker::load_client::LoadClient::new(load, auth.token.clone(), auth.tls_ca.clone());
-    let reply = client.prepare(req).await?;
+    let reply = match client.prepare(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            // nothing was queued: let the same job id be submitted again once fixed
+            if p.planned_now {
+                let _ = p.dest.delete_if_exists(&p.dest.plan_path(&p.job)).await;
+            }
+            return Err(e.into());
+        }
+    };
     info!(
         target = %reply.target_table,
         created = reply.created,
