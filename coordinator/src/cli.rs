@@ -148,13 +148,9 @@ pub struct ClusterArgs {
     pub max_attempts: u32,
 }
 
+/// How a server role (coordinator, loader) authenticates its callers.
 #[derive(Args, Debug)]
-pub struct CoordinatorArgs {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "HAUL_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: std::net::SocketAddr,
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
+pub struct ServeArgs {
     /// Require this bearer token on every RPC.
     #[arg(long, env = "HAUL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -164,6 +160,27 @@ pub struct CoordinatorArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "HAUL_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn token(&self) -> Option<Secret> {
+        self.token.clone().map(Secret::new)
+    }
+
+    pub fn tls(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        self.tls_cert.clone().zip(self.tls_key.clone())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "HAUL_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
     #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4)]
     pub parallelism: usize,
@@ -249,15 +266,8 @@ pub struct LoaderArgs {
     /// Schema of haul's load ledger tables in the target.
     #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
     pub ledger_schema: String,
-    /// Require this bearer token on every RPC.
-    #[arg(long, env = "HAUL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// TLS certificate (PEM); with --tls-key, serve TLS.
-    #[arg(long, env = "HAUL_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, env = "HAUL_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Serve Prometheus metrics on http://<addr>/metrics.
     #[arg(long, env = "HAUL_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -345,6 +355,9 @@ pub struct JobArgs {
     /// Empty the target table before the job loads its first chunk (not again on --resume).
     #[arg(long, env = "HAUL_TRUNCATE_FIRST")]
     pub truncate_first: bool,
+    /// Only load the target: write no Parquet (the job's small manifests still go to --dest).
+    #[arg(long, env = "HAUL_NO_PARQUET")]
+    pub no_parquet: bool,
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -449,7 +462,8 @@ impl TryFrom<JobArgs> for JobRequest {
         let load = (!endpoints.is_empty()
             || a.target_table.is_some()
             || a.create_table
-            || a.truncate_first)
+            || a.truncate_first
+            || a.no_parquet)
             .then(|| LoadSpec {
                 endpoints,
                 target_table: a.target_table.unwrap_or_default(),
@@ -478,6 +492,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     max_file_bytes: parse_bytes(&a.max_file_bytes)?.max(1),
                     partition_by: a.partition_by.as_deref().map(parse_partition).transpose()?,
                     fsync: a.fsync,
+                    parquet: !a.no_parquet,
                 },
                 use_snapshot: !a.no_snapshot,
                 load,
@@ -509,7 +524,7 @@ impl TryFrom<RunArgs> for RunOptions {
             });
         } else if j.spec.load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
             return Err(
-                "--target-table, --create-table and --truncate-first need --load or --load-target"
+                "--target-table, --create-table, --truncate-first and --no-parquet need --load or --load-target"
                     .into(),
             );
         }

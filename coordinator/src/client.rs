@@ -62,7 +62,7 @@ pub async fn submit(
     let load = j.spec.load.clone();
     if load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
         return Err(ClientError::Encode(
-            "--target-table, --create-table and --truncate-first need --load".into(),
+            "--target-table, --create-table, --truncate-first and --no-parquet need --load".into(),
         ));
     }
     let req = SubmitRequest {

@@ -745,6 +745,7 @@ pub fn job_status(rec: &JobRecord, chunks: &BTreeMap<ChunkId, ChunkState>) -> Jo
         s.loaders = l.endpoints.clone();
     }
     if rec.state == JobState::Succeeded
+        && rec.spec.output.parquet
         && let Some(p) = &rec.plan
     {
         s.manifest = format!(
@@ -789,9 +790,10 @@ fn spec_from_request(
         return Err(bad("resume needs the job id".into()));
     }
     let load = if r.load.is_empty() {
-        if !r.target_table.is_empty() || r.create_table || r.truncate_first {
+        if !r.target_table.is_empty() || r.create_table || r.truncate_first || !output.parquet {
             return Err(bad(
-                "target_table, create_table and truncate_first need loaders (--load)".into(),
+                "target_table, create_table, truncate_first and no Parquet need loaders (--load)"
+                    .into(),
             ));
         }
         None

@@ -68,6 +68,11 @@ impl JobsFlight {
                 rec.state.name()
             )));
         }
+        if !rec.spec.output.parquet {
+            return Err(Status::failed_precondition(format!(
+                "job {job} wrote no Parquet (--no-parquet); read its target table instead"
+            )));
+        }
         let dest = Dest::open(&rec.spec.dest, false)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let manifest: JobManifest = dest

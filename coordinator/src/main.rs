@@ -60,7 +60,6 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             println!("{summary}");
         }
         Cmd::Coordinator(a) => {
-            let tls = a.tls_cert.zip(a.tls_key);
             let opts = CoordinatorOptions {
                 listen: a.listen,
                 amqp: Secret::new(a.cluster.amqp),
@@ -68,24 +67,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 queue: a.cluster.queue,
                 redis_prefix: a.cluster.redis_prefix,
                 max_attempts: a.cluster.max_attempts.max(1),
-                token: a.token.map(Secret::new),
-                tls,
+                token: a.serve.token(),
+                tls: a.serve.tls(),
                 parallelism: a.parallelism.max(1),
                 metrics_listen: a.metrics_listen,
             };
-            let shutdown = CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("stopping; unfinished jobs stay recorded for the next coordinator");
-                on_signal.cancel();
-            });
+            let shutdown =
+                stop_on_signal("stopping; unfinished jobs stay recorded for the next coordinator");
             cluster::serve(opts, shutdown).await?;
         }
         Cmd::Worker(a) => {
@@ -111,24 +99,12 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let opts = LoaderOptions {
                 target: Secret::new(a.target),
                 ledger_schema: a.ledger_schema,
-                token: a.token.map(Secret::new),
-                tls: a.tls_cert.zip(a.tls_key),
+                token: a.serve.token(),
+                tls: a.serve.tls(),
                 metrics_listen: a.metrics_listen,
             };
-            let shutdown = CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                // a chunk being loaded is rolled back; its worker retries it
-                tracing::info!("loader stopping");
-                on_signal.cancel();
-            });
+            // a chunk being loaded is rolled back; its worker retries it
+            let shutdown = stop_on_signal("loader stopping");
             serve_loader(listener, opts, shutdown).await?;
         }
         Cmd::Submit(a) => {
@@ -171,6 +147,23 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// A token that fires on SIGTERM or Ctrl-C, logging `msg`.
+fn stop_on_signal(msg: &'static str) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("{msg}");
+        on_signal.cancel();
+    });
+    stop
 }
 
 async fn control(a: &JobCmdArgs, what: &str) -> anyhow::Result<()> {

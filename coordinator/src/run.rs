@@ -330,6 +330,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         }
         None => {
             if !opts.overwrite
+                && spec.output.parquet
                 && let Some(m) = dest
                     .get_json::<JobManifest>(&dest.table_manifest_path(&tdir))
                     .await?
@@ -573,7 +574,11 @@ pub async fn run(
         chunks: manifest.chunks,
         wall: started.elapsed(),
         already_done: false,
-        manifest: format!("{}/{tdir}/_manifest.json", dest.url),
+        manifest: if spec.output.parquet {
+            format!("{}/{tdir}/_manifest.json", dest.url)
+        } else {
+            format!("{}/_haul/jobs/{job}/_manifest.json", dest.url)
+        },
         loaded_into: spec.load.as_ref().map(|l| l.target_table.clone()),
     })
 }
@@ -716,6 +721,13 @@ pub async fn commit_job(
         )));
     }
     let manifest = job_manifest(job, spec, plan, &chunks, started_at);
+    if !spec.output.parquet {
+        // a load-only job: its manifest records it as done; there is no export to name
+        dest.put_json(&dest.job_manifest_path(job), &manifest, true)
+            .await?;
+        dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
+        return Ok(manifest);
+    }
     let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(tdir)).await?;
     dest.put_json(&dest.job_manifest_path(job), &manifest, true)
         .await?;

@@ -61,6 +61,14 @@ pub struct OutputOptions {
     /// durable on upload anyway).
     #[serde(default)]
     pub fsync: bool,
+    /// Write Parquet parts (off for a job that only loads a target; its manifests still
+    /// go to the destination).
+    #[serde(default = "yes")]
+    pub parquet: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for OutputOptions {
@@ -73,6 +81,7 @@ impl Default for OutputOptions {
             max_file_bytes: 512 * 1024 * 1024,
             partition_by: None,
             fsync: false,
+            parquet: true,
         }
     }
 }

@@ -238,8 +238,8 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
     let staging = dest.staging_prefix(c.job_id, c.chunk, epoch);
     // `extract` watches `c.cancel` itself, so that it can stop its writer first
     let result = extract(&c, &staging).await;
-    let files = match result {
-        Ok(files) => files,
+    let (files, rows) = match result {
+        Ok(r) => r,
         Err(e) => {
             let _ = dest.delete_prefix(&staging).await;
             return Err(e);
@@ -259,7 +259,7 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
         epoch,
         worker: c.lease.holder.clone(),
         range: c.range.clone(),
-        rows: files.iter().map(|f| f.rows).sum(),
+        rows,
         bytes: files.iter().map(|f| f.bytes).sum(),
         files,
         committed_at: chrono::Utc::now().to_rfc3339(),
@@ -292,7 +292,7 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
 async fn extract(
     c: &ChunkJob<'_>,
     staging: &str,
-) -> Result<Vec<crate::layout::PartFile>, ChunkError> {
+) -> Result<(Vec<crate::layout::PartFile>, u64), ChunkError> {
     let session = pg::connect(&c.spec.source).await?;
     let client = &session.client;
     client
@@ -311,21 +311,26 @@ async fn extract(
             })?;
     }
     let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
-    let writer = ChunkWriter::start(
-        c.dest.clone(),
-        WriterConfig {
-            output: c.spec.output.clone(),
-            table_dir: table_dir(&c.plan.table.name),
-            staging: staging.to_owned(),
-            stem: format!("part-{}-{}", c.job_id, c.chunk),
-        },
-        decoder.schema(),
-    )?;
+    let writer = if c.spec.output.parquet {
+        Some(ChunkWriter::start(
+            c.dest.clone(),
+            WriterConfig {
+                output: c.spec.output.clone(),
+                table_dir: table_dir(&c.plan.table.name),
+                staging: staging.to_owned(),
+                stem: format!("part-{}-{}", c.job_id, c.chunk),
+            },
+            decoder.schema(),
+        )?)
+    } else {
+        None
+    };
     let mut load = match c.load {
         Some(l) => Some(l.start(load_command(c), decoder.schema()).await?),
         None => None,
     };
     let stmt = copy_statement(c.plan, c.range);
+    let mut rows = 0u64;
     let copy = async {
         let stream = client
             .copy_out(stmt.as_str())
@@ -343,20 +348,26 @@ async fn extract(
                 c.progress
                     .rows
                     .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                rows += b.num_rows() as u64;
                 if let Some(l) = load.as_mut() {
                     l.send(b.clone()).await?;
                 }
-                writer.write(b).await?;
+                if let Some(w) = &writer {
+                    w.write(b).await?;
+                }
             }
         }
         if let Some(b) = decoder.finish()? {
             c.progress
                 .rows
                 .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+            rows += b.num_rows() as u64;
             if let Some(l) = load.as_mut() {
                 l.send(b.clone()).await?;
             }
-            writer.write(b).await?;
+            if let Some(w) = &writer {
+                w.write(b).await?;
+            }
         }
         Ok::<_, ChunkError>(())
     };
@@ -367,12 +378,14 @@ async fn extract(
     if let Err(e) = copied {
         // the writer's thread may be mid-file: let it stop before the caller deletes
         // the staging prefix, so no part of this attempt is written after the cleanup
-        writer.abort().await;
+        if let Some(w) = writer {
+            w.abort().await;
+        }
         return Err(e);
     }
-    let files = match writer.finish().await {
-        Ok(f) => f,
-        Err(e) => return Err(e.into()),
+    let files = match writer {
+        Some(w) => w.finish().await?,
+        None => Vec::new(),
     };
     if let Some(l) = load {
         // the load commits before the chunk manifest: a chunk with a manifest is loaded
@@ -381,12 +394,11 @@ async fn extract(
             _ = c.cancel.cancelled() => return Err(ChunkError::Cancelled),
         };
         fault_pause("HAUL_FAULT_PAUSE_AFTER_LOAD_MS").await;
-        let read: u64 = files.iter().map(|f| f.rows).sum();
-        if ack.rows != read {
+        if ack.rows != rows {
             return Err(ChunkError::LoadCount {
                 chunk: c.chunk,
                 loaded: ack.rows,
-                read,
+                read: rows,
             });
         }
     }
@@ -394,7 +406,7 @@ async fn extract(
         .batch_execute("COMMIT")
         .await
         .map_err(|e| SourceError::query("ending the chunk transaction", e))?;
-    Ok(files)
+    Ok((files, rows))
 }
 
 /// The table's folder under the destination: its name, with every character other than

@@ -298,3 +298,17 @@ impl Drop for ChunkLoad {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::flight_url;
+
+    #[test]
+    fn loader_addresses() {
+        assert_eq!(flight_url("flight://a:50052").unwrap(), "http://a:50052");
+        assert_eq!(flight_url(" grpc+tls://b:1 ").unwrap(), "https://b:1");
+        assert_eq!(flight_url("http://c:2").unwrap(), "http://c:2");
+        assert!(flight_url("flight://a:1/x").is_err());
+        assert!(flight_url("a:50052").is_err());
+    }
+}

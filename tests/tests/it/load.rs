@@ -156,6 +156,42 @@ impl Drop for LoaderProc {
     }
 }
 
+/// `haul submit` of table `t` with `--load <loaders> --create-table`, plus `extra`.
+fn submit_load(
+    src: &TestDb,
+    dest: &TempDest,
+    job: &str,
+    chunk_rows: &str,
+    loaders: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "submit",
+        "--source",
+        &src.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        job,
+        "--chunk-rows",
+        chunk_rows,
+        "--load",
+        loaders,
+        "--create-table",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 async fn ledger_rows(target: &Client, job: &str) -> i64 {
     target
         .query_one(
@@ -191,23 +227,14 @@ async fn two_loaders_move_a_skewed_million_rows_of_every_type() {
     cl.wait_workers(2);
     let job = unique("j");
     let loaders = format!("{},{}", la.url(), lb.url());
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &src.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
+    let out = cl.haul_ok(&strs(&submit_load(
+        &src,
+        &dest,
         &job,
-        "--chunk-rows",
         "100000",
-        "--load",
         &loaders,
-        "--create-table",
-        "--wait",
-    ]);
+        &["--wait"],
+    )));
     assert!(out.contains("state:     succeeded"), "{out}");
     assert!(
         out.contains("load:      1000001 rows committed into public.t"),
@@ -306,22 +333,14 @@ async fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing() {
     cl.wait_workers(2);
     let job = unique("j");
     let loaders = format!("{},{}", la.url(), lb.url());
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &src.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
+    let out = cl.haul_ok(&strs(&submit_load(
+        &src,
+        &dest,
         &job,
-        "--chunk-rows",
         "20000",
-        "--load",
         &loaders,
-        "--create-table",
-    ]);
+        &[],
+    )));
     assert!(out.trim() == job, "{out}");
     // catch loader A with a chunk open, then kill it
     let t0 = Instant::now();
@@ -368,22 +387,7 @@ async fn a_worker_killed_after_the_load_commit_does_not_duplicate_rows() {
     cl.wait_workers(1);
     let job = unique("j");
     let load = l.url();
-    let mut cmd = cl.command(&[
-        "submit",
-        "--source",
-        &src.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
-        &job,
-        "--chunk-rows",
-        "25000",
-        "--load",
-        &load,
-        "--create-table",
-    ]);
+    let mut cmd = cl.command(&strs(&submit_load(&src, &dest, &job, "25000", &load, &[])));
     assert!(cmd.status().unwrap().success());
     let t0 = Instant::now();
     while ledger_rows(&tgt.client, &job).await < 1 {
@@ -426,24 +430,14 @@ async fn a_slow_loader_keeps_the_worker_memory_flat() {
     cl.wait_workers(1);
     let job = unique("j");
     let load = l.url();
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &src.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
+    let out = cl.haul_ok(&strs(&submit_load(
+        &src,
+        &dest,
         &job,
-        "--chunk-rows",
         "300000",
-        "--batch-rows",
-        "4096",
-        "--load",
         &load,
-        "--create-table",
-    ]);
+        &["--batch-rows", "4096"],
+    )));
     assert_eq!(out.trim(), job);
     let pid = cl.worker("w1").id();
     let status = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -693,4 +687,33 @@ async fn the_loader_fences_replays_and_replaces() {
     assert_eq!(count().await, (90, Some("b0".into())));
     stop.cancel();
     let _ = server.await;
+}
+
+/// `haul run --load-target --no-parquet --create-table`: only the target is written (no
+/// Parquet part anywhere under the destination, which keeps only the job's manifests).
+#[tokio::test]
+async fn run_can_load_without_writing_parquet() {
+    let src = TestDb::new().await;
+    skewed(&src, 20_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "public.t", &dest);
+    o.spec.chunk_rows = 5000;
+    o.spec.output.parquet = false;
+    o.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: String::new(),
+        create_table: true,
+        truncate_first: false,
+    });
+    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    let summary = run(o).await.unwrap();
+    assert_eq!((summary.rows, summary.files), (20_000, 0));
+    assert_eq!(summary.loaded_into.as_deref(), Some("public.t"));
+    assert_eq!(
+        digest(&tgt.client, "t").await,
+        digest(&src.client, "t").await
+    );
+    assert!(crate::common::parquet_files(&dest.0).is_empty());
+    assert!(!dest.0.join("t").exists());
 }
