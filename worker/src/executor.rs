@@ -349,11 +349,13 @@ async fn extract(
                     .rows
                     .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
                 rows += b.num_rows() as u64;
-                if let Some(l) = load.as_mut() {
-                    l.send(b.clone()).await?;
-                }
+                // the writer first: it encodes on its own thread while the loader takes
+                // its copy
                 if let Some(w) = &writer {
-                    w.write(b).await?;
+                    w.write(b.clone()).await?;
+                }
+                if let Some(l) = load.as_mut() {
+                    l.send(b).await?;
                 }
             }
         }
@@ -362,11 +364,11 @@ async fn extract(
                 .rows
                 .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
             rows += b.num_rows() as u64;
-            if let Some(l) = load.as_mut() {
-                l.send(b.clone()).await?;
-            }
             if let Some(w) = &writer {
-                w.write(b).await?;
+                w.write(b.clone()).await?;
+            }
+            if let Some(l) = load.as_mut() {
+                l.send(b).await?;
             }
         }
         Ok::<_, ChunkError>(())
@@ -382,6 +384,25 @@ async fn extract(
             w.abort().await;
         }
         return Err(e);
+    }
+    if let Some(l) = load.as_mut() {
+        // a zombie (lease lost while it read) must not commit the load: the loader would
+        // take it, being the first, and the live attempt would have to retry
+        let current = c.leases.is_current(c.lease).await;
+        if !matches!(current, Ok(true)) {
+            if let Some(w) = writer {
+                w.abort().await;
+            }
+            return Err(match current {
+                Err(e) => e.into(),
+                Ok(_) => ChunkError::LeaseLost {
+                    chunk: c.chunk,
+                    epoch: c.lease.epoch.0,
+                },
+            });
+        }
+        // end the stream now, so the loader commits while the Parquet parts finish
+        l.close();
     }
     let files = match writer {
         Some(w) => w.finish().await?,

@@ -280,6 +280,11 @@ impl ChunkLoad {
         }
     }
 
+    /// Ends the stream: the loader commits once it has taken the batches sent.
+    pub fn close(&mut self) {
+        self.tx = None;
+    }
+
     /// Ends the stream and waits for the loader's commit.
     pub async fn finish(mut self) -> Result<LoadAck, LoadClientError> {
         self.tx = None;
