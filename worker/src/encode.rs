@@ -171,7 +171,9 @@ pub struct EncodeError {
 /// Encodes a batch's rows as binary COPY tuples (no header or trailer), in `plans`
 /// order, which matches the batch's columns.
 pub fn encode_batch(batch: &RecordBatch, plans: &[ColumnPlan]) -> Result<Bytes, EncodeError> {
-    let mut buf = BytesMut::with_capacity(batch.get_array_memory_size() + batch.num_rows() * 8);
+    // (not the arrays' memory size: arrays decoded from one IPC message share its whole
+    // body, which each of them would count)
+    let mut buf = BytesMut::with_capacity(batch.num_rows() * (2 + plans.len() * 12));
     let mut scratch = String::new();
     let cols: Vec<&ArrayRef> = batch.columns().iter().collect();
     for row in 0..batch.num_rows() {
