@@ -600,7 +600,7 @@ impl Coordinator {
                 existing.state.name()
             )));
         }
-        let p = match prepare(&spec, &popts).await.map_err(|e| status_of(&e))? {
+        let mut p = match prepare(&spec, &popts).await.map_err(|e| status_of(&e))? {
             Preparation::AlreadyDone(m) => {
                 // recorded again (Redis may have been flushed), as succeeded
                 if self
@@ -623,7 +623,6 @@ impl Coordinator {
             }
             Preparation::Ready(p) => *p,
         };
-        let mut p = p;
         prepare_load(
             &mut p,
             &LoadAuth {
@@ -798,8 +797,13 @@ fn spec_from_request(
         }
         None
     } else {
+        let endpoints = r
+            .load
+            .iter()
+            .map(|e| haul_worker::load_client::flight_url(e).map_err(|m| bad(format!("load: {m}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         Some(LoadSpec {
-            endpoints: r.load,
+            endpoints,
             target_table: r.target_table,
             create_table: r.create_table,
             truncate_first: r.truncate_first,

@@ -439,7 +439,7 @@ pub async fn run(
         overwrite: opts.overwrite,
         parallelism: opts.workers,
     };
-    let p = match prepare(&opts.spec, &prepare_opts).await? {
+    let mut p = match prepare(&opts.spec, &prepare_opts).await? {
         Preparation::AlreadyDone(m) => {
             let dest = Dest::open(&opts.spec.dest, false)?;
             return Ok(JobSummary {
@@ -456,7 +456,6 @@ pub async fn run(
         }
         Preparation::Ready(p) => *p,
     };
-    let mut p = p;
     prepare_load(&mut p, &haul_worker::load_client::LoadAuth::default()).await?;
     let Prepared {
         job,
