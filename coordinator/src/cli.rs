@@ -282,9 +282,10 @@ pub struct JobArgs {
     /// Table to extract: `schema.table` (quote mixed-case names: '"Sales"."Orders"').
     #[arg(long, env = "HAUL_TABLE", required_unless_present = "resume")]
     pub table: Option<String>,
-    /// Destination: a path, file:///abs/path, or s3://bucket/prefix.
-    #[arg(long, env = "HAUL_DEST", default_value = "file://./lake")]
-    pub dest: String,
+    /// Destination: a path, file:///abs/path, or s3://bucket/prefix [default: file://./lake;
+    /// with loading and no --dest, no Parquet is written and ./lake keeps only the job's manifests].
+    #[arg(long, env = "HAUL_DEST")]
+    pub dest: Option<String>,
     /// Columns to extract (comma-separated); all by default.
     #[arg(long, env = "HAUL_COLUMNS", value_delimiter = ',')]
     pub columns: Vec<String>,
@@ -427,7 +428,12 @@ pub struct JobRequest {
     pub resume: bool,
     pub fresh_snapshot: bool,
     pub overwrite: bool,
+    /// `--dest` was given (without it, a loading job writes no Parquet).
+    pub dest_given: bool,
 }
+
+/// The destination when none is given.
+pub const DEFAULT_DEST: &str = "file://./lake";
 
 impl TryFrom<JobArgs> for JobRequest {
     type Error = String;
@@ -459,11 +465,14 @@ impl TryFrom<JobArgs> for JobRequest {
             .filter(|e| !e.trim().is_empty())
             .map(|e| haul_worker::load_client::flight_url(e).map_err(|m| format!("--load {m}")))
             .collect::<Result<Vec<_>, _>>()?;
+        // loading with no destination given: the target is the only output
+        let dest_given = a.dest.is_some();
+        let no_parquet = a.no_parquet || (!dest_given && !endpoints.is_empty());
         let load = (!endpoints.is_empty()
             || a.target_table.is_some()
             || a.create_table
             || a.truncate_first
-            || a.no_parquet)
+            || no_parquet)
             .then(|| LoadSpec {
                 endpoints,
                 target_table: a.target_table.unwrap_or_default(),
@@ -482,7 +491,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     Split::Key
                 },
                 casts,
-                dest: a.dest,
+                dest: a.dest.unwrap_or_else(|| DEFAULT_DEST.into()),
                 chunk_rows: a.chunk_rows,
                 output: OutputOptions {
                     compression: parse_compression(&a.compression)?,
@@ -492,7 +501,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     max_file_bytes: parse_bytes(&a.max_file_bytes)?.max(1),
                     partition_by: a.partition_by.as_deref().map(parse_partition).transpose()?,
                     fsync: a.fsync,
-                    parquet: !a.no_parquet,
+                    parquet: !no_parquet,
                 },
                 use_snapshot: !a.no_snapshot,
                 load,
@@ -501,6 +510,7 @@ impl TryFrom<JobArgs> for JobRequest {
             resume: a.resume.is_some(),
             fresh_snapshot: a.fresh_snapshot,
             overwrite: a.overwrite,
+            dest_given,
         })
     }
 }
@@ -522,6 +532,10 @@ impl TryFrom<RunArgs> for RunOptions {
                 create_table: false,
                 truncate_first: false,
             });
+            if !j.dest_given {
+                // loading with no destination given: the target is the only output
+                j.spec.output.parquet = false;
+            }
         } else if j.spec.load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
             return Err(
                 "--target-table, --create-table, --truncate-first and --no-parquet need --load or --load-target"
@@ -547,6 +561,49 @@ impl TryFrom<RunArgs> for RunOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_options(args: &[&str]) -> Result<RunOptions, String> {
+        let mut argv = vec![
+            "haul",
+            "run",
+            "--source",
+            "postgresql://u@h/db",
+            "--table",
+            "t",
+        ];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.cmd {
+            Cmd::Run(a) => RunOptions::try_from(a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn loading_without_a_destination_writes_no_parquet() {
+        let t = "--load-target=postgresql://u@h/wh";
+        let o = run_options(&[t]).unwrap();
+        assert!(!o.spec.output.parquet);
+        assert_eq!(o.spec.dest, DEFAULT_DEST);
+        assert!(
+            run_options(&[t, "--dest", "/tmp/x"])
+                .unwrap()
+                .spec
+                .output
+                .parquet
+        );
+        assert!(
+            !run_options(&[t, "--dest", "/tmp/x", "--no-parquet"])
+                .unwrap()
+                .spec
+                .output
+                .parquet
+        );
+        let o = run_options(&["--load", "flight://a:1,flight://b:2"]).unwrap();
+        assert!(!o.spec.output.parquet);
+        assert_eq!(o.spec.load.unwrap().endpoints, ["http://a:1", "http://b:2"]);
+        assert!(run_options(&[]).unwrap().spec.output.parquet);
+        assert!(run_options(&["--create-table"]).is_err());
+    }
 
     #[test]
     fn parses_option_values() {

@@ -160,6 +160,19 @@ impl std::fmt::Display for JobSummary {
             );
         }
         let secs = self.wall.as_secs_f64().max(1e-6);
+        if let (0, Some(t)) = (self.files, &self.loaded_into) {
+            // a load-only job
+            return write!(
+                f,
+                "job {} succeeded: {} rows loaded into {t} from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+                self.job,
+                self.rows,
+                self.chunks,
+                secs,
+                self.rows as f64 / secs,
+                self.manifest
+            );
+        }
         write!(
             f,
             "job {} succeeded: {} rows, {:.1} MiB in {} files from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
