@@ -184,6 +184,10 @@ pub struct CoordinatorArgs {
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
     #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4)]
     pub parallelism: usize,
+    /// CA certificate (PEM) to trust for flight+tls:// loaders (the coordinator prepares each
+    /// job's load through one).
+    #[arg(long, env = "HAUL_LOADER_TLS_CA")]
+    pub loader_tls_ca: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics on http://<addr>/metrics.
     #[arg(long, env = "HAUL_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,

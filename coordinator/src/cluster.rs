@@ -58,6 +58,8 @@ pub struct CoordinatorOptions {
     /// Chunks extracted at once across the cluster (workers × slots), for planning.
     pub parallelism: usize,
     /// Serve Prometheus metrics on this address.
+    /// CA certificate (PEM) to trust for `https://` loaders when preparing a job's load.
+    pub loader_tls_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -627,7 +629,7 @@ impl Coordinator {
             &mut p,
             &LoadAuth {
                 token: self.opts.token.clone(),
-                tls_ca: None,
+                tls_ca: self.opts.loader_tls_ca.clone(),
             },
         )
         .await

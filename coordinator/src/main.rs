@@ -70,6 +70,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 token: a.serve.token(),
                 tls: a.serve.tls(),
                 parallelism: a.parallelism.max(1),
+                loader_tls_ca: a.loader_tls_ca,
                 metrics_listen: a.metrics_listen,
             };
             let shutdown =

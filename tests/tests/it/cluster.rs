@@ -915,9 +915,9 @@ async fn pause_resume_and_cancel() {
     let _ = store.get_job(&id).await.unwrap();
 }
 
-#[tokio::test]
-async fn tls_with_a_token() {
-    let _broker = BROKER.write().await;
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it (openssl CLI):
+/// (folder, ca.pem, cert.pem, key.pem).
+pub(crate) fn test_certs() -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let certs = std::env::temp_dir().join(unique("haul_tls"));
     std::fs::create_dir_all(&certs).unwrap();
     // a CA, and a server certificate for 127.0.0.1 signed by it
@@ -974,6 +974,13 @@ async fn tls_with_a_token() {
         let out = Command::new("openssl").args(&step).output().unwrap();
         assert!(out.status.success(), "openssl {step:?}: {out:?}");
     }
+    (certs, ca, cert, key)
+}
+
+#[tokio::test]
+async fn tls_with_a_token() {
+    let _broker = BROKER.write().await;
+    let (certs, ca, cert, key) = test_certs();
     let tls = (
         cert.to_str().unwrap().to_owned(),
         key.to_str().unwrap().to_owned(),

@@ -17,7 +17,7 @@ use haul_worker::loader::{LoaderOptions, schema_to_ipc};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, free_port, sample, scrape, skewed};
+use crate::cluster::{Cluster, free_port, sample, scrape, skewed, test_certs};
 use crate::common::{BROKER, TempDest, TestDb, options, run, unique};
 
 /// Count and an order-independent checksum of a table's rows, as Postgres renders them.
@@ -95,20 +95,26 @@ struct LoaderProc {
 
 impl LoaderProc {
     fn start(cl: &Cluster, name: &str, target: &str) -> Self {
+        Self::start_with(cl, name, target, &[])
+    }
+
+    fn start_with(cl: &Cluster, name: &str, target: &str, extra: &[&str]) -> Self {
         let port = free_port();
         let metrics_port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
+        let mut args = vec![
+            "loader",
+            "--listen",
+            &listen,
+            "--target",
+            target,
+            "--metrics-listen",
+            &metrics,
+        ];
+        args.extend_from_slice(extra);
         let child = cl
-            .command(&[
-                "loader",
-                "--listen",
-                &listen,
-                "--target",
-                target,
-                "--metrics-listen",
-                &metrics,
-            ])
+            .command(&args)
             .stdout(cl.log_file(name))
             .stderr(cl.log_file(name))
             .spawn()
@@ -716,4 +722,68 @@ async fn run_can_load_without_writing_parquet() {
     );
     assert!(crate::common::parquet_files(&dest.0).is_empty());
     assert!(!dest.0.join("t").exists());
+}
+
+/// Loaders behind TLS and the cluster's token: workers and the coordinator (which
+/// prepares the load) trust the CA they are given, and the token is required.
+#[tokio::test]
+async fn loaders_serve_tls_and_require_the_token() {
+    let _broker = BROKER.write().await;
+    let (certs, ca, cert, key) = test_certs();
+    let ca = ca.to_str().unwrap().to_owned();
+    let src = TestDb::new().await;
+    skewed(&src, 20_000).await;
+    let tgt = TestDb::new().await;
+    let mut cl = Cluster::with(Some("l0ad-t0ken"), None, &[("HAUL_LOADER_TLS_CA", &ca)]);
+    let l = LoaderProc::start_with(
+        &cl,
+        "loader",
+        &tgt.dsn,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    cl.start_worker("w1", &["--tls-ca", &ca]);
+    cl.wait_workers(1);
+    let dest = TempDest::new();
+    let load = format!("flight+tls://127.0.0.1:{}", l.port);
+    let job = unique("j");
+    let out = cl.haul_ok(&strs(&submit_load(
+        &src,
+        &dest,
+        &job,
+        "5000",
+        &load,
+        &["--wait"],
+    )));
+    assert!(out.contains("state:     succeeded"), "{out}");
+    assert_eq!(
+        digest(&tgt.client, "t").await,
+        digest(&src.client, "t").await
+    );
+    // without the token the loader refuses (a plain Flight client, straight to it)
+    let spec = haul_shared::jobs::LoadSpec {
+        endpoints: vec![format!("https://127.0.0.1:{}", l.port)],
+        target_table: "t".into(),
+        create_table: false,
+        truncate_first: false,
+    };
+    let client = LoadClient::new(&spec, None, Some(ca.clone().into()));
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+    let err = client
+        .prepare(PrepareLoad {
+            version: LOAD_VERSION,
+            job_id: unique("j"),
+            target_table: "t".into(),
+            arrow_schema: schema_to_ipc(&schema).unwrap().to_vec(),
+            create_table: false,
+            truncate_first: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("bearer token"), "{err}");
+    let _ = std::fs::remove_dir_all(&certs);
 }
