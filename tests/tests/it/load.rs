@@ -302,7 +302,7 @@ assert t.num_rows == 1000001, t.num_rows
 assert str(pc.sum(t["id"]).as_py()) == "{sum_id}", pc.sum(t["id"])
 assert pc.sum(t["i4"]).as_py() == {sum_i4}
 assert t["note"].length() - t["note"].null_count == {notes}
-assert t.schema.field("u").type.extension_name == "arrow.uuid" if hasattr(t.schema.field("u").type, "extension_name") else True
+assert getattr(t.schema.field("u").type, "extension_name", None) == "arrow.uuid", t.schema.field("u")
 print("flight ok", t.num_rows)
 "#,
         port = cl.url.rsplit(':').next().unwrap(),
