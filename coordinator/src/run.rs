@@ -655,8 +655,7 @@ pub async fn prepare_load(
         create_table: load.create_table,
         truncate_first: load.truncate_first,
     };
-    let client =
-        haul_worker::load_client::LoadClient::new(load, auth.token.clone(), auth.tls_ca.clone());
+    let client = haul_worker::load_client::LoadClient::new(load, auth);
     let reply = match client.prepare(req).await {
         Ok(r) => r,
         Err(e) => {

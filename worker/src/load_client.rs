@@ -115,11 +115,11 @@ pub struct LoadClient {
 }
 
 impl LoadClient {
-    pub fn new(spec: &LoadSpec, token: Option<Secret>, tls_ca: Option<PathBuf>) -> Self {
+    pub fn new(spec: &LoadSpec, auth: &LoadAuth) -> Self {
         Self {
             endpoints: spec.endpoints.clone(),
-            token,
-            tls_ca,
+            token: auth.token.clone(),
+            tls_ca: auth.tls_ca.clone(),
         }
     }
 

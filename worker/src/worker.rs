@@ -331,7 +331,7 @@ async fn attempt_chunk(
         .spec
         .load
         .as_ref()
-        .map(|l| LoadClient::new(l, cfg.load_auth.token.clone(), cfg.load_auth.tls_ca.clone()));
+        .map(|l| LoadClient::new(l, &cfg.load_auth));
     let result = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,

@@ -575,7 +575,7 @@ async fn the_loader_fences_replays_and_replaces() {
         create_table: false,
         truncate_first: false,
     };
-    let client = LoadClient::new(&spec, None, None);
+    let client = LoadClient::new(&spec, &Default::default());
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("note", DataType::Utf8, false),
@@ -771,7 +771,13 @@ async fn loaders_serve_tls_and_require_the_token() {
         create_table: false,
         truncate_first: false,
     };
-    let client = LoadClient::new(&spec, None, Some(ca.clone().into()));
+    let client = LoadClient::new(
+        &spec,
+        &haul_worker::load_client::LoadAuth {
+            token: None,
+            tls_ca: Some(ca.clone().into()),
+        },
+    );
     let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
     let err = client
         .prepare(PrepareLoad {
