@@ -198,6 +198,18 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// A cluster with loaders `loader-a` and `loader-b` on `tgt` and workers `w1` and `w2`,
+/// registered.
+fn two_loaders_two_workers(tgt: &TestDb) -> (Cluster, LoaderProc, LoaderProc) {
+    let mut cl = Cluster::new(None);
+    let la = LoaderProc::start(&cl, "loader-a", &tgt.dsn);
+    let lb = LoaderProc::start(&cl, "loader-b", &tgt.dsn);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    (cl, la, lb)
+}
+
 async fn ledger_rows(target: &Client, job: &str) -> i64 {
     target
         .query_one(
@@ -225,12 +237,7 @@ async fn two_loaders_move_a_skewed_million_rows_of_every_type() {
     )
     .await;
     let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    let la = LoaderProc::start(&cl, "loader-a", &tgt.dsn);
-    let lb = LoaderProc::start(&cl, "loader-b", &tgt.dsn);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (cl, la, lb) = two_loaders_two_workers(&tgt);
     let job = unique("j");
     let loaders = format!("{},{}", la.url(), lb.url());
     let out = cl.haul_ok(&strs(&submit_load(
@@ -331,12 +338,7 @@ async fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing() {
     skewed(&src, 300_000).await;
     let tgt = TestDb::new().await;
     let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    let mut la = LoaderProc::start(&cl, "loader-a", &tgt.dsn);
-    let lb = LoaderProc::start(&cl, "loader-b", &tgt.dsn);
-    cl.start_worker("w1", &[]);
-    cl.start_worker("w2", &[]);
-    cl.wait_workers(2);
+    let (cl, mut la, lb) = two_loaders_two_workers(&tgt);
     let job = unique("j");
     let loaders = format!("{},{}", la.url(), lb.url());
     let out = cl.haul_ok(&strs(&submit_load(
