@@ -318,9 +318,26 @@ impl Loader {
     }
 
     /// Creates the ledger tables if they are missing (under an advisory lock, so that
-    /// loaders starting together do not race on the catalog).
+    /// loaders starting together do not race on the catalog). When they exist, the
+    /// loader's user needs only SELECT/INSERT/UPDATE on them.
     pub async fn ensure_ledger(&self) -> Result<(), LoadError> {
         let s = self.connect().await?;
+        // tables made in advance (by someone allowed to) need no CREATE privilege here
+        let present: bool = s
+            .client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                &[
+                    &self.ledger_table("load_jobs"),
+                    &self.ledger_table("load_chunks"),
+                ],
+            )
+            .await
+            .map_err(|e| LoadError::query("looking for the load ledger", e))?
+            .get(0);
+        if present {
+            return Ok(());
+        }
         let sql = format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('haul.ledger')); \
              CREATE SCHEMA IF NOT EXISTS {schema}; \

@@ -795,3 +795,61 @@ async fn loaders_serve_tls_and_require_the_token() {
     assert!(err.to_string().contains("bearer token"), "{err}");
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// A role created for one test, dropped (with its grants) at the end.
+struct RoleGuard {
+    name: String,
+    db: String,
+}
+
+impl Drop for RoleGuard {
+    fn drop(&mut self) {
+        let admin = crate::common::admin_dsn();
+        let in_db = format!("{}/{}", admin.rsplit_once('/').unwrap().0, self.db);
+        for (dsn, sql) in [
+            (in_db, format!("DROP OWNED BY {}", self.name)),
+            (admin, format!("DROP ROLE IF EXISTS {}", self.name)),
+        ] {
+            let _ = Command::new("psql")
+                .arg(dsn)
+                .args(["-X", "-q", "-c", &sql])
+                .output();
+        }
+    }
+}
+
+/// A loader whose user may not create anything works once the ledger exists, and says
+/// what is missing when it does not.
+#[tokio::test]
+async fn a_loader_needs_no_create_privilege_once_the_ledger_exists() {
+    use haul_worker::loader::Loader;
+    let tgt = TestDb::new().await;
+    let role = unique("haul_lp");
+    let _guard = RoleGuard {
+        name: role.clone(),
+        db: tgt.name.clone(),
+    };
+    Loader::new(haul_shared::pg::Secret::new(tgt.dsn.clone()), "haul")
+        .ensure_ledger()
+        .await
+        .unwrap();
+    tgt.exec(&format!(
+        "CREATE ROLE {role} LOGIN;
+         REVOKE CREATE ON DATABASE {db} FROM PUBLIC;
+         GRANT USAGE ON SCHEMA haul TO {role};
+         GRANT SELECT, INSERT, UPDATE ON haul.load_jobs, haul.load_chunks TO {role};",
+        db = tgt.name
+    ))
+    .await;
+    let as_role = tgt.dsn.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(as_role, tgt.dsn);
+    Loader::new(haul_shared::pg::Secret::new(as_role.clone()), "haul")
+        .ensure_ledger()
+        .await
+        .unwrap();
+    let err = Loader::new(haul_shared::pg::Secret::new(as_role), "haul_other")
+        .ensure_ledger()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+}
