@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use arrow_array::RecordBatch;
 use futures::{StreamExt, pin_mut};
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::jobs::{JobPlan, JobSpec};
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::decode::CopyDecoder;
 use crate::layout::{ChunkManifest, Dest, DestError};
-use crate::load_client::{LoadClient, LoadClientError};
+use crate::load_client::{ChunkLoad, LoadClient, LoadClientError};
 use crate::writer::{ChunkWriter, WriteError, WriterConfig};
 
 /// Upper bound on one decoded batch's source bytes (in addition to the row bound).
@@ -345,31 +346,11 @@ async fn extract(
                 .fetch_add(piece.len() as u64, Ordering::Relaxed);
             decoder.push(&piece, &mut batches)?;
             for b in batches.drain(..) {
-                c.progress
-                    .rows
-                    .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-                rows += b.num_rows() as u64;
-                // the writer first: it encodes on its own thread while the loader takes
-                // its copy
-                if let Some(w) = &writer {
-                    w.write(b.clone()).await?;
-                }
-                if let Some(l) = load.as_mut() {
-                    l.send(b).await?;
-                }
+                rows += hand_on(b, c.progress, writer.as_ref(), load.as_mut()).await?;
             }
         }
         if let Some(b) = decoder.finish()? {
-            c.progress
-                .rows
-                .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-            rows += b.num_rows() as u64;
-            if let Some(w) = &writer {
-                w.write(b.clone()).await?;
-            }
-            if let Some(l) = load.as_mut() {
-                l.send(b).await?;
-            }
+            rows += hand_on(b, c.progress, writer.as_ref(), load.as_mut()).await?;
         }
         Ok::<_, ChunkError>(())
     };
@@ -428,6 +409,26 @@ async fn extract(
         .await
         .map_err(|e| SourceError::query("ending the chunk transaction", e))?;
     Ok((files, rows))
+}
+
+/// Hands a decoded batch to the Parquet writer and the loader (whichever the job has);
+/// returns its row count.
+async fn hand_on(
+    b: RecordBatch,
+    progress: &Progress,
+    writer: Option<&ChunkWriter>,
+    load: Option<&mut ChunkLoad>,
+) -> Result<u64, ChunkError> {
+    let n = b.num_rows() as u64;
+    progress.rows.fetch_add(n, Ordering::Relaxed);
+    // the writer first: it encodes on its own thread while the loader takes its copy
+    if let Some(w) = writer {
+        w.write(b.clone()).await?;
+    }
+    if let Some(l) = load {
+        l.send(b).await?;
+    }
+    Ok(n)
 }
 
 /// The table's folder under the destination: its name, with every character other than
