@@ -114,15 +114,16 @@ impl Cluster {
     fn start_coordinator(&mut self) {
         let child = self.spawn_coordinator(self.port, "coordinator");
         self.coordinator = Some(child);
-        self.wait_listening(self.port);
+        self.wait_listening(self.port, "coordinator");
     }
 
-    fn wait_listening(&self, port: u16) {
+    /// Waits until a process of this cluster (`what`) listens on `port`.
+    pub(crate) fn wait_listening(&self, port: u16, what: &str) {
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
-                "coordinator did not start:\n{}",
+                "{what} did not start:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -183,12 +184,8 @@ impl Cluster {
     }
 
     pub(crate) fn signal(&mut self, id: &str, sig: &str) {
-        let pid = self.worker(id).id().to_string();
-        let st = Command::new("kill")
-            .args(["-s", sig, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let pid = self.worker(id).id();
+        signal(pid, sig);
     }
 
     /// `haul submit --resume <job> --fresh-snapshot --wait`, which must succeed.
@@ -291,14 +288,28 @@ impl Cluster {
     }
 }
 
+/// Sends `sig` (e.g. `STOP`) to a process, which must exist.
+pub(crate) fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Kills a child for good, continuing it first in case a test stopped it.
+pub(crate) fn reap(c: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-s", "CONT", &c.id().to_string()])
+        .output();
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (_, c) in &mut self.workers {
-            let _ = Command::new("kill")
-                .args(["-s", "CONT", &c.id().to_string()])
-                .output();
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(c);
         }
         if let Some(c) = &mut self.coordinator {
             let _ = c.kill();
@@ -811,7 +822,7 @@ async fn a_restarted_coordinator_carries_on() {
     );
     cl.kill_coordinator();
     // the standby takes over once the dead one's lease expires
-    cl.wait_listening(standby_port);
+    cl.wait_listening(standby_port, "coordinator");
     let out = cl
         .command(&["watch", "restart1"])
         .env(

@@ -34,6 +34,16 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The Python with DuckDB and pyarrow that `scripts/test.sh` prepares (HAUL_TEST_PYTHON);
+/// a relative path is taken from the workspace root, where scripts/test.sh runs.
+pub fn test_python() -> PathBuf {
+    let python = std::env::var("HAUL_TEST_PYTHON")
+        .expect("HAUL_TEST_PYTHON is unset: run the suite with scripts/test.sh");
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(python)
+}
+
 /// The admin DSN tests create their databases from.
 pub fn admin_dsn() -> String {
     std::env::var("HAUL_TEST_PG")

@@ -353,12 +353,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
 /// Python environment `scripts/test.sh` prepares (HAUL_TEST_PYTHON).
 #[tokio::test]
 async fn duckdb_and_pyarrow_read_the_output() {
-    let python = std::env::var("HAUL_TEST_PYTHON")
-        .expect("HAUL_TEST_PYTHON is unset: run the suite with scripts/test.sh");
-    // a relative path is taken from the workspace root, where scripts/test.sh runs
-    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(python);
+    let python = crate::common::test_python();
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, status text, total_cents bigint, metadata jsonb, u uuid);

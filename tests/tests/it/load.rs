@@ -119,15 +119,7 @@ impl LoaderProc {
             .stderr(cl.log_file(name))
             .spawn()
             .unwrap();
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "loader did not start:\n{}",
-                cl.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cl.wait_listening(port, name);
         Self {
             port,
             metrics_port,
@@ -144,21 +136,13 @@ impl LoaderProc {
     }
 
     fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args(["-s", sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crate::cluster::signal(self.child.id(), sig);
     }
 }
 
 impl Drop for LoaderProc {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "CONT", &self.child.id().to_string()])
-            .output();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::cluster::reap(&mut self.child);
     }
 }
 
@@ -282,11 +266,7 @@ async fn two_loaders_move_a_skewed_million_rows_of_every_type() {
     );
 
     // pyarrow.flight reads the finished job from the coordinator
-    let python = std::env::var("HAUL_TEST_PYTHON")
-        .expect("HAUL_TEST_PYTHON is unset: run the suite with scripts/test.sh");
-    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(python);
+    let python = crate::common::test_python();
     let sums = src
         .client
         .query_one(
