@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use haul_shared::JobId;
 use haul_shared::jobs::{
-    Compression, Granularity, JobSpec, LoadSpec, OutputOptions, PartitionBy, Split,
+    Compression, Granularity, Incremental, JobSpec, LoadSpec, OutputOptions, PartitionBy, Split,
 };
 use haul_shared::pg::Secret;
 
@@ -363,6 +363,20 @@ pub struct JobArgs {
     /// Only load the target: write no Parquet (the job's small manifests still go to --dest).
     #[arg(long, env = "HAUL_NO_PARQUET")]
     pub no_parquet: bool,
+    /// Extract only the rows whose watermark column (a timestamptz/timestamp set on every
+    /// change, e.g. `updated_at`) moved past the last increment in --dest; the first
+    /// increment takes everything up to now.
+    #[arg(long, env = "HAUL_INCREMENTAL", value_name = "COLUMN", conflicts_with_all = ["overwrite", "load"])]
+    pub incremental: Option<String>,
+    /// With --incremental: stop the window this many seconds before the snapshot, for rows
+    /// whose watermark comes from a clock that runs late (an application's).
+    #[arg(
+        long,
+        env = "HAUL_LAG_SECS",
+        default_value_t = 0,
+        requires = "incremental"
+    )]
+    pub lag_secs: u64,
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -509,6 +523,10 @@ impl TryFrom<JobArgs> for JobRequest {
                 },
                 use_snapshot: !a.no_snapshot,
                 load,
+                incremental: a.incremental.map(|column| Incremental {
+                    column,
+                    lag_secs: a.lag_secs,
+                }),
             },
             job_id,
             resume: a.resume.is_some(),

@@ -94,6 +94,13 @@ pub async fn submit(
             .unwrap_or_default(),
         create_table: load.as_ref().is_some_and(|l| l.create_table),
         truncate_first: load.as_ref().is_some_and(|l| l.truncate_first),
+        incremental_column: j
+            .spec
+            .incremental
+            .as_ref()
+            .map(|i| i.column.clone())
+            .unwrap_or_default(),
+        lag_secs: j.spec.incremental.as_ref().map_or(0, |i| i.lag_secs),
     };
     let status = c.submit(req).await?.into_inner();
     eprintln!(

@@ -827,6 +827,10 @@ fn spec_from_request(
         output,
         use_snapshot: !r.no_snapshot,
         load,
+        incremental: (!r.incremental_column.is_empty()).then(|| haul_shared::jobs::Incremental {
+            column: r.incremental_column,
+            lag_secs: r.lag_secs,
+        }),
     };
     let popts = PrepareOptions {
         job_id,

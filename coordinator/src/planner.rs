@@ -6,6 +6,10 @@
 //!
 //! Ranges are half-open, cover the whole key space and never overlap; rows with a NULL
 //! key column get their own chunk.
+//!
+//! Chunk sizes shrink towards the end of the key space (guided scheduling, see
+//! [`chunk_tiles`]): workers take chunks in order, so the last ones to start are small and
+//! the workers finish together instead of one reading a full chunk while the others idle.
 
 use haul_shared::ChunkRange;
 use haul_shared::jobs::{KeyColumn, Split};
@@ -15,11 +19,13 @@ use tokio_postgres::Client;
 /// Tables up to this many (estimated) rows get exact quantiles from a full key scan;
 /// bigger ones sample pages (a full sort of 1M keys already costs ~0.5 s).
 const FULL_SCAN_ROWS: u64 = 100_000;
-/// Sampled keys wanted per chunk boundary on big tables.
+/// Sampled keys wanted per full-size chunk on big tables.
 const SAMPLE_PER_CHUNK: u64 = 200;
 const MIN_SAMPLE: u64 = 50_000;
-/// Chunks are never cut smaller than this to reach `min_chunks`.
+/// Chunks are never cut smaller than this to reach `min_chunks` or to shrink the tail.
 const MIN_CHUNK_ROWS: u64 = 10_000;
+/// Tiles per full-size chunk: the finest unit the tail's chunks are cut to.
+const TILES_PER_CHUNK: u64 = 8;
 
 #[derive(Clone, Debug)]
 pub struct Planned {
@@ -33,29 +39,48 @@ struct KeyCol {
     nullable: bool,
 }
 
-/// Plans chunks of about `chunk_rows` rows, and at least `min_chunks` (so every worker
-/// has work) when the table holds enough rows for chunks of [`MIN_CHUNK_ROWS`].
+/// Plans chunks of at most about `chunk_rows` rows for `workers` parallel readers: at
+/// least two chunks per worker when the table holds enough rows for chunks of
+/// [`MIN_CHUNK_ROWS`], and a tail of shrinking chunks.
 pub async fn plan(
     client: &Client,
     table: &TableInfo,
     key_override: &[String],
     chunk_rows: u64,
-    min_chunks: u64,
+    workers: u64,
     split: Split,
+    filter: Option<&str>,
 ) -> Result<Planned, SourceError> {
     let key = match split {
         Split::Ctid if table.relkind != "p" => None,
         _ => choose_key(client, table, key_override).await?,
     };
-    let estimated_rows = estimate_rows(client, table).await?;
-    let n = chunk_count(estimated_rows, chunk_rows, min_chunks);
+    let estimated_rows = match filter {
+        // an incremental window: its rows are what the chunks divide (counted exactly;
+        // an index on the watermark column makes this cheap)
+        Some(f) => {
+            let n: i64 = client
+                .query_one(
+                    &format!("SELECT count(*) FROM {} WHERE {f}", table.quoted()),
+                    &[],
+                )
+                .await
+                .map_err(|e| SourceError::query("counting the rows in the window", e))?
+                .get(0);
+            n.max(0) as u64
+        }
+        None => estimate_rows(client, table).await?,
+    };
+    let (tiles, sizes) = tile_plan(estimated_rows, chunk_rows, workers);
+    let n = sizes.len();
+    let cuts = tile_cuts(&sizes);
     let key_cols: Vec<KeyColumn> = key.iter().flatten().map(|k| k.col.clone()).collect();
     let any_nullable = key.iter().flatten().any(|k| k.nullable);
     let mut chunks = match &key {
         _ if n == 1 => vec![ChunkRange::All],
         Some(key) => {
-            let bounds = boundaries(client, table, key, n, estimated_rows).await?;
-            split_bounds(bounds)
+            let bounds = boundaries(client, table, key, tiles, estimated_rows, filter).await?;
+            split_bounds(pick_bounds(bounds, &cuts, tiles))
         }
         None => {
             if table.relkind == "p" {
@@ -71,7 +96,7 @@ pub async fn plan(
                 .await
                 .map_err(|e| SourceError::query("measuring the table", e))?
                 .get(0);
-            ctid_ranges(pages.max(0) as u64, n)
+            ctid_ranges(pages.max(0) as u64, &cuts, tiles)
         }
     };
     if any_nullable && !matches!(chunks[..], [ChunkRange::All]) {
@@ -94,6 +119,73 @@ pub fn chunk_count(rows: u64, chunk_rows: u64, min_chunks: u64) -> u64 {
     by_size.max(min_chunks.min(rows / MIN_CHUNK_ROWS)).max(1)
 }
 
+/// How a table of `rows` rows is cut for `workers` readers: into how many tiles of equal
+/// rows, and the chunks' sizes in tiles, in key order (see [`chunk_tiles`]).
+pub fn tile_plan(rows: u64, chunk_rows: u64, workers: u64) -> (u64, Vec<u64>) {
+    let workers = workers.max(1);
+    let tiles = chunk_count(rows, chunk_rows, 2 * workers) * TILES_PER_CHUNK;
+    let min_tiles = MIN_CHUNK_ROWS
+        .saturating_mul(tiles)
+        .div_ceil(rows.max(1))
+        .clamp(1, TILES_PER_CHUNK);
+    (
+        tiles,
+        chunk_tiles(tiles, TILES_PER_CHUNK, min_tiles, workers),
+    )
+}
+
+/// Chunk sizes in tiles, in the order workers take them: full chunks of `full` tiles
+/// while there is plenty of work, then each chunk a share of what is left
+/// (`left / (2 * workers)`, at least `min`), so that the chunks started last are small
+/// and no worker starts a full chunk while the others run out of work. Sums to `tiles`.
+pub fn chunk_tiles(tiles: u64, full: u64, min: u64, workers: u64) -> Vec<u64> {
+    let (full, min) = (full.max(1), min.clamp(1, full.max(1)));
+    let mut out = Vec::new();
+    let mut left = tiles;
+    while left > 0 {
+        let size = left.div_ceil(2 * workers.max(1)).clamp(min, full).min(left);
+        out.push(size);
+        left -= size;
+    }
+    // a last piece below the minimum joins the one before it
+    if out.len() > 1 && out[out.len() - 1] < min {
+        let last = out.pop().expect("two pieces");
+        *out.last_mut().expect("one piece") += last;
+    }
+    out
+}
+
+/// The tile indices where chunks end, but for the last (which ends at the table's end).
+fn tile_cuts(sizes: &[u64]) -> Vec<u64> {
+    let mut at = 0;
+    let mut cuts: Vec<u64> = sizes
+        .iter()
+        .map(|s| {
+            at += s;
+            at
+        })
+        .collect();
+    cuts.pop();
+    cuts
+}
+
+/// The boundaries at the tile cuts: `bounds[i]` starts tile `i + 1` of `tiles` (a small
+/// sample may have found fewer tiles: cuts then scale to what it found).
+fn pick_bounds(bounds: Vec<Vec<String>>, cuts: &[u64], tiles: u64) -> Vec<Vec<String>> {
+    let found = bounds.len() as u64 + 1;
+    let mut picked: Vec<Vec<String>> = Vec::with_capacity(cuts.len());
+    let mut last = None;
+    for c in cuts {
+        let i = (c * found).div_ceil(tiles.max(1)).clamp(1, found) - 1;
+        if i as usize >= bounds.len() || last == Some(i) {
+            continue;
+        }
+        last = Some(i);
+        picked.push(bounds[i as usize].clone());
+    }
+    picked
+}
+
 /// Ranges between consecutive boundaries: `(-inf, b0), [b0, b1), ..., [bn, +inf)`.
 pub fn split_bounds(bounds: Vec<Vec<String>>) -> Vec<ChunkRange> {
     let mut out = Vec::with_capacity(bounds.len() + 1);
@@ -112,17 +204,24 @@ pub fn split_bounds(bounds: Vec<Vec<String>>) -> Vec<ChunkRange> {
     out
 }
 
-/// `n` page ranges over `[0, pages)`, the last unbounded (pages added later hold only
-/// rows the snapshot cannot see, but an unbounded end costs nothing and is safe).
-pub fn ctid_ranges(pages: u64, n: u64) -> Vec<ChunkRange> {
-    let n = n.clamp(1, pages.max(1));
-    if n == 1 {
+/// Page ranges over `[0, pages)` cut at `cuts` (tile indices of `tiles` equal tiles), the
+/// last unbounded (pages added later hold only rows the snapshot cannot see, but an
+/// unbounded end costs nothing and is safe).
+pub fn ctid_ranges(pages: u64, cuts: &[u64], tiles: u64) -> Vec<ChunkRange> {
+    let mut starts: Vec<u64> = cuts
+        .iter()
+        .map(|c| pages * c / tiles.max(1))
+        .filter(|&p| p > 0 && p < pages)
+        .collect();
+    starts.dedup();
+    if starts.is_empty() {
         return vec![ChunkRange::All];
     }
-    (0..n)
+    starts.insert(0, 0);
+    (0..starts.len())
         .map(|i| ChunkRange::Ctid {
-            first_page: pages * i / n,
-            end_page: (i + 1 < n).then(|| pages * (i + 1) / n),
+            first_page: starts[i],
+            end_page: starts.get(i + 1).copied(),
         })
         .collect()
 }
@@ -256,13 +355,15 @@ async fn boundaries(
     key: &[KeyCol],
     n: u64,
     estimated_rows: u64,
+    filter: Option<&str>,
 ) -> Result<Vec<Vec<String>>, SourceError> {
     let cols: Vec<String> = key.iter().map(|k| quote_ident(&k.col.name)).collect();
     let list = cols.join(", ");
     let as_text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-    let not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+    let mut not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+    not_null.extend(filter.map(|f| format!("({f})")));
     let sample = if estimated_rows > FULL_SCAN_ROWS {
-        let want = (n * SAMPLE_PER_CHUNK).max(MIN_SAMPLE) as f64;
+        let want = (n.div_ceil(TILES_PER_CHUNK) * SAMPLE_PER_CHUNK).max(MIN_SAMPLE) as f64;
         let pct = (want * 100.0 / estimated_rows as f64).clamp(0.0001, 100.0);
         format!(" TABLESAMPLE SYSTEM ({pct:.6}) REPEATABLE (42)")
     } else {
@@ -306,6 +407,22 @@ mod tests {
     }
 
     #[test]
+    fn the_tail_shrinks() {
+        // 10M rows in 11 chunks of 8 tiles for two workers: full chunks until four are
+        // left, then shares of what is left, down to one tile
+        assert_eq!(
+            chunk_tiles(88, 8, 1, 2),
+            [8, 8, 8, 8, 8, 8, 8, 8, 6, 5, 4, 3, 2, 1, 1, 1, 1]
+        );
+        assert_eq!(
+            chunk_tiles(88, 8, 4, 2),
+            [8, 8, 8, 8, 8, 8, 8, 8, 6, 5, 4, 4, 5]
+        );
+        assert_eq!(chunk_tiles(5, 8, 1, 1), [3, 1, 1]);
+        assert_eq!(chunk_tiles(8, 8, 8, 1), [8]);
+    }
+
+    #[test]
     fn chunk_counts() {
         assert_eq!(chunk_count(0, 1000, 4), 1);
         assert_eq!(chunk_count(10_000_000, 1_000_000, 4), 10);
@@ -343,9 +460,42 @@ mod tests {
         }
 
         #[test]
+        fn chunk_tiles_cover_the_table_and_shrink_at_the_end(
+            tiles in 1u64..2_000, full in 1u64..16, min in 1u64..16, workers in 1u64..64,
+        ) {
+            let sizes = chunk_tiles(tiles, full, min, workers);
+            prop_assert_eq!(sizes.iter().sum::<u64>(), tiles);
+            let min = min.min(full);
+            for (i, s) in sizes.iter().enumerate() {
+                // a piece above `full` is only ever the merged last one
+                prop_assert!(*s <= full || (i + 1 == sizes.len() && *s < full + min));
+                prop_assert!(*s >= min || sizes.len() == 1);
+            }
+            // never growing again once shrinking (but for the merged last piece)
+            for w in sizes[..sizes.len().saturating_sub(1)].windows(2) {
+                prop_assert!(w[1] <= w[0], "{:?}", sizes);
+            }
+        }
+
+        #[test]
+        fn picked_bounds_are_ordered_and_distinct(
+            found in 0usize..300, tiles in 1u64..300, cuts in proptest::collection::btree_set(1u64..300, 0..40),
+        ) {
+            let bounds: Vec<Vec<String>> = (0..found).map(|i| vec![format!("{i:05}")]).collect();
+            let cuts: Vec<u64> = cuts.into_iter().filter(|c| *c < tiles).collect();
+            let picked = pick_bounds(bounds, &cuts, tiles);
+            prop_assert!(picked.len() <= cuts.len());
+            for w in picked.windows(2) {
+                prop_assert!(w[0] < w[1]);
+            }
+        }
+
+        #[test]
         fn ctid_ranges_cover_every_page_once(pages in 0u64..10_000, n in 1u64..64) {
-            let ranges = ctid_ranges(pages, n);
-            prop_assert!(ranges.len() as u64 <= n.max(1));
+            let tiles = n * TILES_PER_CHUNK;
+            let cuts = tile_cuts(&chunk_tiles(tiles, TILES_PER_CHUNK, 1, 2));
+            let ranges = ctid_ranges(pages, &cuts, tiles);
+            prop_assert!(ranges.len() <= cuts.len() + 1);
             for p in 0..pages.min(2000) {
                 let hits = ranges.iter().filter(|r| match r {
                     ChunkRange::All => true,

@@ -67,6 +67,38 @@ pub enum RunError {
     Loader(#[from] haul_worker::loader::LoadError),
     #[error("--load needs at least one loader address")]
     NoLoaders,
+    #[error(
+        "--incremental {column}: {table_dir}/_manifest.json in {dest} is a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
+    )]
+    NotIncremental {
+        column: String,
+        dest: String,
+        table_dir: String,
+    },
+    #[error(
+        "--incremental {column}: the increments in {dest} follow column {other:?}; keep that column, or choose another --dest"
+    )]
+    OtherWatermark {
+        column: String,
+        other: String,
+        dest: String,
+    },
+    #[error(
+        "--incremental {column}: the column has type {pg_type}; the watermark must be a timestamptz or timestamp column set to the time of each change"
+    )]
+    BadWatermark { column: String, pg_type: String },
+    #[error(
+        "--incremental cannot be combined with --load yet: an increment's changed rows must be merged into the target, which the loaders do not do"
+    )]
+    IncrementalLoad,
+    #[error(
+        "job {job}: another increment ({other}) was committed to {dest} while this one ran; its window no longer follows on, so it was not recorded. Run again"
+    )]
+    IncrementRaced {
+        job: JobId,
+        other: JobId,
+        dest: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,6 +136,8 @@ pub struct PlanFile {
     pub chunk_rows: u64,
     pub output: haul_shared::jobs::OutputOptions,
     pub use_snapshot: bool,
+    #[serde(default)]
+    pub incremental: Option<haul_shared::jobs::Incremental>,
     pub plan: JobPlan,
     pub created_at: String,
 }
@@ -132,6 +166,15 @@ pub struct JobManifest {
     pub files: Vec<PartFile>,
     pub started_at: String,
     pub finished_at: String,
+    /// An incremental job's window. In the table's `_manifest.json` of a series of
+    /// increments: the last one's, whose `high` the next increment starts after, while
+    /// `files`, `rows`, `bytes` and `chunks` count every increment so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<haul_shared::jobs::Window>,
+    /// In the table's `_manifest.json` of a series of increments: their job ids, oldest
+    /// first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub increments: Vec<JobId>,
 }
 
 /// The end-of-run summary.
@@ -234,6 +277,9 @@ pub enum Preparation {
 /// `haul run` and the cluster coordinator.
 pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparation, RunError> {
     let started_at = chrono::Utc::now().to_rfc3339();
+    if spec.incremental.is_some() && spec.load.is_some() {
+        return Err(RunError::IncrementalLoad);
+    }
     let mut spec = spec.clone();
     let dest = Dest::open(&spec.dest, spec.output.fsync)?;
     dest.check_writable().await?;
@@ -266,6 +312,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         spec.chunk_rows = p.chunk_rows;
         spec.output = p.output.clone();
         spec.use_snapshot = p.use_snapshot;
+        spec.incremental = p.incremental.clone();
         if let Some(s) = &p.plan.snapshot
             && !opts.fresh_snapshot
         {
@@ -342,26 +389,36 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
             }
         }
         None => {
-            if !opts.overwrite
-                && spec.output.parquet
-                && let Some(m) = dest
-                    .get_json::<JobManifest>(&dest.table_manifest_path(&tdir))
-                    .await?
-            {
-                return Err(RunError::DestinationTaken {
-                    dest: dest.url.clone(),
-                    table_dir: tdir,
-                    other: m.job,
-                });
-            }
+            let existing: Option<JobManifest> =
+                dest.get_json(&dest.table_manifest_path(&tdir)).await?;
+            let window = match &spec.incremental {
+                Some(inc) => Some(
+                    window(&holder.client, &table, inc, existing.as_ref(), &dest, &tdir).await?,
+                ),
+                None => {
+                    if !opts.overwrite
+                        && spec.output.parquet
+                        && let Some(m) = existing
+                    {
+                        return Err(RunError::DestinationTaken {
+                            dest: dest.url.clone(),
+                            table_dir: tdir,
+                            other: m.job,
+                        });
+                    }
+                    None
+                }
+            };
+            let filter = window.as_ref().map(|w| w.predicate());
             let t0 = Instant::now();
             let planned = planner::plan(
                 &holder.client,
                 &table,
                 &spec.key,
                 spec.chunk_rows,
-                2 * opts.parallelism.max(1) as u64,
+                opts.parallelism.max(1) as u64,
                 spec.split,
+                filter.as_deref(),
             )
             .await?;
             info!(
@@ -377,6 +434,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
                 chunks: planned.chunks,
                 estimated_rows: planned.estimated_rows,
                 snapshot: snapshot.clone(),
+                window,
             }
         }
     };
@@ -400,6 +458,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         chunk_rows: spec.chunk_rows,
         output: spec.output.clone(),
         use_snapshot: spec.use_snapshot,
+        incremental: spec.incremental.clone(),
         plan: plan.clone(),
         created_at: started_at.clone(),
     };
@@ -429,6 +488,106 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         started_at,
         planned_now: previous.is_none(),
     })))
+}
+
+/// An incremental job's window, computed in the planning transaction (the job's
+/// snapshot): `low` is the high mark of the destination's last increment, `high` the
+/// snapshot's time less the lag, and earlier than the start of every transaction that
+/// was writing in the database at that moment, so a row committed after the snapshot
+/// (its watermark no earlier than its transaction's start) always falls in a later
+/// window.
+async fn window(
+    client: &tokio_postgres::Client,
+    table: &pg::TableInfo,
+    inc: &haul_shared::jobs::Incremental,
+    existing: Option<&JobManifest>,
+    dest: &Dest,
+    tdir: &str,
+) -> Result<haul_shared::jobs::Window, RunError> {
+    let low = match existing {
+        None => None,
+        Some(m) => match &m.watermark {
+            None => {
+                return Err(RunError::NotIncremental {
+                    column: inc.column.clone(),
+                    dest: dest.url.clone(),
+                    table_dir: tdir.to_owned(),
+                });
+            }
+            Some(w) if w.column != inc.column => {
+                return Err(RunError::OtherWatermark {
+                    column: inc.column.clone(),
+                    other: w.column.clone(),
+                    dest: dest.url.clone(),
+                });
+            }
+            Some(w) => Some(w.high.clone()),
+        },
+    };
+    let row = client
+        .query_opt(
+            "SELECT atttypid::regtype::text FROM pg_attribute \
+             WHERE attrelid = $1::oid AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[&table.oid, &inc.column],
+        )
+        .await
+        .map_err(|e| SourceError::query("looking up the watermark column", e))?
+        .ok_or_else(|| SourceError::ColumnNotFound {
+            table: table.quoted(),
+            column: inc.column.clone(),
+        })?;
+    let pg_type: String = row.get(0);
+    let as_type = match pg_type.as_str() {
+        "timestamp with time zone" => "",
+        // the session's time zone is UTC
+        "timestamp without time zone" => "::timestamp",
+        _ => {
+            return Err(RunError::BadWatermark {
+                column: inc.column.clone(),
+                pg_type,
+            });
+        }
+    };
+    // Who can see other sessions' transactions: without that, only the lag protects
+    // rows that commit late.
+    let sees_all: bool = client
+        .query_one(
+            "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') \
+             OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::query("checking the role's privileges", e))?
+        .get(0);
+    if !sees_all {
+        warn!(
+            "the source user cannot see other sessions' transactions (grant it pg_read_all_stats): \
+             only --lag-secs guards rows committed after the snapshot"
+        );
+    }
+    let high: String = client
+        .query_one(
+            &format!(
+                "SELECT (LEAST(now() - make_interval(secs => $1::float8), \
+                   (SELECT min(xact_start) - interval '1 microsecond' FROM pg_stat_activity \
+                    WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+                      AND datname = current_database())){as_type})::text"
+            ),
+            &[&(inc.lag_secs as f64)],
+        )
+        .await
+        .map_err(|e| SourceError::query("computing the window's high mark", e))?
+        .get(0);
+    Ok(haul_shared::jobs::Window {
+        column: inc.column.clone(),
+        pg_type: if as_type.is_empty() {
+            "timestamptz".into()
+        } else {
+            "timestamp".into()
+        },
+        low,
+        high,
+    })
 }
 
 /// Runs a job to its end in this process.
@@ -740,6 +899,60 @@ pub async fn commit_job(
         return Ok(manifest);
     }
     let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(tdir)).await?;
+    if let Some(w) = &plan.window {
+        // an increment: it must follow on from the table's last one (or be the first),
+        // and the table's manifest then lists every increment's files
+        // the table's manifest is the increment's commit point, so it goes first: a job
+        // manifest never exists for an increment the table's manifest does not list
+        let mut table = match old {
+            Some(o) if o.job == *job => {
+                // recorded before the process stopped; finish the job's own manifest
+                dest.put_json(&dest.job_manifest_path(job), &manifest, true)
+                    .await?;
+                dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
+                return Ok(manifest);
+            }
+            Some(o) => {
+                if o.watermark.as_ref().map(|ow| &ow.high) != w.low.as_ref() {
+                    return Err(RunError::IncrementRaced {
+                        job: job.clone(),
+                        other: o.job,
+                        dest: dest.url.clone(),
+                    });
+                }
+                o
+            }
+            None if w.low.is_some() => {
+                return Err(RunError::Internal(format!(
+                    "the increments' manifest {tdir}/_manifest.json vanished"
+                )));
+            }
+            None => JobManifest {
+                increments: Vec::new(),
+                chunks: 0,
+                rows: 0,
+                bytes: 0,
+                files: Vec::new(),
+                ..manifest.clone()
+            },
+        };
+        table.increments.push(job.clone());
+        table.job = job.clone();
+        table.snapshot = manifest.snapshot.clone();
+        table.columns = manifest.columns.clone();
+        table.chunks += manifest.chunks;
+        table.rows += manifest.rows;
+        table.bytes += manifest.bytes;
+        table.files.extend(manifest.files.iter().cloned());
+        table.finished_at = manifest.finished_at.clone();
+        table.watermark = manifest.watermark.clone();
+        dest.put_json(&dest.table_manifest_path(tdir), &table, false)
+            .await?;
+        dest.put_json(&dest.job_manifest_path(job), &manifest, true)
+            .await?;
+        dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
+        return Ok(manifest);
+    }
     dest.put_json(&dest.job_manifest_path(job), &manifest, true)
         .await?;
     dest.put_json(&dest.table_manifest_path(tdir), &manifest, false)
@@ -791,6 +1004,8 @@ fn job_manifest(
             .collect(),
         started_at,
         finished_at: chrono::Utc::now().to_rfc3339(),
+        watermark: plan.window.clone(),
+        increments: Vec::new(),
     }
 }
 

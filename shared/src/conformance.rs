@@ -235,6 +235,7 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
             output: OutputOptions::default(),
             use_snapshot: true,
             load: None,
+            incremental: None,
         },
         plan: None,
         state: JobState::Planning,

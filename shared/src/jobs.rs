@@ -124,6 +124,46 @@ pub struct JobSpec {
     /// Also load every chunk into a target database through loaders.
     #[serde(default)]
     pub load: Option<LoadSpec>,
+    /// Extract only what changed since the destination's last increment (`--incremental`).
+    #[serde(default)]
+    pub incremental: Option<Incremental>,
+}
+
+/// Incremental extraction on a watermark column (`--incremental <column>`): each job reads
+/// the rows whose watermark lies in `(low, high]`, `low` being the high mark of the last
+/// increment committed to the destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incremental {
+    /// A `timestamptz` or `timestamp` (taken as UTC) column that every insert and update
+    /// sets to the time of the change (e.g. `updated_at`, set by a default or a trigger).
+    pub column: String,
+    /// `high` lags the snapshot's time by this much, for clocks that write the column
+    /// late (an application's own clock).
+    pub lag_secs: u64,
+}
+
+/// The rows an incremental job reads: `low < column <= high`, as text in the column's
+/// type, fixed at planning inside the job's snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub column: String,
+    pub pg_type: String,
+    /// `None` for the first increment: everything up to `high`.
+    pub low: Option<String>,
+    pub high: String,
+}
+
+impl Window {
+    /// The window as a `WHERE` predicate; the identifier is quoted and the bounds are
+    /// quoted literals cast to the column's type.
+    pub fn predicate(&self) -> String {
+        let col = crate::pg::quote_ident(&self.column);
+        let lit = |v: &str| format!("{}::{}", crate::pg::quote_literal(v), self.pg_type);
+        match &self.low {
+            Some(low) => format!("{col} > {} AND {col} <= {}", lit(low), lit(&self.high)),
+            None => format!("{col} <= {}", lit(&self.high)),
+        }
+    }
 }
 
 /// Where and how a job's chunks are loaded (`--load`).
@@ -158,6 +198,9 @@ pub struct JobPlan {
     pub estimated_rows: u64,
     /// The exported snapshot id every chunk imports, if any.
     pub snapshot: Option<String>,
+    /// An incremental job's window; every chunk reads only the rows in it.
+    #[serde(default)]
+    pub window: Option<Window>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -190,12 +190,16 @@ pub fn pg_reason(e: &tokio_postgres::Error) -> String {
 /// failure, deadlock).
 const TRANSIENT_SQLSTATE_CLASSES: [&str; 4] = ["08", "53", "57", "40"];
 
-fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
-    let Some(code) = e.code() else {
+pub fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
+    match e.code() {
+        Some(code) => sqlstate_class(code.code()),
         // no SQLSTATE: an I/O or protocol failure on the connection
-        return ErrorClass::Transient;
-    };
-    let c = code.code();
+        None => ErrorClass::Transient,
+    }
+}
+
+/// The class of a server error, from its SQLSTATE.
+pub fn sqlstate_class(c: &str) -> ErrorClass {
     if TRANSIENT_SQLSTATE_CLASSES.iter().any(|t| c.starts_with(t)) {
         ErrorClass::Transient
     } else if c.starts_with("XX") {

@@ -15,17 +15,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
-use futures::{StreamExt, pin_mut};
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::jobs::{JobPlan, JobSpec};
 use haul_shared::lease::{Lease, LeaseStore, StoreError};
-use haul_shared::pg::{self, SourceError, quote_ident, quote_literal};
+use haul_shared::pg::{SourceError, quote_ident, quote_literal};
 use haul_shared::{ChunkId, ChunkRange, JobId};
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::CopyDecoder;
 use crate::layout::{ChunkManifest, Dest, DestError};
 use crate::load_client::{ChunkLoad, LoadClient, LoadClientError};
+use crate::source::ChunkSource;
 use crate::writer::{ChunkWriter, WriteError, WriterConfig};
 
 /// Upper bound on one decoded batch's source bytes (in addition to the row bound).
@@ -212,14 +212,18 @@ fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
     }
 }
 
-/// The COPY statement of a chunk.
+/// The COPY statement of a chunk (of an incremental job: the rows of its range that are
+/// in the job's window).
 pub fn copy_statement(plan: &JobPlan, range: &ChunkRange) -> String {
     let cols: Vec<String> = plan.table.columns.iter().map(|c| c.select_expr()).collect();
+    let mut filter = range_predicate(range, &plan.key);
+    if let Some(w) = &plan.window {
+        filter = format!("({filter}) AND {}", w.predicate());
+    }
     format!(
-        "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT {} FROM {} WHERE {filter}) TO STDOUT (FORMAT binary)",
         cols.join(", "),
         plan.table.quoted(),
-        range_predicate(range, &plan.key)
     )
 }
 
@@ -294,23 +298,7 @@ async fn extract(
     c: &ChunkJob<'_>,
     staging: &str,
 ) -> Result<(Vec<crate::layout::PartFile>, u64), ChunkError> {
-    let session = pg::connect(&c.spec.source).await?;
-    let client = &session.client;
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(|e| SourceError::query("beginning the chunk transaction", e))?;
-    if let Some(snap) = &c.plan.snapshot {
-        client
-            .batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snap)))
-            .await
-            .map_err(|e| match e.code() {
-                Some(code) if code.code() == "22023" => SourceError::SnapshotLost {
-                    snapshot: snap.clone(),
-                },
-                _ => SourceError::query("importing the job's snapshot", e),
-            })?;
-    }
+    let mut source = ChunkSource::open(&c.spec.source, c.plan.snapshot.as_deref()).await?;
     let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
     let writer = if c.spec.output.parquet {
         Some(ChunkWriter::start(
@@ -333,20 +321,24 @@ async fn extract(
     let stmt = copy_statement(c.plan, c.range);
     let mut rows = 0u64;
     let copy = async {
-        let stream = client
-            .copy_out(stmt.as_str())
-            .await
-            .map_err(|e| SourceError::query("starting COPY", e))?;
-        pin_mut!(stream);
+        let mut stream = source.copy_out(&stmt).await?;
         let mut batches = Vec::new();
-        while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|e| SourceError::query("reading COPY", e))?;
+        loop {
+            let mut bytes = 0;
+            let more = stream
+                .read(|piece| {
+                    bytes += piece.len();
+                    decoder.push(piece, &mut batches)
+                })
+                .await?;
             c.progress
                 .source_bytes
-                .fetch_add(piece.len() as u64, Ordering::Relaxed);
-            decoder.push(&piece, &mut batches)?;
+                .fetch_add(bytes as u64, Ordering::Relaxed);
             for b in batches.drain(..) {
                 rows += hand_on(b, c.progress, writer.as_ref(), load.as_mut()).await?;
+            }
+            if !more {
+                break;
             }
         }
         if let Some(b) = decoder.finish()? {
@@ -404,10 +396,7 @@ async fn extract(
             });
         }
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| SourceError::query("ending the chunk transaction", e))?;
+    source.close().await;
     Ok((files, rows))
 }
 

@@ -11,5 +11,6 @@ pub mod layout;
 pub mod load_client;
 pub mod loader;
 pub mod node;
+pub mod source;
 pub mod worker;
 pub mod writer;

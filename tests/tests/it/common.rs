@@ -143,6 +143,7 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
             output: OutputOptions::default(),
             use_snapshot: true,
             load: None,
+            incremental: None,
         },
         job_id: None,
         resume: false,

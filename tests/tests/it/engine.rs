@@ -149,11 +149,25 @@ async fn skewed_integer_keys_split_by_rows_not_key_width() {
          ANALYZE;",
     )
     .await;
-    // exact quantiles (small table) and page-sampled quantiles (big table)
-    for (table, chunk_rows, chunks) in [("small_skew", 2500, 4), ("big_skew", 25000, 8)] {
-        let manifests = export_and_check(&db, table, chunk_rows, &[], chunks).await;
-        for m in &manifests {
-            let (lo, hi) = (chunk_rows * 6 / 10, chunk_rows * 14 / 10);
+    // exact quantiles (small table) and page-sampled quantiles (big table); each chunk
+    // holds the rows the planner meant it to (full chunks, then a shrinking tail)
+    // (chunks under 10k rows are never cut, so the small table has no tail to shrink)
+    for (table, rows, chunk_rows, chunks, tail) in [
+        ("small_skew", 10_000, 2500, 4, false),
+        ("big_skew", 200_000, 25000, 8, true),
+    ] {
+        let mut manifests = export_and_check(&db, table, chunk_rows, &[], chunks).await;
+        manifests.sort_by_key(|m| m.chunk);
+        let (tiles, sizes) = haul_coordinator::planner::tile_plan(rows, chunk_rows, 2);
+        assert_eq!(manifests.len(), sizes.len(), "{table}");
+        assert_eq!(
+            sizes.windows(2).any(|w| w[1] < w[0]),
+            tail,
+            "{table}: {sizes:?}"
+        );
+        for (m, size) in manifests.iter().zip(&sizes) {
+            let want = rows * size / tiles;
+            let (lo, hi) = (want * 6 / 10, want * 14 / 10);
             assert!(
                 (lo..=hi).contains(&m.rows),
                 "{table}: chunk {} has {} rows, wanted {lo}..={hi}; ranges are not row-balanced",
@@ -466,4 +480,52 @@ async fn output_options_are_honoured() {
         );
     }
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+#[tokio::test]
+async fn chunk_sessions_over_a_unix_socket_and_past_a_dead_host() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    let port: String = db
+        .client
+        .query_one("SELECT current_setting('port')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dirs: String = db
+        .client
+        .query_one("SELECT current_setting('unix_socket_directories')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dir = dirs.split(',').next().unwrap().trim().to_owned();
+    // a key=value DSN: the first host refuses, the chunk readers (like the planner) go on
+    // to the next, then the same over the server's Unix socket when it is on this machine
+    let mut dsns = vec![format!(
+        "host=127.0.0.1,127.0.0.1 port=1,{port} user=postgres dbname={}",
+        db.name
+    )];
+    if std::path::Path::new(&dir)
+        .join(format!(".s.PGSQL.{port}"))
+        .exists()
+    {
+        dsns.push(format!(
+            "host={dir} port={port} user=postgres dbname={}",
+            db.name
+        ));
+    } else {
+        eprintln!("no Unix socket at {dir}: the server is elsewhere, skipping that part");
+    }
+    for dsn in dsns {
+        let dest = TempDest::new();
+        let s = run(options(&dsn, "t", &dest))
+            .await
+            .unwrap_or_else(|e| panic!("{dsn}: {e}"));
+        assert!(s.chunks >= 2, "{dsn}: {} chunks", s.chunks);
+        assert_same(&db.client, "public.t", &dest.0.join("t")).await;
+    }
 }

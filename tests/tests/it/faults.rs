@@ -90,6 +90,9 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
         .arg(format!("DROP ROLE IF EXISTS {role}"))
         .output();
 
+    // the server fails the COPY after it has sent rows: its message, nothing written
+    copy_fails_midway(&dest).await;
+
     // an unwritable destination: a path under a regular file
     let file = dest.0.join("a-file");
     std::fs::write(&file, b"x").unwrap();
@@ -104,6 +107,20 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let mut cast = options(&db2.dsn, "ok", &dest);
     cast.spec.source = haul_shared::pg::Secret::new(db2.dsn.clone());
     run(cast).await.unwrap();
+}
+
+async fn copy_fails_midway(dest: &TempDest) {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE mid (id int PRIMARY KEY, v text);
+         INSERT INTO mid SELECT g, CASE WHEN g = 2900 THEN 'x' ELSE g::text END
+         FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    let mut o = options(&db.dsn, "mid", dest);
+    o.spec.casts.insert("v".into(), "integer".into());
+    o.spec.chunk_rows = 3000;
+    expect_error(o, dest, &["invalid input syntax for type integer", "\"x\""]).await;
 }
 
 pub(crate) fn haul_bin() -> PathBuf {
@@ -248,6 +265,7 @@ async fn one_chunk_plan(db: &TestDb, table: &str, key: Vec<KeyColumn>, rows: u64
         chunks: vec![ChunkRange::All],
         estimated_rows: rows,
         snapshot: None,
+        window: None,
     }
 }
 

@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod engine;
 mod faults;
+mod incremental;
 mod load;
 mod s3;
 mod stores;

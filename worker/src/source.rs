@@ -1,0 +1,408 @@
+//! A chunk's source session, whose `COPY ... TO STDOUT` is read straight off the socket.
+//!
+//! tokio-postgres connects, authenticates (every method it supports), applies the session
+//! settings and imports the job's snapshot, on a socket haul opened itself and lent to it
+//! through [`Detachable`]. Once the transaction is set up the socket is taken back and
+//! the COPY is spoken directly: the driver would hand each row over as its own message
+//! through a channel between tasks (a wake-up, a reference-counted buffer and a parse per
+//! row, ~15% of haul's CPU), where here a read of up to [`READ_BUFFER`] bytes is cut into
+//! rows in place and handed to the decoder in the reading task.
+//!
+//! The socket is taken back only between statements, after the driver has seen
+//! `ReadyForQuery`, when the server has nothing more to send; an out-of-step stream would
+//! show as a protocol error, never as data.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use haul_shared::error::ErrorClass;
+use haul_shared::pg::Secret;
+use haul_shared::pg::{self, SESSION_SETUP, SourceError, quote_literal};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+use tokio_util::either::Either;
+
+/// Socket reads are this large (a row bigger than this grows the buffer).
+pub const READ_BUFFER: usize = 256 * 1024;
+
+type Socket = Either<TcpStream, UnixStream>;
+
+/// A chunk's session: in a `REPEATABLE READ READ ONLY` transaction on the job's snapshot
+/// (when it has one), ready for its COPY.
+pub struct ChunkSource {
+    socket: Socket,
+    dsn: String,
+}
+
+impl ChunkSource {
+    /// Connects, applies [`SESSION_SETUP`] and begins the chunk's transaction, importing
+    /// `snapshot`.
+    pub async fn open(dsn: &Secret, snapshot: Option<&str>) -> Result<Self, SourceError> {
+        let config = pg::parse_dsn(dsn)?;
+        let connect_err = |reason: String, transient: bool| SourceError::Connect {
+            dsn: dsn.to_string(),
+            reason,
+            transient,
+        };
+        let socket = open_socket(&config)
+            .await
+            .map_err(|e| connect_err(e.to_string(), true))?;
+        let slot = Arc::new(Mutex::new(Some(socket)));
+        let (client, connection) = config
+            .connect_raw(Detachable(Arc::clone(&slot)), NoTls)
+            .await
+            .map_err(|e| connect_err(pg::pg_reason(&e), pg::classify_pg(&e).is_retryable()))?;
+        let driver = tokio::spawn(connection);
+        let setup = async {
+            client
+                .batch_execute(SESSION_SETUP)
+                .await
+                .map_err(|e| SourceError::query("session setup", e))?;
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| SourceError::query("beginning the chunk transaction", e))?;
+            if let Some(snap) = snapshot {
+                client
+                    .batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snap)))
+                    .await
+                    .map_err(|e| match e.code() {
+                        Some(code) if code.code() == "22023" => SourceError::SnapshotLost {
+                            snapshot: snap.to_owned(),
+                        },
+                        _ => SourceError::query("importing the job's snapshot", e),
+                    })?;
+            }
+            Ok::<_, SourceError>(())
+        };
+        let setup = setup.await;
+        let socket = slot.lock().expect("socket slot").take();
+        // the driver now reads end-of-stream and writes into the void; it ends with the client
+        drop(client);
+        driver.abort();
+        setup?;
+        let socket = socket.ok_or_else(|| SourceError::Query {
+            context: "taking over the source connection".into(),
+            reason: "the driver closed it".into(),
+            class: ErrorClass::Transient,
+        })?;
+        Ok(Self {
+            socket,
+            dsn: dsn.to_string(),
+        })
+    }
+
+    /// Starts `statement` (a `COPY ... TO STDOUT (FORMAT binary)`); read it with
+    /// [`CopyOut::read`].
+    pub async fn copy_out(&mut self, statement: &str) -> Result<CopyOut<'_>, SourceError> {
+        let mut out = BytesMut::with_capacity(statement.len() + 6);
+        put_query(&mut out, statement);
+        self.socket.write_all(&out).await.map_err(io_error)?;
+        Ok(CopyOut {
+            source: self,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            state: Copy::Starting,
+            error: None,
+        })
+    }
+
+    /// Ends the session (the read-only transaction ends with it).
+    pub async fn close(mut self) {
+        let _ = self.socket.write_all(&[b'X', 0, 0, 0, 4]).await;
+        let _ = self.socket.shutdown().await;
+    }
+
+    fn protocol(&self, what: &str) -> SourceError {
+        SourceError::Query {
+            context: format!("reading COPY from {}", self.dsn),
+            reason: format!("protocol out of step: {what}"),
+            class: ErrorClass::Internal,
+        }
+    }
+}
+
+/// A COPY in progress.
+pub struct CopyOut<'a> {
+    source: &'a mut ChunkSource,
+    buf: BytesMut,
+    state: Copy,
+    error: Option<SourceError>,
+}
+
+impl CopyOut<'_> {
+    /// Reads once from the socket and gives every complete piece of the COPY stream in
+    /// the buffer (one row, in practice) to `on_data`. `Ok(true)` while the COPY goes on,
+    /// `Ok(false)` once it has ended cleanly (the server is ready for the next statement).
+    pub async fn read<D>(&mut self, mut on_data: D) -> Result<bool, SourceError>
+    where
+        D: FnMut(&[u8]) -> Result<(), SourceError>,
+    {
+        if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
+            // one message may be larger than the buffer: make room for all of it
+            let need = if self.buf.len() >= 5 {
+                1 + u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize
+            } else {
+                0
+            };
+            self.buf
+                .reserve(need.max(READ_BUFFER).saturating_sub(self.buf.len()));
+        }
+        let n = self
+            .source
+            .socket
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(io_error)?;
+        if n == 0 {
+            return Err(SourceError::Query {
+                context: "reading COPY".into(),
+                reason: "the source closed the connection".into(),
+                class: ErrorClass::Transient,
+            });
+        }
+        let mut pos = 0;
+        while let Some((tag, body)) = message(&self.buf[pos..]) {
+            pos += 5 + body.len();
+            match (tag, self.state) {
+                (b'd', Copy::Data) => on_data(body)?,
+                (b'H', Copy::Starting) => {
+                    if body.first() != Some(&1) {
+                        return Err(self.source.protocol("a COPY that is not binary"));
+                    }
+                    self.state = Copy::Data;
+                }
+                (b'c', Copy::Data) => self.state = Copy::Done,
+                (b'C', Copy::Done) => {}
+                (b'E', _) => {
+                    // the server follows an error with ReadyForQuery: read up to it
+                    self.error = Some(error_response(body));
+                    self.state = Copy::Failed;
+                }
+                (b'Z', Copy::Done | Copy::Failed) => {
+                    self.buf.advance(pos);
+                    return match self.error.take() {
+                        Some(e) => Err(e),
+                        None => Ok(false),
+                    };
+                }
+                // notices, parameter changes, notifications
+                (b'N' | b'S' | b'A', _) => {}
+                (tag, _) => {
+                    let what = format!("message {:?} during COPY", char::from(tag));
+                    return Err(self.source.protocol(&what));
+                }
+            }
+        }
+        self.buf.advance(pos);
+        Ok(true)
+    }
+}
+
+fn io_error(e: io::Error) -> SourceError {
+    SourceError::Query {
+        context: "reading COPY".into(),
+        reason: e.to_string(),
+        class: ErrorClass::Transient,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    Starting,
+    Data,
+    Done,
+    Failed,
+}
+
+/// The next complete backend message in `buf`: its tag and body.
+fn message(buf: &[u8]) -> Option<(u8, &[u8])> {
+    if buf.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+    if len < 4 || buf.len() < 1 + len {
+        // a length below 4 is nonsense; leaving it unparsed makes the caller read on and
+        // fail at end of stream rather than loop
+        return None;
+    }
+    Some((buf[0], &buf[5..1 + len]))
+}
+
+/// A simple-query message.
+fn put_query(out: &mut BytesMut, sql: &str) {
+    out.put_u8(b'Q');
+    out.put_u32((4 + sql.len() + 1) as u32);
+    out.put_slice(sql.as_bytes());
+    out.put_u8(0);
+}
+
+/// An `ErrorResponse` as a [`SourceError`]: the server's message and hint, classed by its
+/// SQLSTATE like the driver's errors.
+fn error_response(mut body: &[u8]) -> SourceError {
+    let (mut code, mut message, mut hint) = (String::new(), String::new(), None);
+    while let Some((&kind, rest)) = body.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let value = String::from_utf8_lossy(&rest[..end]).into_owned();
+        match kind {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+        body = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    SourceError::Query {
+        context: "reading COPY".into(),
+        reason: match hint {
+            Some(h) => format!("{message} (hint: {h})"),
+            None => message,
+        },
+        class: pg::sqlstate_class(&code),
+    }
+}
+
+/// Opens a socket to the first of the DSN's hosts that answers (its `hostaddr` when
+/// given), with its connect timeout and keepalives.
+async fn open_socket(config: &tokio_postgres::Config) -> io::Result<Socket> {
+    let hosts = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    let n = hosts.len().max(addrs.len());
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no host in the DSN",
+        ));
+    }
+    let timeout = config.get_connect_timeout().copied();
+    let mut last = None;
+    for i in 0..n {
+        let port = config
+            .get_ports()
+            .get(i)
+            .or_else(|| config.get_ports().first())
+            .copied()
+            .unwrap_or(5432);
+        let attempt = async {
+            match (addrs.get(i), hosts.get(i)) {
+                (Some(ip), _) => tcp(TcpStream::connect((*ip, port)).await?, config),
+                (None, Some(Host::Tcp(h))) => {
+                    tcp(TcpStream::connect((h.as_str(), port)).await?, config)
+                }
+                (None, Some(Host::Unix(dir))) => Ok(Either::Right(
+                    UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?,
+                )),
+                (None, None) => unreachable!("i < max(hosts, addrs)"),
+            }
+        };
+        let result = match timeout {
+            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ))
+            }),
+            None => attempt.await,
+        };
+        match result {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one host"))
+}
+
+fn tcp(stream: TcpStream, config: &tokio_postgres::Config) -> io::Result<Socket> {
+    stream.set_nodelay(true)?;
+    if config.get_keepalives() {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(config.get_keepalives_idle())
+            .with_interval(
+                config
+                    .get_keepalives_interval()
+                    .unwrap_or(Duration::from_secs(75)),
+            );
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
+    }
+    Ok(Either::Left(stream))
+}
+
+/// A socket lent to the driver: once taken out of the slot, reads see end-of-stream and
+/// writes are discarded, so the driver winds down without touching the session.
+struct Detachable(Arc<Mutex<Option<Socket>>>);
+
+impl AsyncRead for Detachable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.0.lock().expect("socket slot").as_mut() {
+            Some(s) => Pin::new(s).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for Detachable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.0.lock().expect("socket slot").as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => Poll::Ready(Ok(buf.len())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.0.lock().expect("socket slot").as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // the session's end is the chunk's call ([`ChunkSource::close`]), never the driver's
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cut_whole() {
+        let mut b = BytesMut::new();
+        b.put_u8(b'd');
+        b.put_u32(7);
+        b.put_slice(b"abc");
+        b.put_u8(b'c');
+        b.put_u32(4);
+        assert_eq!(message(&b), Some((b'd', &b"abc"[..])));
+        assert_eq!(message(&b[8..]), Some((b'c', &b""[..])));
+        assert_eq!(message(&b[..7]), None);
+    }
+
+    #[test]
+    fn error_responses_keep_message_hint_and_class() {
+        let body = b"SERROR\0C57014\0Mcanceling statement\0Hretry\0\0";
+        match error_response(body) {
+            SourceError::Query { reason, class, .. } => {
+                assert_eq!(reason, "canceling statement (hint: retry)");
+                assert_eq!(class, ErrorClass::Transient);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
