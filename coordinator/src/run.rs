@@ -900,10 +900,10 @@ pub async fn commit_job(
     }
     let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(tdir)).await?;
     if let Some(w) = &plan.window {
-        // an increment: it must follow on from the table's last one (or be the first),
-        // and the table's manifest then lists every increment's files
-        // the table's manifest is the increment's commit point, so it goes first: a job
-        // manifest never exists for an increment the table's manifest does not list
+        // An increment must follow on from the table's last one (or be the first); the
+        // table's manifest then lists every increment's files. It is the increment's
+        // commit point, so it is written before the job's own manifest: a job manifest
+        // never exists for an increment the table's manifest does not list.
         let mut table = match old {
             Some(o) if o.job == *job => {
                 // recorded before the process stopped; finish the job's own manifest

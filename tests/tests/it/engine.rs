@@ -490,18 +490,15 @@ async fn chunk_sessions_over_a_unix_socket_and_past_a_dead_host() {
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g;",
     )
     .await;
-    let port: String = db
+    let settings = db
         .client
-        .query_one("SELECT current_setting('port')", &[])
+        .query_one(
+            "SELECT current_setting('port'), current_setting('unix_socket_directories')",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    let dirs: String = db
-        .client
-        .query_one("SELECT current_setting('unix_socket_directories')", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (port, dirs): (String, String) = (settings.get(0), settings.get(1));
     let dir = dirs.split(',').next().unwrap().trim().to_owned();
     // a key=value DSN: the first host refuses, the chunk readers (like the planner) go on
     // to the next, then the same over the server's Unix socket when it is on this machine
