@@ -221,6 +221,13 @@ impl CopyOut<'_> {
             }
         }
         self.buf.advance(pos);
+        if self.buf.len() >= 5
+            && u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) < 4
+        {
+            return Err(self
+                .source
+                .protocol("a message shorter than its length field"));
+        }
         Ok(true)
     }
 }
@@ -248,8 +255,7 @@ fn message(buf: &[u8]) -> Option<(u8, &[u8])> {
     }
     let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
     if len < 4 || buf.len() < 1 + len {
-        // a length below 4 is nonsense; leaving it unparsed makes the caller read on and
-        // fail at end of stream rather than loop
+        // incomplete (or, below 4, nonsense: the caller reports that)
         return None;
     }
     Some((buf[0], &buf[5..1 + len]))
@@ -434,6 +440,77 @@ mod tests {
         assert_eq!(message(&b), Some((b'd', &b"abc"[..])));
         assert_eq!(message(&b[8..]), Some((b'c', &b""[..])));
         assert_eq!(message(&b[..7]), None);
+    }
+
+    /// A fake server that answers the COPY with `reply`, then keeps the connection open.
+    async fn copy_from(reply: Vec<u8>) -> ChunkSource {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut q = [0u8; 256];
+            let _ = s.read(&mut q).await;
+            s.write_all(&reply).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let socket = Either::Left(TcpStream::connect(addr).await.unwrap());
+        set_wake_at(&socket, WAKE_AT);
+        ChunkSource {
+            socket,
+            dsn: "test".into(),
+        }
+    }
+
+    fn msg(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+        out.push(tag);
+        out.extend_from_slice(&(4 + body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    #[tokio::test]
+    async fn a_short_stream_ends_though_it_never_reaches_the_wake_up_mark() {
+        let mut reply = Vec::new();
+        msg(&mut reply, b'H', &[1, 0, 0]);
+        msg(&mut reply, b'd', b"row one");
+        msg(&mut reply, b'd', b"row two");
+        msg(&mut reply, b'c', b"");
+        msg(&mut reply, b'C', b"COPY 2\0");
+        msg(&mut reply, b'Z', b"T");
+        let mut src = copy_from(reply).await;
+        let mut copy = src.copy_out("COPY x TO STDOUT").await.unwrap();
+        let mut rows = Vec::new();
+        let read = async {
+            while copy
+                .read(|r| {
+                    rows.push(r.to_vec());
+                    Ok(())
+                })
+                .await?
+            {}
+            Ok::<_, SourceError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the read waited for bytes that never come")
+            .unwrap();
+        assert_eq!(rows, [b"row one".to_vec(), b"row two".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_nonsense_length_is_a_protocol_error() {
+        let mut reply = Vec::new();
+        msg(&mut reply, b'H', &[1, 0, 0]);
+        reply.extend_from_slice(&[b'd', 0, 0, 0, 2]);
+        let mut src = copy_from(reply).await;
+        let mut copy = src.copy_out("COPY x TO STDOUT").await.unwrap();
+        let err = loop {
+            match copy.read(|_| Ok(())).await {
+                Ok(true) => continue,
+                Ok(false) => panic!("ended"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(err.contains("protocol out of step"), "{err}");
     }
 
     #[test]
