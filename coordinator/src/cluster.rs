@@ -57,9 +57,9 @@ pub struct CoordinatorOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Chunks extracted at once across the cluster (workers × slots), for planning.
     pub parallelism: usize,
-    /// Serve Prometheus metrics on this address.
     /// CA certificate (PEM) to trust for `https://` loaders when preparing a job's load.
     pub loader_tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address.
     pub metrics_listen: Option<SocketAddr>,
 }
 

@@ -360,8 +360,9 @@ async fn boundaries(
     let cols: Vec<String> = key.iter().map(|k| quote_ident(&k.col.name)).collect();
     let list = cols.join(", ");
     let as_text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-    let mut not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
-    not_null.extend(filter.map(|f| format!("({f})")));
+    // rows with a NULL key have their own chunk; an incremental job's rows are its window's
+    let mut conditions: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+    conditions.extend(filter.map(|f| format!("({f})")));
     let sample = if estimated_rows > FULL_SCAN_ROWS {
         let want = (n.div_ceil(TILES_PER_CHUNK) * SAMPLE_PER_CHUNK).max(MIN_SAMPLE) as f64;
         let pct = (want * 100.0 / estimated_rows as f64).clamp(0.0001, 100.0);
@@ -373,12 +374,12 @@ async fn boundaries(
         "SELECT {} FROM ( \
            SELECT DISTINCT ON (__haul_tile) __haul_tile, {list} FROM ( \
              SELECT {list}, ntile({n}) OVER (ORDER BY {list}) AS __haul_tile \
-             FROM {table}{sample} WHERE {not_null} \
+             FROM {table}{sample} WHERE {conditions} \
            ) t ORDER BY __haul_tile, {list} \
          ) b ORDER BY __haul_tile",
         as_text.join(", "),
         table = table.quoted(),
-        not_null = not_null.join(" AND "),
+        conditions = conditions.join(" AND "),
     );
     let rows = client
         .query(&sql, &[])

@@ -537,10 +537,11 @@ async fn window(
             column: inc.column.clone(),
         })?;
     let pg_type: String = row.get(0);
-    let as_type = match pg_type.as_str() {
-        "timestamp with time zone" => "",
+    // the window's type, and the cast that turns `now()` into it
+    let (window_type, as_type) = match pg_type.as_str() {
+        "timestamp with time zone" => ("timestamptz", ""),
         // the session's time zone is UTC
-        "timestamp without time zone" => "::timestamp",
+        "timestamp without time zone" => ("timestamp", "::timestamp"),
         _ => {
             return Err(RunError::BadWatermark {
                 column: inc.column.clone(),
@@ -580,11 +581,7 @@ async fn window(
         .get(0);
     Ok(haul_shared::jobs::Window {
         column: inc.column.clone(),
-        pg_type: if as_type.is_empty() {
-            "timestamptz".into()
-        } else {
-            "timestamp".into()
-        },
+        pg_type: window_type.into(),
         low,
         high,
     })
@@ -900,54 +897,18 @@ pub async fn commit_job(
     }
     let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(tdir)).await?;
     if let Some(w) = &plan.window {
-        // An increment must follow on from the table's last one (or be the first); the
-        // table's manifest then lists every increment's files. It is the increment's
-        // commit point, so it is written before the job's own manifest: a job manifest
-        // never exists for an increment the table's manifest does not list.
-        let mut table = match old {
-            Some(o) if o.job == *job => {
-                // recorded before the process stopped; finish the job's own manifest
-                dest.put_json(&dest.job_manifest_path(job), &manifest, true)
+        // The table's manifest is the increment's commit point, so it is written before
+        // the job's own manifest: a job manifest never exists for an increment the
+        // table's manifest does not list.
+        match old {
+            // recorded before the process stopped; only the job's own manifest is missing
+            Some(o) if o.job == *job => {}
+            old => {
+                let table = increments_with(old, w, job, &manifest, dest, tdir)?;
+                dest.put_json(&dest.table_manifest_path(tdir), &table, false)
                     .await?;
-                dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
-                return Ok(manifest);
             }
-            Some(o) => {
-                if o.watermark.as_ref().map(|ow| &ow.high) != w.low.as_ref() {
-                    return Err(RunError::IncrementRaced {
-                        job: job.clone(),
-                        other: o.job,
-                        dest: dest.url.clone(),
-                    });
-                }
-                o
-            }
-            None if w.low.is_some() => {
-                return Err(RunError::Internal(format!(
-                    "the increments' manifest {tdir}/_manifest.json vanished"
-                )));
-            }
-            None => JobManifest {
-                increments: Vec::new(),
-                chunks: 0,
-                rows: 0,
-                bytes: 0,
-                files: Vec::new(),
-                ..manifest.clone()
-            },
-        };
-        table.increments.push(job.clone());
-        table.job = job.clone();
-        table.snapshot = manifest.snapshot.clone();
-        table.columns = manifest.columns.clone();
-        table.chunks += manifest.chunks;
-        table.rows += manifest.rows;
-        table.bytes += manifest.bytes;
-        table.files.extend(manifest.files.iter().cloned());
-        table.finished_at = manifest.finished_at.clone();
-        table.watermark = manifest.watermark.clone();
-        dest.put_json(&dest.table_manifest_path(tdir), &table, false)
-            .await?;
+        }
         dest.put_json(&dest.job_manifest_path(job), &manifest, true)
             .await?;
         dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
@@ -967,6 +928,53 @@ pub async fn commit_job(
     }
     dest.delete_prefix(&format!("_haul/staging/{job}")).await?;
     Ok(manifest)
+}
+
+/// The table's manifest of a series of increments with `increment` added: it must follow
+/// on from the last one recorded in `old` (or be the first), and it then lists every
+/// increment's files and rows, and the new high mark.
+fn increments_with(
+    old: Option<JobManifest>,
+    w: &haul_shared::jobs::Window,
+    job: &JobId,
+    increment: &JobManifest,
+    dest: &Dest,
+    tdir: &str,
+) -> Result<JobManifest, RunError> {
+    let mut table = match old {
+        Some(o) if o.watermark.as_ref().map(|ow| &ow.high) != w.low.as_ref() => {
+            return Err(RunError::IncrementRaced {
+                job: job.clone(),
+                other: o.job,
+                dest: dest.url.clone(),
+            });
+        }
+        Some(o) => o,
+        None if w.low.is_some() => {
+            return Err(RunError::Internal(format!(
+                "the increments' manifest {tdir}/_manifest.json vanished"
+            )));
+        }
+        None => JobManifest {
+            increments: Vec::new(),
+            chunks: 0,
+            rows: 0,
+            bytes: 0,
+            files: Vec::new(),
+            ..increment.clone()
+        },
+    };
+    table.increments.push(job.clone());
+    table.job = job.clone();
+    table.snapshot = increment.snapshot.clone();
+    table.columns = increment.columns.clone();
+    table.chunks += increment.chunks;
+    table.rows += increment.rows;
+    table.bytes += increment.bytes;
+    table.files.extend(increment.files.iter().cloned());
+    table.finished_at = increment.finished_at.clone();
+    table.watermark = increment.watermark.clone();
+    Ok(table)
 }
 
 fn job_manifest(

@@ -96,18 +96,16 @@ impl ChunkSource {
         };
         let setup = setup.await;
         let socket = slot.lock().expect("socket slot").take();
-        // the driver now reads end-of-stream and writes into the void; it ends with the client
+        // from here the driver would read end-of-stream and write into the void
         drop(client);
         driver.abort();
         setup?;
-        if let Some(s) = &socket {
-            set_wake_at(s, WAKE_AT);
-        }
         let socket = socket.ok_or_else(|| SourceError::Query {
             context: "taking over the source connection".into(),
-            reason: "the driver closed it".into(),
+            reason: "the driver no longer held it".into(),
             class: ErrorClass::Transient,
         })?;
+        set_wake_at(&socket, WAKE_AT);
         Ok(Self {
             socket,
             dsn: dsn.to_string(),
