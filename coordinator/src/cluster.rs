@@ -81,13 +81,17 @@ pub struct Coordinator {
     queue: Arc<RabbitQueue>,
     opts: CoordinatorOptions,
     shutdown: CancellationToken,
+    /// Woken when this coordinator ends a job or changes its state, so that `Watch`
+    /// streams report it at once rather than at their next look.
+    changed: tokio::sync::Notify,
 }
 
 /// How often a job's driver looks at its chunk states ...
-const DRIVER_TICK: Duration = Duration::from_millis(100);
+const DRIVER_TICK: Duration = Duration::from_millis(50);
 /// ... and every how many looks it checks the destination and the leases (5 s).
-const RECONCILE_EVERY: u64 = 50;
-/// How often `Watch` looks for a change to stream.
+const RECONCILE_EVERY: u64 = 100;
+/// How often `Watch` looks for a change to stream (progress; a job's end is streamed
+/// as soon as this coordinator records it).
 const WATCH_TICK: Duration = Duration::from_millis(250);
 
 /// `haul workers` forgets a worker after an hour without a heartbeat.
@@ -204,6 +208,7 @@ impl Coordinator {
             queue: Arc::new(queue),
             opts,
             shutdown,
+            changed: tokio::sync::Notify::new(),
         });
         c.recover().await?;
         Ok(c)
@@ -404,6 +409,7 @@ impl Coordinator {
             if let Err(e) = self.store.set_job_state(&id, &state).await {
                 warn!(job_id = %id, error = %e, "could not record the job's end");
             }
+            self.changed.notify_waiters();
         }
         let final_state = self
             .store
@@ -693,6 +699,7 @@ impl Coordinator {
             .await
             .map_err(store_status)?;
         info!(job_id = %id, state = to.name(), "job state changed by request");
+        self.changed.notify_waiters();
         self.status(id).await
     }
 }
@@ -892,7 +899,10 @@ impl Jobs for Api {
                     {
                         return Some((Ok(s.clone()), (c, id, None, Some(s))));
                     }
-                    tokio::time::sleep(WATCH_TICK).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(WATCH_TICK) => {}
+                        _ = c.changed.notified() => {}
+                    }
                     match c.status(&id).await {
                         Ok(s) => next = Some(s),
                         Err(e) => return Some((Err(e), (c, id, None, last))),

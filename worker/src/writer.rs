@@ -378,58 +378,49 @@ pub fn partition_dir(day: Option<i64>, gran: Granularity) -> String {
     }
 }
 
-/// `Some(true)` if a column's first batch has few distinct values, `Some(false)` if
-/// mostly unique; `None` for types where the default is kept.
+/// Values of a column's first batch looked at to choose its encoding.
+const CARDINALITY_SAMPLE: usize = 4096;
+
+/// `Some(true)` if a column's first batch has few distinct values (at most a quarter of
+/// an evenly strided sample of [`CARDINALITY_SAMPLE`] non-null values), `Some(false)` if
+/// mostly unique; `None` for types where the default is kept. Counted by sorting the
+/// sample: this runs once per chunk and must stay cheap next to the chunk's encoding.
 fn low_cardinality(a: &dyn Array) -> Option<bool> {
-    use std::collections::HashSet;
-    let n = a.len() - a.null_count();
-    if n < 64 {
+    if a.len() - a.null_count() < 64 {
         return None;
     }
-    let limit = n / 4;
-    let distinct = match a.data_type() {
+    let stride = a.len().div_ceil(CARDINALITY_SAMPLE);
+    let rows = (0..a.len()).step_by(stride).filter(|&i| a.is_valid(i));
+    let (distinct, sampled) = match a.data_type() {
         DataType::Utf8 => {
             let s = a.as_string::<i32>();
-            let mut set = HashSet::new();
-            for v in s.iter().flatten() {
-                set.insert(v);
-                if set.len() > limit {
-                    break;
-                }
-            }
-            set.len()
+            distinct(rows.map(|i| s.value(i)).collect())
         }
         DataType::Int64 | DataType::Timestamp(..) => {
-            let values =
-                a.to_data().buffers()[0].typed_data::<i64>()[a.offset()..][..a.len()].to_vec();
-            count_distinct(values.into_iter(), limit)
+            let data = a.to_data();
+            let v = &data.buffers()[0].typed_data::<i64>()[data.offset()..];
+            distinct(rows.map(|i| v[i]).collect())
         }
         DataType::Int32 | DataType::Date32 => {
-            let values =
-                a.to_data().buffers()[0].typed_data::<i32>()[a.offset()..][..a.len()].to_vec();
-            count_distinct(values.into_iter(), limit)
+            let data = a.to_data();
+            let v = &data.buffers()[0].typed_data::<i32>()[data.offset()..];
+            distinct(rows.map(|i| v[i]).collect())
         }
-        DataType::Float64 => count_distinct(
-            a.as_primitive::<Float64Type>()
-                .values()
-                .iter()
-                .map(|f| f.to_bits()),
-            limit,
-        ),
+        DataType::Float64 => {
+            let f = a.as_primitive::<Float64Type>();
+            distinct(rows.map(|i| f.value(i).to_bits()).collect())
+        }
         _ => return None,
     };
-    Some(distinct <= limit)
+    Some(distinct <= sampled / 4)
 }
 
-fn count_distinct<T: std::hash::Hash + Eq>(values: impl Iterator<Item = T>, limit: usize) -> usize {
-    let mut set = std::collections::HashSet::new();
-    for v in values {
-        set.insert(v);
-        if set.len() > limit {
-            break;
-        }
-    }
-    set.len()
+/// (distinct values, values) of a sample.
+fn distinct<T: Ord>(mut sample: Vec<T>) -> (usize, usize) {
+    let n = sample.len();
+    sample.sort_unstable();
+    sample.dedup();
+    (sample.len(), n)
 }
 
 /// A `std::io::Write` over an object-store upload, used from the writer thread: bytes
@@ -504,5 +495,30 @@ mod tests {
             partition_dir(Some(i64::MIN), Granularity::Day),
             "dt=-infinity"
         );
+    }
+
+    #[test]
+    fn low_cardinality_from_a_sample() {
+        use arrow_array::{Int32Array, Int64Array, StringArray};
+        let few = Int64Array::from_iter_values((0..50_000).map(|i| i % 10));
+        assert_eq!(low_cardinality(&few), Some(true));
+        let unique = Int64Array::from_iter_values(0..50_000);
+        assert_eq!(low_cardinality(&unique), Some(false));
+        // a slice is sampled from its own offset
+        let tail =
+            Int64Array::from_iter_values((0..50_000).map(|i| if i < 25_000 { i } else { 7 }));
+        assert_eq!(low_cardinality(&tail.slice(25_000, 25_000)), Some(true));
+        assert_eq!(low_cardinality(&tail.slice(0, 25_000)), Some(false));
+        let mostly_null = Int32Array::from_iter((0..50_000).map(|i| (i % 1000 == 0).then_some(i)));
+        assert_eq!(
+            low_cardinality(&mostly_null),
+            None,
+            "50 values are too few to judge"
+        );
+        let status =
+            StringArray::from_iter_values((0..50_000).map(|i| ["new", "paid", "shipped"][i % 3]));
+        assert_eq!(low_cardinality(&status), Some(true));
+        let text = StringArray::from_iter_values((0..50_000).map(|i| format!("{{\"n\": {i}}}")));
+        assert_eq!(low_cardinality(&text), Some(false));
     }
 }
