@@ -95,6 +95,7 @@ for i in $(seq 1 "$RUNS"); do
   copy_times+=("$(echo "$a" | awk '/copy_binary/ {sub("wall_s=","",$2); print $2}')")
   duck_times+=("$(echo "$a" | awk '/duckdb/ {sub("wall_s=","",$2); print $2}')")
 done
+echo "runs: haul ${haul_times[*]} | cluster ${cluster_times[*]:-} | copy ${copy_times[*]} | duckdb ${duck_times[*]}" >&2
 haul_wall=$(printf '%s\n' "${haul_times[@]}" | median)
 haul_rss_mib=$(( $(printf '%s\n' "${haul_rss[@]}" | sort -n | tail -1) / 1024 ))
 copy_wall=$(printf '%s\n' "${copy_times[@]}" | median)

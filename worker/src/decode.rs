@@ -27,6 +27,7 @@ const HEADER_LEN: usize = SIGNATURE.len() + 8;
 pub struct CopyDecoder {
     schema: SchemaRef,
     names: Vec<String>,
+    kinds: Vec<PgKind>,
     cols: Vec<Col>,
     carry: BytesMut,
     header_seen: bool,
@@ -43,11 +44,12 @@ impl CopyDecoder {
         let cols = table
             .columns
             .iter()
-            .map(|c| Col::new(&c.kind, batch_rows))
+            .map(|c| Col::new(&c.kind, batch_rows, 0))
             .collect();
         Self {
             schema,
             names: table.columns.iter().map(|c| c.name.clone()).collect(),
+            kinds: table.columns.iter().map(|c| c.kind.clone()).collect(),
             cols,
             carry: BytesMut::new(),
             header_seen: false,
@@ -173,10 +175,14 @@ impl CopyDecoder {
     fn flush(&mut self) -> Result<RecordBatch, SourceError> {
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.cols.len());
         for (i, c) in self.cols.iter_mut().enumerate() {
+            let value_bytes = c.value_bytes();
             let a = c.finish().map_err(|reason| SourceError::Decode {
                 column: self.names[i].clone(),
                 reason,
             })?;
+            // a finished builder is left empty and would regrow by doubling, a copy of
+            // its data each time: the next batch's builders are sized like this one's
+            *c = Col::new(&self.kinds[i], self.rows, value_bytes + value_bytes / 16);
             arrays.push(a);
         }
         self.rows = 0;
@@ -295,7 +301,16 @@ enum Col {
 }
 
 impl Col {
-    fn new(kind: &PgKind, cap: usize) -> Self {
+    /// Builders for `cap` values; variable-width values get `value_bytes` bytes (a
+    /// guess from `cap` when 0).
+    fn new(kind: &PgKind, cap: usize, value_bytes: usize) -> Self {
+        let bytes = |guess: usize| {
+            if value_bytes > 0 {
+                value_bytes
+            } else {
+                cap * guess
+            }
+        };
         match kind {
             PgKind::Bool => Col::Bool(BooleanBuilder::with_capacity(cap)),
             PgKind::Int2 => Col::I16(Int16Builder::with_capacity(cap)),
@@ -314,9 +329,9 @@ impl Col {
                     *scale,
                 ),
             },
-            PgKind::Text => Col::Text(BinaryBuilder::with_capacity(cap, cap * 16)),
-            PgKind::Jsonb => Col::Jsonb(BinaryBuilder::with_capacity(cap, cap * 64)),
-            PgKind::Bytea => Col::Bytea(BinaryBuilder::with_capacity(cap, cap * 16)),
+            PgKind::Text => Col::Text(BinaryBuilder::with_capacity(cap, bytes(16))),
+            PgKind::Jsonb => Col::Jsonb(BinaryBuilder::with_capacity(cap, bytes(64))),
+            PgKind::Bytea => Col::Bytea(BinaryBuilder::with_capacity(cap, bytes(16))),
             PgKind::Date => Col::Date(Date32Builder::with_capacity(cap)),
             PgKind::Time => Col::Time(Time64MicrosecondBuilder::with_capacity(cap)),
             PgKind::Timestamp => Col::Ts(TimestampMicrosecondBuilder::with_capacity(cap)),
@@ -338,7 +353,7 @@ impl Col {
                     field,
                     offsets: vec![0],
                     nulls: NullBufferBuilder::new(cap),
-                    child: Box::new(Col::new(element, cap)),
+                    child: Box::new(Col::new(element, cap, 0)),
                 }
             }
         }
@@ -465,6 +480,14 @@ impl Col {
             }
         }
         Ok(())
+    }
+
+    /// Bytes of variable-width values held (0 for other columns).
+    fn value_bytes(&self) -> usize {
+        match self {
+            Col::Text(b) | Col::Jsonb(b) | Col::Bytea(b) => b.values_slice().len(),
+            _ => 0,
+        }
     }
 
     fn finish(&mut self) -> Result<ArrayRef, String> {

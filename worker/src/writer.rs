@@ -434,13 +434,20 @@ struct StoreSink {
 }
 
 impl StoreSink {
+    /// Hands the gathered bytes to the upload as they are (no copy).
     fn push_out(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_BUFFER));
+        self.put(bytes::Bytes::from(buf))
+    }
+
+    fn put(&mut self, bytes: bytes::Bytes) -> std::io::Result<()> {
         let inner = &mut self.inner;
-        self.handle.block_on(inner.write_all(&buf))
+        self.handle
+            .block_on(inner.put(bytes))
+            .map_err(std::io::Error::other)
     }
 
     fn finish(mut self) -> Result<u64, WriteError> {
@@ -459,11 +466,16 @@ impl StoreSink {
 
 impl Write for StoreSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        self.written += data.len() as u64;
-        if self.buf.len() >= SINK_BUFFER {
+        // the buffer is sent before it would have to grow (a grown Vec is a copy)
+        if self.buf.len() + data.len() > SINK_BUFFER {
             self.push_out()?;
         }
+        if data.len() >= SINK_BUFFER {
+            self.put(bytes::Bytes::copy_from_slice(data))?;
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        self.written += data.len() as u64;
         Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
