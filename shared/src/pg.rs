@@ -219,10 +219,21 @@ pub const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD
 
 /// Parses the DSN without connecting.
 pub fn parse_dsn(dsn: &Secret) -> Result<tokio_postgres::Config, SourceError> {
-    tokio_postgres::Config::from_str(dsn.expose()).map_err(|e| SourceError::BadDsn {
-        dsn: dsn.to_string(),
-        reason: e.to_string(),
-    })
+    let config =
+        tokio_postgres::Config::from_str(dsn.expose()).map_err(|e| SourceError::BadDsn {
+            dsn: dsn.to_string(),
+            reason: e.to_string(),
+        })?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(SourceError::BadDsn {
+            dsn: dsn.to_string(),
+            reason: "sslmode=require asks for TLS, and haul does not speak TLS to Postgres yet; \
+                     use sslmode=disable over a trusted network or a Unix socket, or a local \
+                     TLS-terminating proxy"
+                .into(),
+        });
+    }
+    Ok(config)
 }
 
 /// A connected session. `closed` resolves when the connection ends, for whatever reason.

@@ -76,6 +76,21 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
         "{err}"
     );
 
+    // TLS is asked for but not spoken: refused at once, not retried as a connect failure
+    let mut tls = o("ok");
+    tls.spec.source = haul_shared::pg::Secret::new(format!("{}?sslmode=require", db.dsn));
+    let started = std::time::Instant::now();
+    let err = run(tls).await.unwrap_err().to_string();
+    assert!(
+        err.contains("sslmode=require") && err.contains("does not speak TLS"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "the refusal was retried ({:?})",
+        started.elapsed()
+    );
+
     // permission denied, as a role that cannot read the table
     let role = unique("haul_noperm");
     db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
