@@ -386,10 +386,7 @@ const CARDINALITY_SAMPLE: usize = 4096;
 /// mostly unique; `None` for types where the default is kept. Counted by sorting the
 /// sample: this runs once per chunk and must stay cheap next to the chunk's encoding.
 fn low_cardinality(a: &dyn Array) -> Option<bool> {
-    if a.len() - a.null_count() < 64 {
-        return None;
-    }
-    let stride = a.len().div_ceil(CARDINALITY_SAMPLE);
+    let stride = a.len().div_ceil(CARDINALITY_SAMPLE).max(1);
     let rows = (0..a.len()).step_by(stride).filter(|&i| a.is_valid(i));
     let (distinct, sampled) = match a.data_type() {
         DataType::Utf8 => {
@@ -412,7 +409,8 @@ fn low_cardinality(a: &dyn Array) -> Option<bool> {
         }
         _ => return None,
     };
-    Some(distinct <= sampled / 4)
+    // a sample that met mostly nulls says too little
+    (sampled >= 64).then_some(distinct <= sampled / 4)
 }
 
 /// (distinct values, values) of a sample.
@@ -516,6 +514,7 @@ mod tests {
         assert_eq!(low_cardinality(&few), Some(true));
         let unique = Int64Array::from_iter_values(0..50_000);
         assert_eq!(low_cardinality(&unique), Some(false));
+        assert_eq!(low_cardinality(&Int64Array::from(Vec::<i64>::new())), None);
         // a slice is sampled from its own offset
         let tail =
             Int64Array::from_iter_values((0..50_000).map(|i| if i < 25_000 { i } else { 7 }));
