@@ -26,7 +26,7 @@ use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryStreamExt};
 use haul_shared::JobId;
 use haul_shared::jobs::{JobRecord, JobState, JobStore};
-use haul_worker::layout::Dest;
+use haul_shared::lake::{Dest, JobManifest};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
@@ -35,8 +35,6 @@ use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use tonic::{Request, Response, Status, Streaming};
-
-use crate::run::JobManifest;
 
 /// Rows per batch sent to a reader.
 const READ_BATCH_ROWS: usize = 32 * 1024;

@@ -10,6 +10,9 @@
 //! - [`workers`]: what the worker registry holds.
 //! - [`rpc`]: gRPC client channels and the bearer token.
 //! - [`metrics`]: Prometheus text on `/metrics`.
+//! - [`lake`]: the destination's layout, its manifests and the commit protocol.
+//! - [`load`]: the load protocol, both sides: the loader's Flight service and ledger, the
+//!   target's DDL and type map, Arrow → binary COPY, and the client workers stream with.
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
@@ -17,7 +20,9 @@ pub mod conformance;
 pub mod error;
 pub mod ids;
 pub mod jobs;
+pub mod lake;
 pub mod lease;
+pub mod load;
 pub mod metrics;
 pub mod pg;
 pub mod proto;

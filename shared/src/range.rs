@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::KeyColumn;
+use crate::pg::{quote_ident, quote_literal};
+
 /// A chunk's rows. Key ranges are half-open `[lower, upper)` on the key tuple compared as
 /// a Postgres row value; a missing bound is unbounded. Key values are held in their
 /// Postgres text form and cast back to the key column's type in the query, so every
@@ -31,5 +34,68 @@ impl ChunkRange {
     /// an update moves a row to another page).
     pub fn survives_new_snapshot(&self) -> bool {
         !matches!(self, ChunkRange::Ctid { .. })
+    }
+
+    /// The `WHERE` predicate of a chunk. Key bounds are quoted literals cast to the key
+    /// column's type; identifiers are quoted.
+    pub fn predicate(&self, key: &[KeyColumn]) -> String {
+        let tuple = |vals: &[String]| -> String {
+            let lits: Vec<String> = vals
+                .iter()
+                .zip(key)
+                .map(|(v, k)| format!("{}::{}", quote_literal(v), k.pg_type))
+                .collect();
+            if lits.len() == 1 {
+                lits[0].clone()
+            } else {
+                format!("ROW({})", lits.join(", "))
+            }
+        };
+        let cols = || {
+            let c: Vec<String> = key.iter().map(|k| quote_ident(&k.name)).collect();
+            if c.len() == 1 {
+                c[0].clone()
+            } else {
+                format!("ROW({})", c.join(", "))
+            }
+        };
+        match self {
+            ChunkRange::All => "true".into(),
+            ChunkRange::NullKeys => {
+                let c: Vec<String> = key
+                    .iter()
+                    .map(|k| format!("{} IS NULL", quote_ident(&k.name)))
+                    .collect();
+                format!("({})", c.join(" OR "))
+            }
+            ChunkRange::Key { lower, upper } => {
+                let mut parts = Vec::new();
+                if let Some(l) = lower {
+                    parts.push(format!("{} >= {}", cols(), tuple(l)));
+                }
+                if let Some(u) = upper {
+                    parts.push(format!("{} < {}", cols(), tuple(u)));
+                }
+                if parts.is_empty() {
+                    // unbounded both sides still excludes NULL keys (they have their own chunk)
+                    let c: Vec<String> = key
+                        .iter()
+                        .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name)))
+                        .collect();
+                    parts.push(c.join(" AND "));
+                }
+                parts.join(" AND ")
+            }
+            ChunkRange::Ctid {
+                first_page,
+                end_page,
+            } => {
+                let mut p = format!("ctid >= '({first_page},0)'::tid");
+                if let Some(e) = end_page {
+                    p.push_str(&format!(" AND ctid < '({e},0)'::tid"));
+                }
+                p
+            }
+        }
     }
 }

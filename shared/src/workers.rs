@@ -46,3 +46,13 @@ pub fn worker_state(rec: &WorkerRecord, order: Option<DrainOrder>, now_ms: i64) 
 pub const HEARTBEAT_INTERVAL_MS: i64 = 2_000;
 /// ... and count as gone after this long without one.
 pub const HEARTBEAT_GONE_MS: i64 = 5 * HEARTBEAT_INTERVAL_MS;
+
+/// This machine's name, for `haul workers`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}

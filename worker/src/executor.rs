@@ -18,13 +18,15 @@ use arrow_array::RecordBatch;
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::jobs::{JobPlan, JobSpec};
 use haul_shared::lease::{Lease, LeaseStore, StoreError};
-use haul_shared::pg::{SourceError, quote_ident, quote_literal};
+use haul_shared::pg::SourceError;
 use haul_shared::{ChunkId, ChunkRange, JobId};
 use tokio_util::sync::CancellationToken;
 
+use haul_shared::lake::commit::{self, ChunkCommit};
+use haul_shared::lake::{ChunkManifest, Dest, DestError, PartFile, table_dir};
+use haul_shared::load::{ChunkLoad, LoadClient, LoadClientError};
+
 use crate::decode::CopyDecoder;
-use crate::layout::{ChunkManifest, Dest, DestError};
-use crate::load_client::{ChunkLoad, LoadClient, LoadClientError};
 use crate::source::ChunkSource;
 use crate::writer::{ChunkWriter, WriteError, WriterConfig};
 
@@ -112,69 +114,6 @@ pub struct ChunkJob<'a> {
     pub cancel: CancellationToken,
 }
 
-/// The `WHERE` predicate of a chunk. Key bounds are quoted literals cast to the key
-/// column's type; identifiers are quoted.
-pub fn range_predicate(range: &ChunkRange, key: &[haul_shared::jobs::KeyColumn]) -> String {
-    let tuple = |vals: &[String]| -> String {
-        let lits: Vec<String> = vals
-            .iter()
-            .zip(key)
-            .map(|(v, k)| format!("{}::{}", quote_literal(v), k.pg_type))
-            .collect();
-        if lits.len() == 1 {
-            lits[0].clone()
-        } else {
-            format!("ROW({})", lits.join(", "))
-        }
-    };
-    let cols = || {
-        let c: Vec<String> = key.iter().map(|k| quote_ident(&k.name)).collect();
-        if c.len() == 1 {
-            c[0].clone()
-        } else {
-            format!("ROW({})", c.join(", "))
-        }
-    };
-    match range {
-        ChunkRange::All => "true".into(),
-        ChunkRange::NullKeys => {
-            let c: Vec<String> = key
-                .iter()
-                .map(|k| format!("{} IS NULL", quote_ident(&k.name)))
-                .collect();
-            format!("({})", c.join(" OR "))
-        }
-        ChunkRange::Key { lower, upper } => {
-            let mut parts = Vec::new();
-            if let Some(l) = lower {
-                parts.push(format!("{} >= {}", cols(), tuple(l)));
-            }
-            if let Some(u) = upper {
-                parts.push(format!("{} < {}", cols(), tuple(u)));
-            }
-            if parts.is_empty() {
-                // unbounded both sides still excludes NULL keys (they have their own chunk)
-                let c: Vec<String> = key
-                    .iter()
-                    .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name)))
-                    .collect();
-                parts.push(c.join(" AND "));
-            }
-            parts.join(" AND ")
-        }
-        ChunkRange::Ctid {
-            first_page,
-            end_page,
-        } => {
-            let mut p = format!("ctid >= '({first_page},0)'::tid");
-            if let Some(e) = end_page {
-                p.push_str(&format!(" AND ctid < '({e},0)'::tid"));
-            }
-            p
-        }
-    }
-}
-
 /// Fault injection for tests: sleeps for the milliseconds in env var `name`, if set, so a
 /// test can kill the process at that point of the protocol.
 async fn fault_pause(name: &str) {
@@ -216,7 +155,7 @@ fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
 /// in the job's window).
 pub fn copy_statement(plan: &JobPlan, range: &ChunkRange) -> String {
     let cols: Vec<String> = plan.table.columns.iter().map(|c| c.select_expr()).collect();
-    let mut filter = range_predicate(range, &plan.key);
+    let mut filter = range.predicate(&plan.key);
     if let Some(w) = &plan.window {
         filter = format!("({filter}) AND {}", w.predicate());
     }
@@ -230,9 +169,7 @@ pub fn copy_statement(plan: &JobPlan, range: &ChunkRange) -> String {
 /// Runs one attempt. See the module docs for the protocol.
 pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
     let dest = c.dest;
-    let manifest_path = dest.chunk_manifest_path(c.job_id, c.chunk);
-    if let Some(m) = dest.get_json::<ChunkManifest>(&manifest_path).await? {
-        dest.publish(&m).await?;
+    if let Some(m) = commit::committed_chunk(dest, c.job_id, c.chunk).await? {
         return Ok(ChunkOutcome::AlreadyCommitted {
             rows: m.rows,
             bytes: m.bytes,
@@ -269,35 +206,23 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
         files,
         committed_at: chrono::Utc::now().to_rfc3339(),
     };
-    if !dest.put_json(&manifest_path, &manifest, true).await? {
-        // a concurrent attempt committed first: ours is void
-        dest.delete_prefix(&staging).await?;
-        let winner = dest
-            .get_json::<ChunkManifest>(&manifest_path)
-            .await?
-            .ok_or_else(|| DestError::BadManifest {
-                path: manifest_path.to_string(),
-                reason: "vanished after an already-exists answer".into(),
-            })?;
-        dest.publish(&winner).await?;
-        return Ok(ChunkOutcome::AlreadyCommitted {
-            rows: winner.rows,
-            bytes: winner.bytes,
-            files: winner.files.len(),
-        });
-    }
-    dest.publish(&manifest).await?;
-    Ok(ChunkOutcome::Committed {
-        rows: manifest.rows,
-        bytes: manifest.bytes,
-        files: manifest.files.len(),
-    })
+    Ok(
+        match commit::commit_chunk(dest, manifest, &staging).await? {
+            ChunkCommit::Won(m) => ChunkOutcome::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+                files: m.files.len(),
+            },
+            ChunkCommit::Lost(m) => ChunkOutcome::AlreadyCommitted {
+                rows: m.rows,
+                bytes: m.bytes,
+                files: m.files.len(),
+            },
+        },
+    )
 }
 
-async fn extract(
-    c: &ChunkJob<'_>,
-    staging: &str,
-) -> Result<(Vec<crate::layout::PartFile>, u64), ChunkError> {
+async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64), ChunkError> {
     let mut source = ChunkSource::open(&c.spec.source, c.plan.snapshot.as_deref()).await?;
     let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
     let writer = if c.spec.output.parquet {
@@ -420,28 +345,6 @@ async fn hand_on(
     Ok(n)
 }
 
-/// The table's folder under the destination: its name, with every character other than
-/// ASCII letters, digits, `_`, `-` and `.` replaced by `_` (object stores and glob readers
-/// treat the others specially), and never starting with `_` or `.`, which Spark and Hive
-/// readers skip as hidden.
-pub fn table_dir(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() || s.starts_with(['_', '.']) {
-        format!("t{s}")
-    } else {
-        s
-    }
-}
-
 /// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal
 /// fails (the attempt must then stop: it can no longer commit).
 pub async fn keep_lease(
@@ -467,16 +370,5 @@ pub async fn keep_lease(
             }
             Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn table_dirs_are_reader_safe() {
-        assert_eq!(super::table_dir("orders"), "orders");
-        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
-        assert_eq!(super::table_dir("_tmp"), "t_tmp");
-        assert_eq!(super::table_dir("a/b"), "a_b");
     }
 }

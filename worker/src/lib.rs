@@ -1,15 +1,17 @@
-//! haul's data plane: the chunk executor reads one chunk from the source with binary
-//! `COPY` inside the job's snapshot, decodes it into Arrow batches, writes partitioned
-//! Parquet through `object_store`, streams the same batches to a loader over Arrow Flight,
-//! and commits with the fencing protocol of ARCHITECTURE.md; the loader (`haul loader`)
-//! writes them into a target Postgres exactly once per chunk.
+//! haul's worker role: takes chunk tasks from the queue, leases each chunk, reads it from
+//! the source with binary `COPY` inside the job's snapshot, decodes it into Arrow batches,
+//! writes partitioned Parquet through `object_store`, streams the same batches to a
+//! loader over Arrow Flight, and commits with the lake's protocol (`haul_shared::lake`).
+//!
+//! - [`source`]: a chunk's source session; the COPY read straight off its socket.
+//! - [`decode`]: binary COPY → Arrow builders.
+//! - [`writer`]: Parquet on the blocking pool, partition split, streaming upload.
+//! - [`executor`]: one chunk attempt and its commit.
+//! - [`worker`]: the consume → lease → run → settle loop, drain and abort.
+//! - [`node`]: the `haul worker` process: stores, heartbeat, signals.
 
 pub mod decode;
-pub mod encode;
 pub mod executor;
-pub mod layout;
-pub mod load_client;
-pub mod loader;
 pub mod node;
 pub mod source;
 pub mod worker;

@@ -61,19 +61,9 @@ pub enum NodeError {
     Metrics { addr: String, reason: String },
 }
 
-/// This machine's name, for `haul workers`.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Runs the worker until it has drained.
 pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
-    let host = hostname();
+    let host = haul_shared::workers::hostname();
     let pid = std::process::id();
     let id = WorkerId(opts.id.clone().unwrap_or_else(|| format!("{host}-{pid}")));
     let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Signals)?;
@@ -94,7 +84,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
         slots: opts.slots.max(1),
         lease_ttl: opts.lease_ttl,
         max_attempts: opts.max_attempts,
-        load_auth: crate::load_client::LoadAuth {
+        load_auth: haul_shared::load::LoadAuth {
             token: opts.coordinator.token.clone(),
             tls_ca: opts.coordinator.tls_ca.clone(),
         },

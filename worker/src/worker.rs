@@ -23,8 +23,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::executor::{ChunkJob, ChunkOutcome, Progress, keep_lease, run_chunk};
-use crate::layout::Dest;
-use crate::load_client::{LoadAuth, LoadClient};
+use haul_shared::lake::Dest;
+use haul_shared::load::{LoadAuth, LoadClient};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -272,7 +272,7 @@ async fn attempt_chunk(
     let plan = job
         .plan
         .as_ref()
-        .ok_or_else(|| crate::layout::DestError::BadManifest {
+        .ok_or_else(|| haul_shared::lake::DestError::BadManifest {
             path: format!("job {}", job.id),
             reason: "job has no plan yet".into(),
         })?;

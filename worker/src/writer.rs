@@ -24,7 +24,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::layout::{Dest, PartFile};
+use haul_shared::lake::{Dest, PartFile};
 
 /// Part files open at once per chunk (each holds a row group in memory).
 pub const MAX_OPEN_FILES: usize = 16;

@@ -8,11 +8,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use haul_shared::jobs::{ChunkState, JobStore};
+use haul_shared::lake::ChunkManifest;
 use haul_shared::redis_store::RedisStore;
 use haul_shared::{ChunkId, JobId};
-use haul_worker::layout::ChunkManifest;
 
-use crate::common::{BROKER, TempDest, TestDb, assert_same, unique};
+use crate::common::{
+    BROKER, TempDest, TestDb, assert_same, poisonable, uncommitted_chunks, unique,
+};
 use crate::faults::haul_bin;
 use crate::stores::{KeysGuard, QueuesGuard, amqp_url, redis_url};
 
@@ -1118,4 +1120,44 @@ async fn a_drain_can_hand_in_flight_chunks_back_without_spending_an_attempt() {
         "{}",
         cl.log_of("w1")
     );
+}
+
+/// The cluster's twin of the embedded test in faults.rs: a chunk that fails for good (a
+/// user error, so at once, no retries) lets the other chunks settle, the job fails naming
+/// it, and `submit --resume` finishes it once its cause is gone.
+#[tokio::test]
+async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    poisonable(&db, 20_000, 10_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(2);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "settle", "2000");
+    args.extend(["--cast", "v=poison_t", "--wait"]);
+    let out = cl.haul(&args);
+    assert!(
+        !out.status.success(),
+        "a job with a failing chunk succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("poisoned row 10000"), "{err}");
+    let (missing, chunks) = uncommitted_chunks(&dest.0, "settle");
+    assert!(chunks >= 5, "{chunks} chunks");
+    assert_eq!(missing.len(), 1, "the other chunks settled: {missing:?}");
+    assert!(
+        err.contains(&format!("chunk {} failed", missing[0])),
+        "{err}"
+    );
+    let tries: usize = ["w1", "w2"]
+        .iter()
+        .map(|w| cl.log_of(w).matches("poisoned row").count())
+        .sum();
+    assert_eq!(tries, 1, "a user error is not retried:\n{}", cl.logs());
+
+    db.exec("DELETE FROM poison").await;
+    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "settle");
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
 }

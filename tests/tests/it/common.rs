@@ -10,8 +10,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::*;
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
-use haul_coordinator::progress::ProgressMode;
-use haul_coordinator::run::{JobSummary, RunError, RunOptions};
+use haul::embedded::{JobSummary, RunOptions};
+use haul::progress::ProgressMode;
+use haul_coordinator::RunError;
 use haul_shared::jobs::{JobSpec, OutputOptions};
 use haul_shared::pg::{Secret, quote_ident};
 use md5::{Digest, Md5};
@@ -168,7 +169,7 @@ pub fn assert_success(out: &std::process::Output) {
 }
 
 pub async fn run(opts: RunOptions) -> Result<JobSummary, RunError> {
-    haul_coordinator::run::run(opts, CancellationToken::new()).await
+    haul::embedded::run(opts, CancellationToken::new()).await
 }
 
 /// Every `.parquet` file under `dir`, recursively (what a glob reader sees).
@@ -438,4 +439,46 @@ pub fn rust_canon(a: &dyn Array, i: usize) -> Option<String> {
         }
         other => panic!("no canonical form for {other}"),
     })
+}
+
+/// Table `t (id bigint PRIMARY KEY, v bigint)` with ids `1..=rows`, and a domain `poison_t`
+/// over bigint whose check fails, as a user error (SQLSTATE 22023, so a chunk fails for
+/// good at once), for every id listed in table `poison` (`poison_id` at first). Reading
+/// with `--cast v=poison_t` fails the chunk holding that row until it is deleted from
+/// `poison`.
+pub async fn poisonable(db: &TestDb, rows: i64, poison_id: i64) {
+    db.exec(&format!(
+        "CREATE TABLE poison (id bigint);
+         INSERT INTO poison VALUES ({poison_id});
+         CREATE FUNCTION poison_check(bigint) RETURNS bool LANGUAGE plpgsql STABLE AS $$
+         BEGIN
+           IF EXISTS (SELECT 1 FROM poison WHERE id = $1) THEN
+             RAISE EXCEPTION 'poisoned row %', $1 USING ERRCODE = '22023';
+           END IF;
+           RETURN true;
+         END $$;
+         CREATE DOMAIN poison_t AS bigint CHECK (poison_check(VALUE));
+         CREATE TABLE t (id bigint PRIMARY KEY, v bigint);
+         INSERT INTO t SELECT g, g FROM generate_series(1, {rows}) g; ANALYZE t;"
+    ))
+    .await;
+}
+
+/// The chunks of job `job` in `dest` that have no chunk manifest (as haul names them,
+/// `000042`), and how many chunks the job has.
+pub fn uncommitted_chunks(dest: &Path, job: &str) -> (Vec<String>, usize) {
+    let plan: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dest.join(format!("_haul/jobs/{job}/plan.json"))).expect("plan.json"),
+    )
+    .expect("plan.json parses");
+    let chunks = plan["plan"]["chunks"].as_array().expect("chunks").len();
+    let missing = (0..chunks)
+        .map(|i| format!("{i:06}"))
+        .filter(|c| {
+            !dest
+                .join(format!("_haul/jobs/{job}/chunks/{c}.json"))
+                .exists()
+        })
+        .collect();
+    (missing, chunks)
 }

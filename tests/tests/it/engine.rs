@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use haul_shared::jobs::{Granularity, PartitionBy};
-use haul_worker::layout::ChunkManifest;
+use haul_shared::lake::ChunkManifest;
 
 use crate::common::*;
 
@@ -120,7 +120,7 @@ async fn export_and_check(
         haul_shared::pg::quote_ident(&resolved.0),
         haul_shared::pg::quote_ident(&resolved.1)
     );
-    let out = dest.0.join(haul_worker::executor::table_dir(&resolved.1));
+    let out = dest.0.join(haul_shared::lake::table_dir(&resolved.1));
     if s.rows > 0 {
         assert_same(&db.client, &quoted, &out).await;
     } else {

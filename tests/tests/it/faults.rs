@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haul_shared::jobs::{JobPlan, KeyColumn};
+use haul_shared::lake::Dest;
 use haul_shared::lease::{LeaseStore, MemoryLeaseStore};
 use haul_shared::{ChunkId, ChunkRange, JobId, WorkerId};
 use haul_worker::executor::{ChunkError, ChunkJob, ChunkOutcome, Progress, run_chunk};
-use haul_worker::layout::Dest;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
-async fn expect_error(opts: haul_coordinator::run::RunOptions, dest: &TempDest, needles: &[&str]) {
+async fn expect_error(opts: haul::embedded::RunOptions, dest: &TempDest, needles: &[&str]) {
     let err = run(opts).await.expect_err("the job must fail").to_string();
     for n in needles {
         assert!(err.contains(n), "error {err:?} should mention {n:?}");
@@ -145,7 +145,7 @@ pub(crate) fn haul_bin() -> PathBuf {
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
-            .args(["build", "-p", "haul-coordinator", "--bin", "haul"])
+            .args(["build", "-p", "haul", "--bin", "haul"])
             .status()
             .unwrap();
         assert!(st.success());
@@ -226,7 +226,7 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
         // `Dest::chunk_manifests`, read only the committed `.json` files
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
     {
-        let m: haul_worker::layout::ChunkManifest =
+        let m: haul_shared::lake::ChunkManifest =
             serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
         committed.extend(m.files.into_iter().map(|f| dest.0.join(f.path)));
     }
@@ -625,4 +625,41 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         .map(|b| b.num_rows())
         .sum();
     assert_eq!(rows, 1000, "the redelivery must not write the chunk twice");
+}
+
+/// A chunk that fails for good lets the other chunks settle (they commit), then the job
+/// fails naming it, and `--resume` finishes it once its cause is gone. Embedded mode
+/// used to abort the other chunks at the first failure; it now runs the cluster's job
+/// driver (the cluster's twin of this test is in cluster.rs).
+#[tokio::test]
+async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it() {
+    let db = TestDb::new().await;
+    poisonable(&db, 20_000, 10_000).await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.casts.insert("v".into(), "poison_t".into());
+    o.spec.chunk_rows = 2_000;
+    o.job_id = Some(JobId::parse("settle").unwrap());
+    let err = run(o.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("poisoned row 10000"), "{err}");
+    let (missing, chunks) = uncommitted_chunks(&dest.0, "settle");
+    assert!(chunks >= 5, "{chunks} chunks");
+    assert_eq!(missing.len(), 1, "the other chunks settled: {missing:?}");
+    assert!(
+        err.contains(&format!("chunk {} failed", missing[0])),
+        "{err}"
+    );
+    assert!(
+        !dest.0.join("t/_manifest.json").exists(),
+        "a failed job has no manifest"
+    );
+
+    db.exec("DELETE FROM poison").await;
+    let mut resume = o;
+    resume.resume = true;
+    resume.fresh_snapshot = true;
+    let s = run(resume).await.unwrap();
+    assert_eq!(s.rows, 20_000);
+    assert_eq!(s.chunks, chunks);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
 }

@@ -3,13 +3,14 @@
 //! lands in a later increment (never skipped), and the table's manifest lists every
 //! increment's files.
 
-use haul_coordinator::run::{JobManifest, RunError};
+use haul_coordinator::RunError;
 use haul_shared::JobId;
 use haul_shared::jobs::Incremental;
+use haul_shared::lake::JobManifest;
 
 use crate::common::*;
 
-fn increment(db: &TestDb, dest: &TempDest, job: &str) -> haul_coordinator::run::RunOptions {
+fn increment(db: &TestDb, dest: &TempDest, job: &str) -> haul::embedded::RunOptions {
     let mut o = options(&db.dsn, "ev", dest);
     o.spec.incremental = Some(Incremental {
         column: "updated_at".into(),

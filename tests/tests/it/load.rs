@@ -10,10 +10,10 @@ use arrow_array::{Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use haul_shared::ChunkRange;
 use haul_shared::jobs::JobStore;
+use haul_shared::load::{LoadClient, LoadClientError};
+use haul_shared::load::{LoaderOptions, schema_to_ipc};
 use haul_shared::proto::wire::{KeyColumn, LoadChunk, PrepareLoad};
 use haul_shared::proto::{LOAD_VERSION, range_to_wire};
-use haul_worker::load_client::{LoadClient, LoadClientError};
-use haul_worker::loader::{LoaderOptions, schema_to_ipc};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -550,7 +550,7 @@ async fn the_loader_fences_replays_and_replaces() {
         tls: None,
         metrics_listen: None,
     };
-    let server = tokio::spawn(haul_worker::loader::serve(listener, opts, stop.clone()));
+    let server = tokio::spawn(haul_shared::load::serve(listener, opts, stop.clone()));
     let spec = haul_shared::jobs::LoadSpec {
         endpoints: vec![format!("http://{addr}")],
         target_table: "t".into(),
@@ -755,7 +755,7 @@ async fn loaders_serve_tls_and_require_the_token() {
     };
     let client = LoadClient::new(
         &spec,
-        &haul_worker::load_client::LoadAuth {
+        &haul_shared::load::LoadAuth {
             token: None,
             tls_ca: Some(ca.clone().into()),
         },
@@ -802,7 +802,7 @@ impl Drop for RoleGuard {
 /// what is missing when it does not.
 #[tokio::test]
 async fn a_loader_needs_no_create_privilege_once_the_ledger_exists() {
-    use haul_worker::loader::Loader;
+    use haul_shared::load::Loader;
     let tgt = TestDb::new().await;
     let role = unique("haul_lp");
     let _guard = RoleGuard {

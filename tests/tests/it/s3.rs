@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use haul_worker::layout::Dest;
+use haul_shared::lake::Dest;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};

@@ -11,8 +11,8 @@ use haul_shared::jobs::{
 };
 use haul_shared::pg::Secret;
 
+use crate::embedded::RunOptions;
 use crate::progress::ProgressMode;
-use crate::run::RunOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -481,7 +481,7 @@ impl TryFrom<JobArgs> for JobRequest {
             .load
             .iter()
             .filter(|e| !e.trim().is_empty())
-            .map(|e| haul_worker::load_client::flight_url(e).map_err(|m| format!("--load {m}")))
+            .map(|e| haul_shared::load::flight_url(e).map_err(|m| format!("--load {m}")))
             .collect::<Result<Vec<_>, _>>()?;
         // loading with no destination given: the target is the only output
         let dest_given = a.dest.is_some();

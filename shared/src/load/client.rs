@@ -11,22 +11,22 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::error::{Classify, ErrorClass};
+use crate::jobs::LoadSpec;
+use crate::pg::Secret;
+use crate::proto::wire::{LoadAck, LoadChunk, PrepareLoad, PrepareLoadReply};
+use crate::rpc::{ClientOptions, error_chain};
 use arrow_array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::{Action, FlightClient, FlightDescriptor};
 use arrow_schema::SchemaRef;
 use futures::StreamExt;
-use haul_shared::error::{Classify, ErrorClass};
-use haul_shared::jobs::LoadSpec;
-use haul_shared::pg::Secret;
-use haul_shared::proto::wire::{LoadAck, LoadChunk, PrepareLoad, PrepareLoadReply};
-use haul_shared::rpc::{ClientOptions, error_chain};
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use crate::loader::PREPARE_ACTION;
+use super::PREPARE_ACTION;
 
 /// Batches queued for a loader before the reader waits.
 pub const IN_FLIGHT_BATCHES: usize = 2;

@@ -1,4 +1,6 @@
-//! Where everything lives in the destination, and the commit protocol's object-store side.
+//! The lake: where everything lives in the destination, what the manifests hold, and the
+//! commit protocol's object-store side ([`commit`]). Everything that writes or reads the
+//! destination's layout goes through this module.
 //!
 //! ```text
 //! <dest>/<table>/dt=YYYY-MM-DD/part-<job>-<chunk>-<n>.parquet   published parts (glob-safe)
@@ -11,17 +13,30 @@
 //!
 //! Architecture invariant: a part file appears under `<dest>/<table>/` only after its
 //! chunk manifest was created, and only parts named in that manifest are published.
+//!
+//! Architecture invariant: an attempt's parts are written under its own staging prefix
+//! (job, chunk, epoch); the chunk manifest is created with create-if-absent, so of two
+//! attempts at most one commits, and the loser deletes its staging files.
+//!
+//! Architecture invariant: the job manifest is written last, after every chunk manifest;
+//! readers trust it, never a directory listing. An increment's commit point is the
+//! table's `_manifest.json`, rewritten only if it still records the increment's `low`.
+
+pub mod commit;
+pub mod manifest;
 
 use std::sync::Arc;
 
+use crate::error::{Classify, ErrorClass};
+use crate::{ChunkId, Epoch, JobId};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use haul_shared::error::{Classify, ErrorClass};
-use haul_shared::{ChunkId, ChunkRange, Epoch, JobId, WorkerId};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
+
+pub use manifest::{ChunkManifest, JobManifest, ManifestColumn, PartFile, PlanFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestError {
@@ -58,33 +73,6 @@ fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> DestError + '_ 
         path: path.to_string(),
         source,
     }
-}
-
-/// One part file of a chunk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartFile {
-    /// Final path relative to the destination root (`orders/dt=2024-01-01/part-....parquet`).
-    pub path: String,
-    /// Where the committing attempt staged it, relative to the destination root.
-    pub staged: String,
-    pub rows: u64,
-    pub bytes: u64,
-    /// The partition directory (`dt=2024-01-01`), empty when unpartitioned.
-    pub partition: String,
-}
-
-/// The commit point of one chunk: created once, with create-if-absent.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ChunkManifest {
-    pub job: JobId,
-    pub chunk: ChunkId,
-    pub epoch: Epoch,
-    pub worker: WorkerId,
-    pub range: ChunkRange,
-    pub rows: u64,
-    pub bytes: u64,
-    pub files: Vec<PartFile>,
-    pub committed_at: String,
 }
 
 /// The destination: an object store and the root path inside it.
@@ -180,8 +168,13 @@ impl Dest {
         Ok(())
     }
 
+    /// Where one attempt stages its parts before it commits.
     pub fn staging_prefix(&self, job: &JobId, chunk: ChunkId, epoch: Epoch) -> String {
-        format!("_haul/staging/{job}/{chunk}/{epoch}")
+        format!("{}/{chunk}/{epoch}", staging_root(job))
+    }
+    /// Removes every attempt's staged parts of a job.
+    pub async fn clear_staging(&self, job: &JobId) -> Result<(), DestError> {
+        self.delete_prefix(&staging_root(job)).await
     }
     pub fn chunk_manifest_path(&self, job: &JobId, chunk: ChunkId) -> Path {
         self.path(&format!("_haul/jobs/{job}/chunks/{chunk}.json"))
@@ -310,4 +303,42 @@ fn probe_suffix() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     format!("{n:x}-{}", std::process::id())
+}
+
+/// Every attempt of a job stages under this prefix, outside every table's folder.
+fn staging_root(job: &JobId) -> String {
+    format!("_haul/staging/{job}")
+}
+
+/// The table's folder under the destination: its name, with every character other than
+/// ASCII letters, digits, `_`, `-` and `.` replaced by `_` (object stores and glob readers
+/// treat the others specially), and never starting with `_` or `.`, which Spark and Hive
+/// readers skip as hidden.
+pub fn table_dir(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with(['_', '.']) {
+        format!("t{s}")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_dirs_are_reader_safe() {
+        assert_eq!(super::table_dir("orders"), "orders");
+        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
+        assert_eq!(super::table_dir("_tmp"), "t_tmp");
+        assert_eq!(super::table_dir("a/b"), "a_b");
+    }
 }

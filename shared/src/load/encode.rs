@@ -1,5 +1,5 @@
 //! Arrow record batches to Postgres binary `COPY ... FROM STDIN (FORMAT binary)`: the
-//! mirror of [`crate::decode`], used by the loader.
+//! mirror of haul-worker's `decode`, used by the loader.
 //!
 //! Each stream column is matched with its target column once per chunk ([`plan_column`]):
 //! - a column whose Arrow type has a binary form the target type accepts is written in
@@ -11,6 +11,7 @@
 
 use std::fmt::Write as _;
 
+use crate::pg::{PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Date32Type, Decimal128Type, Decimal256Type, Float32Type, Float64Type, Int16Type, Int32Type,
@@ -19,7 +20,6 @@ use arrow_array::types::{
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use bytes::{BufMut, Bytes, BytesMut};
-use haul_shared::pg::{PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US};
 
 /// The 19-byte header of a binary COPY stream (signature, flags, extension length).
 pub const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -144,7 +144,7 @@ fn direct_enc(dt: &DataType, recv: &str, element: Option<&(u32, String)>) -> Opt
         (DataType::Time64(TimeUnit::Microsecond), "time_recv") => Enc::Time,
         (DataType::Timestamp(TimeUnit::Microsecond, None), "timestamp_recv") => Enc::Timestamp,
         (DataType::Timestamp(TimeUnit::Microsecond, Some(_)), "timestamptz_recv") => Enc::Timestamp,
-        (DataType::Struct(f), "interval_recv") if f == &haul_shared::pg::interval_fields() => {
+        (DataType::Struct(f), "interval_recv") if f == &crate::pg::interval_fields() => {
             Enc::Interval
         }
         (DataType::FixedSizeBinary(16), "uuid_recv") => Enc::Uuid,

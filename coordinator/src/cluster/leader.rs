@@ -1,0 +1,75 @@
+//! One active coordinator per Redis prefix: it holds the `coordinator` lease; a second
+//! one (e.g. during a rolling deploy) stands by until the lease is free.
+
+use std::time::Duration;
+
+use haul_shared::WorkerId;
+use haul_shared::lease::LeaseStore;
+use haul_shared::redis_store::RedisStore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::CoordinatorError;
+
+/// The lease that makes one coordinator per Redis prefix the active one.
+const LEADER_KEY: &str = "coordinator";
+const LEADER_TTL: Duration = Duration::from_secs(10);
+
+/// Waits until this process is the only active coordinator, then keeps the lease renewed
+/// until `shutdown` fires. Returns a token that fires if the lease is ever lost (this
+/// process was frozen past its TTL): `shutdown` fires with it, since two coordinators
+/// must never drive the same jobs.
+pub(super) async fn lead(
+    store: &RedisStore,
+    shutdown: &CancellationToken,
+) -> Result<CancellationToken, CoordinatorError> {
+    let me = WorkerId(format!(
+        "coordinator@{}-{}",
+        haul_shared::workers::hostname(),
+        std::process::id()
+    ));
+    let mut waiting_logged = false;
+    let lease = loop {
+        if let Some(l) = store.acquire(LEADER_KEY, &me, LEADER_TTL).await? {
+            break l;
+        }
+        if !waiting_logged {
+            let other = store
+                .holder(LEADER_KEY)
+                .await?
+                .map(|h| h.0)
+                .unwrap_or_default();
+            info!(active = %other, "another coordinator is active on this Redis prefix; standing by");
+            waiting_logged = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(CoordinatorError::StoppedStandingBy),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    info!(epoch = %lease.epoch, "this coordinator is the active one");
+    let lost = CancellationToken::new();
+    let (store, shutdown, on_loss) = (store.clone(), shutdown.clone(), lost.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = store.release(&lease).await;
+                    return;
+                }
+                _ = tokio::time::sleep(LEADER_TTL / 4) => {}
+            }
+            match store.renew(&lease, LEADER_TTL).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!("lost the coordinator lease to another coordinator; stopping");
+                    on_loss.cancel();
+                    shutdown.cancel();
+                    return;
+                }
+                Err(e) => warn!(error = %e, "renewing the coordinator lease failed; retrying"),
+            }
+        }
+    });
+    Ok(lost)
+}

@@ -1,0 +1,308 @@
+//! `haul coordinator`: the cluster's coordinator. It plans submitted jobs inside a
+//! snapshot it holds open, records them in Redis, queues their chunks on RabbitMQ with
+//! publisher confirms, and follows each job to its end with the job driver
+//! ([`crate::driver`]), the same one embedded mode uses. Restarted, it picks its jobs up
+//! again from Redis and the object store.
+//!
+//! - this module: the coordinator's state and its job operations (submit, status,
+//!   pause/resume/cancel);
+//! - [`leader`]: one active coordinator per Redis prefix;
+//! - [`recovery`]: taking over the jobs a previous coordinator left;
+//! - [`service`]: the gRPC services (`Jobs`, `Admin`, `Membership`), thin;
+//! - [`server`]: bootstrap (TLS, token, health, reflection, Flight, metrics);
+//! - [`metrics`]: what `/metrics` shows.
+
+mod leader;
+mod metrics;
+mod recovery;
+pub mod server;
+pub mod service;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use haul_shared::error::to_status;
+use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use haul_shared::lake::{Dest, table_dir};
+use haul_shared::lease::StoreError;
+use haul_shared::load::LoadAuth;
+use haul_shared::pg::{self, Secret};
+use haul_shared::proto::wire::{JobStatus, SubmitRequest};
+use haul_shared::queue::QueueError;
+use haul_shared::rabbit_queue::RabbitQueue;
+use haul_shared::redis_store::RedisStore;
+use haul_shared::{ChunkId, JobId};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::info;
+
+pub use server::serve;
+
+use crate::driver::Driver;
+use crate::error::RunError;
+use crate::prepare::{Preparation, prepare, prepare_load, queue_chunks};
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    pub listen: SocketAddr,
+    pub amqp: Secret,
+    pub redis: Secret,
+    pub queue: String,
+    pub redis_prefix: String,
+    /// Attempts per chunk (the queue's delivery limit); workers must use the same.
+    pub max_attempts: u32,
+    pub token: Option<Secret>,
+    /// PEM certificate and key: serve TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Chunks extracted at once across the cluster (workers × slots), for planning.
+    pub parallelism: usize,
+    /// CA certificate (PEM) to trust for `https://` loaders when preparing a job's load.
+    pub loader_tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("redis: {0}")]
+    Store(#[from] StoreError),
+    #[error("chunk queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("cannot read the TLS file {path}: {reason}")]
+    TlsFile { path: String, reason: String },
+    #[error("gRPC server: {0}")]
+    Serve(String),
+    #[error("stopped while standing by for the active coordinator")]
+    StoppedStandingBy,
+    #[error("lost the coordinator lease to another coordinator (was this process frozen?)")]
+    LeaseLost,
+}
+
+/// The coordinator's shared state.
+pub struct Coordinator {
+    store: RedisStore,
+    queue: Arc<RabbitQueue>,
+    opts: CoordinatorOptions,
+    shutdown: CancellationToken,
+    /// Follows each job; its `changed` wakes `Watch` streams when a job ends or changes
+    /// state, so they report it at once rather than at their next look.
+    driver: Driver,
+    /// Fires if this process lost the coordinator lease (it then stops with an error).
+    lease_lost: CancellationToken,
+}
+
+/// `haul workers` forgets a worker after an hour without a heartbeat.
+const FORGET_GONE_MS: i64 = 3_600_000;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn store_status(e: StoreError) -> Status {
+    to_status(&RunError::Store(e))
+}
+
+impl Coordinator {
+    /// Connects to Redis, waits to be the active coordinator, connects to RabbitMQ and
+    /// takes over the unfinished jobs recorded there.
+    pub async fn start(
+        opts: CoordinatorOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, CoordinatorError> {
+        let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
+        let lease_lost = leader::lead(&store, &shutdown).await?;
+        let queue = Arc::new(
+            RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?,
+        );
+        let driver = Driver {
+            jobs: Arc::new(store.clone()),
+            queue: Arc::clone(&queue) as _,
+            leases: Arc::new(store.clone()),
+            max_attempts: opts.max_attempts,
+            dead_letters: format!("{}.dlq", opts.queue),
+            changed: Arc::default(),
+        };
+        let c = Arc::new(Self {
+            store,
+            queue,
+            opts,
+            shutdown,
+            driver,
+            lease_lost,
+        });
+        c.recover().await?;
+        Ok(c)
+    }
+
+    fn spawn_driver(self: &Arc<Self>, rec: JobRecord, dest: Dest, holder: Option<pg::Session>) {
+        let stop = self.shutdown.child_token();
+        let driver = self.driver.clone();
+        // the driver records the job's end in Redis, where status and Watch read it
+        tokio::spawn(async move { driver.drive(rec, dest, holder, stop).await });
+    }
+
+    async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobStatus, Status> {
+        let (spec, popts) = service::spec_from_request(req, self.opts.parallelism)?;
+        if let Some(id) = &popts.job_id
+            && let Some(existing) = self.store.get_job(id).await.map_err(store_status)?
+            && !existing.state.is_terminal()
+        {
+            return Err(Status::already_exists(format!(
+                "job {id} is {}; watch it with `haul watch {id}`",
+                existing.state.name()
+            )));
+        }
+        let mut p = match prepare(&spec, &popts).await.map_err(|e| to_status(&e))? {
+            Preparation::AlreadyDone(m) => {
+                // recorded again (Redis may have been flushed), as succeeded
+                if self
+                    .store
+                    .get_job(&m.job)
+                    .await
+                    .map_err(store_status)?
+                    .is_none()
+                {
+                    let rec = JobRecord {
+                        id: m.job.clone(),
+                        spec,
+                        plan: None,
+                        state: JobState::Succeeded,
+                        submitted_at: m.started_at.clone(),
+                    };
+                    self.store.put_job(&rec).await.map_err(store_status)?;
+                }
+                return self.status(&m.job).await;
+            }
+            Preparation::Ready(p) => *p,
+        };
+        prepare_load(
+            &mut p,
+            &LoadAuth {
+                token: self.opts.token.clone(),
+                tls_ca: self.opts.loader_tls_ca.clone(),
+            },
+        )
+        .await
+        .map_err(|e| to_status(&e))?;
+        let rec = JobRecord {
+            id: p.job.clone(),
+            spec: p.spec.clone(),
+            plan: Some(p.plan.clone()),
+            state: JobState::Planning,
+            submitted_at: p.started_at.clone(),
+        };
+        self.store.put_job(&rec).await.map_err(store_status)?;
+        queue_chunks(&rec, &p.committed, &self.store, self.queue.as_ref())
+            .await
+            .map_err(|e| to_status(&e))?;
+        self.store
+            .set_job_state(&rec.id, &JobState::Running)
+            .await
+            .map_err(store_status)?;
+        info!(
+            job_id = %rec.id,
+            table = %rec.spec.table,
+            chunks = p.plan.chunks.len(),
+            estimated_rows = p.plan.estimated_rows,
+            source = %rec.spec.source,
+            "job submitted"
+        );
+        let holder = p.plan.snapshot.is_some().then_some(p.holder);
+        self.spawn_driver(rec.clone(), p.dest, holder);
+        self.status(&rec.id).await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<JobStatus, Status> {
+        let rec = self
+            .store
+            .get_job(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {id}; `haul jobs` lists them")))?;
+        let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
+        Ok(job_status(&rec, &chunks))
+    }
+
+    async fn set_state(
+        &self,
+        id: &JobId,
+        allowed: &[&str],
+        to: JobState,
+    ) -> Result<JobStatus, Status> {
+        let now = self.status(id).await?;
+        if !allowed.contains(&now.state.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}; it can be {} only when {}",
+                now.state,
+                to.name(),
+                allowed.join(" or ")
+            )));
+        }
+        self.store
+            .set_job_state(id, &to)
+            .await
+            .map_err(store_status)?;
+        info!(job_id = %id, state = to.name(), "job state changed by request");
+        self.driver.changed.notify_waiters();
+        self.status(id).await
+    }
+}
+
+/// The API's view of a job: counts, not the chunk list, and never the source password.
+pub fn job_status(rec: &JobRecord, chunks: &BTreeMap<ChunkId, ChunkState>) -> JobStatus {
+    let mut s = JobStatus {
+        job_id: rec.id.to_string(),
+        state: rec.state.name().into(),
+        reason: match &rec.state {
+            JobState::Failed { reason } => reason.clone(),
+            _ => String::new(),
+        },
+        table: rec.spec.table.clone(),
+        dest: rec.spec.dest.clone(),
+        source: rec.spec.source.to_string(),
+        chunks_total: rec
+            .plan
+            .as_ref()
+            .map(|p| p.chunks.len() as u32)
+            .unwrap_or(0),
+        estimated_rows: rec.plan.as_ref().map(|p| p.estimated_rows).unwrap_or(0),
+        snapshot: rec
+            .plan
+            .as_ref()
+            .and_then(|p| p.snapshot.clone())
+            .unwrap_or_default(),
+        submitted_at_ms: chrono::DateTime::parse_from_rfc3339(&rec.submitted_at)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0),
+        ..JobStatus::default()
+    };
+    for c in chunks.values() {
+        match c {
+            ChunkState::Committed { rows, bytes } => {
+                s.chunks_done += 1;
+                s.rows_done += rows;
+                s.bytes_done += bytes;
+            }
+            ChunkState::Running { .. } => s.chunks_running += 1,
+            ChunkState::Failed { .. } => s.chunks_failed += 1,
+            ChunkState::Pending | ChunkState::Parked => {}
+        }
+    }
+    if let Some(l) = &rec.spec.load {
+        s.load_target = l.target_table.clone();
+        s.loaders = l.endpoints.clone();
+    }
+    if rec.state == JobState::Succeeded
+        && rec.spec.output.parquet
+        && let Some(p) = &rec.plan
+    {
+        s.manifest = format!(
+            "{}/{}/_manifest.json",
+            rec.spec.dest.trim_end_matches('/'),
+            table_dir(&p.table.name)
+        );
+    }
+    s
+}

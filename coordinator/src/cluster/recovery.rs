@@ -1,0 +1,109 @@
+//! Taking over the jobs an earlier coordinator left unfinished. A job whose snapshot died
+//! with that coordinator is failed with the way to finish it; a job reading without a
+//! snapshot (or whose chunks are all committed) carries on. A job whose destination or
+//! store cannot be read just now is tried again later: one job's transient trouble does
+//! not stop the coordinator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_shared::JobId;
+use haul_shared::error::Classify;
+use haul_shared::jobs::{JobState, JobStore};
+use haul_shared::lake::Dest;
+use tracing::{info, warn};
+
+use super::{Coordinator, CoordinatorError};
+use crate::error::RunError;
+use crate::prepare::queue_chunks;
+
+/// How long a job whose recovery failed transiently waits before the next try.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+impl Coordinator {
+    pub(super) async fn recover(self: &Arc<Self>) -> Result<(), CoordinatorError> {
+        for id in self.store.list_jobs().await? {
+            match self.recover_job(&id).await {
+                Ok(()) => {}
+                Err(e) if e.class().is_retryable() => {
+                    warn!(job_id = %id, error = %e, "cannot take the job over yet; retrying in the background");
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move { me.retry_recovery(id).await });
+                }
+                Err(e) => {
+                    self.fail(
+                        &id,
+                        format!("cannot carry on after a coordinator restart: {e}"),
+                    )
+                    .await
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn retry_recovery(self: Arc<Self>, id: JobId) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+            match self.recover_job(&id).await {
+                Ok(()) => return,
+                Err(e) if e.class().is_retryable() => {
+                    warn!(job_id = %id, error = %e, "cannot take the job over yet; retrying");
+                }
+                Err(e) => {
+                    let reason = format!("cannot carry on after a coordinator restart: {e}");
+                    return self.fail(&id, reason).await;
+                }
+            }
+        }
+    }
+
+    async fn fail(&self, id: &JobId, reason: String) {
+        warn!(job_id = %id, %reason, "job failed");
+        if let Err(e) = self
+            .store
+            .set_job_state(id, &JobState::Failed { reason })
+            .await
+        {
+            warn!(job_id = %id, error = %e, "could not record the job's end");
+        }
+    }
+
+    async fn recover_job(self: &Arc<Self>, id: &JobId) -> Result<(), RunError> {
+        let Some(rec) = self.store.get_job(id).await? else {
+            return Ok(());
+        };
+        if rec.state.is_terminal() {
+            return Ok(());
+        }
+        let Some(plan) = rec.plan.clone() else {
+            let reason =
+                "the coordinator restarted while planning the job; submit it again".to_owned();
+            self.fail(id, reason).await;
+            return Ok(());
+        };
+        let dest = Dest::open(&rec.spec.dest, rec.spec.output.fsync)?;
+        let manifests = dest.chunk_manifests(id).await?;
+        if let Some(snapshot) = &plan.snapshot
+            && manifests.len() < plan.chunks.len()
+        {
+            let reason = format!(
+                "the coordinator holding snapshot {snapshot} restarted, so the remaining chunks cannot read from it; finish the job with `haul submit --resume {id} --fresh-snapshot` (committed chunks are kept)"
+            );
+            self.fail(id, reason).await;
+            return Ok(());
+        }
+        if rec.state == JobState::Planning {
+            // its chunks may not all have been queued: queue what is not committed
+            let committed = manifests.into_iter().map(|m| (m.chunk, m)).collect();
+            queue_chunks(&rec, &committed, &self.store, self.queue.as_ref()).await?;
+            self.store.set_job_state(id, &JobState::Running).await?;
+        }
+        info!(job_id = %id, "carrying on with a job after a coordinator restart");
+        self.spawn_driver(rec, dest, None);
+        Ok(())
+    }
+}

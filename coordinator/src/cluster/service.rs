@@ -1,0 +1,332 @@
+//! The coordinator's gRPC services (`Jobs`, `Admin`, `Membership`): thin, each call one
+//! operation of the [`Coordinator`], its errors turned into statuses by
+//! `haul_shared::error::to_status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use haul_shared::WorkerId;
+use haul_shared::jobs::{JobSpec, JobState, JobStore, LoadSpec, OutputOptions, Split};
+use haul_shared::load::flight_url;
+use haul_shared::pg::{self, Secret};
+use haul_shared::proto::wire::{
+    DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
+    ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest, WorkerInfo, WorkerRef,
+    admin_server::Admin, jobs_server::Jobs, membership_server::Membership,
+};
+use haul_shared::workers::{DrainOrder, WorkerRecord, worker_state};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::{Coordinator, FORGET_GONE_MS, now_ms, store_status};
+use crate::prepare::PrepareOptions;
+
+/// How often `Watch` looks for a change to stream (progress; a job's end is streamed
+/// as soon as this coordinator records it).
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
+fn parse_job_id(s: &str) -> Result<haul_shared::JobId, Status> {
+    haul_shared::JobId::parse(s).map_err(Status::invalid_argument)
+}
+
+/// A submitted job's spec and preparation options, checked.
+pub(super) fn spec_from_request(
+    r: SubmitRequest,
+    parallelism: usize,
+) -> Result<(JobSpec, PrepareOptions), Status> {
+    let bad = |m: String| Status::invalid_argument(m);
+    let source = Secret::new(r.source);
+    pg::parse_dsn(&source).map_err(|e| bad(e.to_string()))?;
+    if r.table.is_empty() && !r.resume {
+        return Err(bad("a table is required (--table schema.table)".into()));
+    }
+    if r.dest.is_empty() {
+        return Err(bad("a destination is required (--dest)".into()));
+    }
+    let output: OutputOptions = if r.output_json.is_empty() {
+        OutputOptions::default()
+    } else {
+        serde_json::from_str(&r.output_json)
+            .map_err(|e| bad(format!("invalid output options: {e}")))?
+    };
+    let split = match r.split.as_str() {
+        "" | "key" => Split::Key,
+        "ctid" => Split::Ctid,
+        s => return Err(bad(format!("invalid split {s:?}: use key or ctid"))),
+    };
+    let job_id = if r.job_id.is_empty() {
+        None
+    } else {
+        Some(parse_job_id(&r.job_id)?)
+    };
+    if r.resume && job_id.is_none() {
+        return Err(bad("resume needs the job id".into()));
+    }
+    let load = if r.load.is_empty() {
+        if !r.target_table.is_empty() || r.create_table || r.truncate_first || !output.parquet {
+            return Err(bad(
+                "target_table, create_table, truncate_first and no Parquet need loaders (--load)"
+                    .into(),
+            ));
+        }
+        None
+    } else {
+        let endpoints = r
+            .load
+            .iter()
+            .map(|e| flight_url(e).map_err(|m| bad(format!("load: {m}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(LoadSpec {
+            endpoints,
+            target_table: r.target_table,
+            create_table: r.create_table,
+            truncate_first: r.truncate_first,
+        })
+    };
+    let spec = JobSpec {
+        source,
+        table: r.table,
+        columns: r.columns,
+        key: r.key,
+        split,
+        casts: r.casts.into_iter().collect(),
+        dest: r.dest,
+        chunk_rows: if r.chunk_rows == 0 {
+            1_000_000
+        } else {
+            r.chunk_rows
+        },
+        output,
+        use_snapshot: !r.no_snapshot,
+        load,
+        incremental: (!r.incremental_column.is_empty()).then(|| haul_shared::jobs::Incremental {
+            column: r.incremental_column,
+            lag_secs: r.lag_secs,
+        }),
+    };
+    let popts = PrepareOptions {
+        job_id,
+        resume: r.resume,
+        fresh_snapshot: r.fresh_snapshot,
+        overwrite: r.overwrite,
+        parallelism,
+    };
+    Ok((spec, popts))
+}
+
+/// The gRPC face of the coordinator.
+#[derive(Clone)]
+pub struct Api(pub Arc<Coordinator>);
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for Api {
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<JobStatus>, Status> {
+        self.0.submit(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        self.0.status(&id).await.map(Response::new)
+    }
+
+    async fn list(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
+        let mut jobs = Vec::new();
+        for id in self.0.store.list_jobs().await.map_err(store_status)? {
+            match self.0.status(&id).await {
+                Ok(s) => jobs.push(s),
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(s),
+            }
+        }
+        jobs.sort_by_key(|j| j.submitted_at_ms);
+        Ok(Response::new(ListJobsReply { jobs }))
+    }
+
+    type WatchStream = StatusStream;
+
+    async fn watch(&self, req: Request<JobRef>) -> Result<Response<StatusStream>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        let first = self.0.status(&id).await?;
+        let c = Arc::clone(&self.0);
+        // one event now, then one whenever something changed, until the job ends
+        let stream = futures::stream::unfold(
+            (c, id, Some(first), None::<JobStatus>),
+            |(c, id, mut next, last)| async move {
+                loop {
+                    // the last event sent was terminal: the stream ends
+                    if last.as_ref().is_some_and(|l| is_terminal(&l.state)) {
+                        return None;
+                    }
+                    if let Some(s) = next.take()
+                        && last.as_ref() != Some(&s)
+                    {
+                        return Some((Ok(s.clone()), (c, id, None, Some(s))));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(WATCH_TICK) => {}
+                        _ = c.driver.changed.notified() => {}
+                    }
+                    match c.status(&id).await {
+                        Ok(s) => next = Some(s),
+                        Err(e) => return Some((Err(e), (c, id, None, last))),
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        self.0
+            .set_state(&id, &["planning", "running", "paused"], JobState::Cancelled)
+            .await
+            .map(Response::new)
+    }
+
+    async fn pause(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        self.0
+            .set_state(&id, &["running"], JobState::Paused)
+            .await
+            .map(Response::new)
+    }
+
+    async fn resume(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        self.0
+            .set_state(&id, &["paused"], JobState::Running)
+            .await
+            .map(Response::new)
+    }
+}
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "cancelled")
+}
+
+fn worker_info(rec: &WorkerRecord, order: Option<DrainOrder>) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: rec.id.to_string(),
+        host: rec.host.clone(),
+        slots: rec.slots,
+        in_flight: rec.in_flight,
+        last_heartbeat_ms: rec.last_heartbeat_ms,
+        state: worker_state(rec, order, now_ms()).into(),
+        chunks_done: rec.chunks_done,
+        rows_done: rec.rows_done,
+        pid: rec.pid,
+    }
+}
+
+impl Api {
+    async fn worker(&self, id: &str) -> Result<WorkerInfo, Status> {
+        self.0
+            .store
+            .workers()
+            .await
+            .map_err(store_status)?
+            .iter()
+            .find(|(r, _)| r.id.0 == id)
+            .map(|(r, o)| worker_info(r, *o))
+            .ok_or_else(|| Status::not_found(format!("no worker {id}; `haul workers` lists them")))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Api {
+    async fn list_workers(
+        &self,
+        _: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersReply>, Status> {
+        let mut workers = Vec::new();
+        for (r, o) in self.0.store.workers().await.map_err(store_status)? {
+            // a worker silent for an hour is forgotten (it was killed without draining)
+            if now_ms() - r.last_heartbeat_ms > FORGET_GONE_MS {
+                let _ = self.0.store.deregister(&r.id).await;
+                continue;
+            }
+            workers.push(worker_info(&r, o));
+        }
+        Ok(Response::new(ListWorkersReply { workers }))
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<DrainRequest>,
+    ) -> Result<Response<WorkerInfo>, Status> {
+        let r = req.into_inner();
+        let order = if r.requeue_in_flight {
+            DrainOrder::RequeueInFlight
+        } else {
+            DrainOrder::Finish
+        };
+        let id = WorkerId(r.worker_id.clone());
+        if !self
+            .0
+            .store
+            .request_drain(&id, order)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(Status::not_found(format!(
+                "no worker {id}; `haul workers` lists them"
+            )));
+        }
+        info!(worker_id = %id, ?order, "drain requested");
+        self.worker(&r.worker_id).await.map(Response::new)
+    }
+
+    async fn undrain_worker(
+        &self,
+        req: Request<WorkerRef>,
+    ) -> Result<Response<WorkerInfo>, Status> {
+        let id = req.into_inner().worker_id;
+        self.0
+            .store
+            .undrain(&WorkerId(id.clone()))
+            .await
+            .map_err(store_status)?;
+        self.worker(&id).await.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl Membership for Api {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("a heartbeat needs the worker id"));
+        }
+        let rec = WorkerRecord {
+            id: WorkerId(r.worker_id),
+            host: r.host,
+            pid: r.pid,
+            slots: r.slots,
+            in_flight: r.in_flight,
+            last_heartbeat_ms: now_ms(),
+            draining: r.draining,
+            chunks_done: r.chunks_done,
+            rows_done: r.rows_done,
+        };
+        let order = self.0.store.heartbeat(&rec).await.map_err(store_status)?;
+        Ok(Response::new(HeartbeatReply {
+            drain: order.is_some(),
+            requeue_in_flight: order == Some(DrainOrder::RequeueInFlight),
+        }))
+    }
+
+    async fn deregister(&self, req: Request<WorkerRef>) -> Result<Response<Empty>, Status> {
+        let id = WorkerId(req.into_inner().worker_id);
+        self.0.store.deregister(&id).await.map_err(store_status)?;
+        info!(worker_id = %id, "worker left");
+        Ok(Response::new(Empty {}))
+    }
+}

@@ -1,0 +1,298 @@
+//! The job driver: follows one job from its queued chunks to its end, the same in both
+//! modes. Embedded mode (`haul run`) is this driver over the in-process queue and stores
+//! plus N worker tasks; the cluster is this driver over RabbitMQ and Redis plus remote
+//! workers.
+//!
+//! What it does, every [`TICK`]:
+//! - reads the job's state (a paused job waits; a job ended elsewhere, e.g. cancelled,
+//!   ends the drive) and its chunks' states;
+//! - requeues chunks parked while the job was paused;
+//! - every [`RECONCILE_EVERY`] ticks: restores committed states lost from the job store
+//!   from the chunk manifests (the destination is the truth), and fails a chunk whose
+//!   worker died during its last allowed attempt (its task is dead-lettered, so nobody
+//!   else would);
+//! - fails the job once every chunk has ended and one failed (the others settle first, so
+//!   a resume has only the failed ones left), or when the snapshot's session is lost;
+//! - commits the job once every chunk is committed (transient commit failures retried).
+//!
+//! The driver records the job's end in the job store; its caller reads [`Ending`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_shared::error::Classify;
+use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use haul_shared::lake::commit::commit_job;
+use haul_shared::lake::{Dest, JobManifest};
+use haul_shared::lease::LeaseStore;
+use haul_shared::pg::{self, SourceError};
+use haul_shared::proto::Task;
+use haul_shared::queue::ChunkQueue;
+use haul_shared::{ChunkId, ChunkRange, JobId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::RunError;
+
+/// How often the driver looks at its job's chunk states (two small store reads) ...
+pub const TICK: Duration = Duration::from_millis(50);
+/// ... and every how many looks it checks the destination and the leases (5 s).
+pub const RECONCILE_EVERY: u64 = 100;
+/// Transient failures of the job's commit retried before the job fails.
+const COMMIT_RETRIES: u32 = 10;
+
+/// The boundaries a driver works with, and what it tells others.
+#[derive(Clone)]
+pub struct Driver {
+    pub jobs: Arc<dyn JobStore>,
+    pub queue: Arc<dyn ChunkQueue>,
+    pub leases: Arc<dyn LeaseStore>,
+    /// Attempts per chunk (the queue's delivery limit).
+    pub max_attempts: u32,
+    /// Where the queue dead-letters a chunk's last failed attempt (for messages).
+    pub dead_letters: String,
+    /// Woken when the driver records a job's end.
+    pub changed: Arc<Notify>,
+}
+
+/// How a drive ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Every chunk committed, and the job with them; recorded as succeeded.
+    Committed(Box<JobManifest>),
+    /// The job failed (a chunk failed for good, the snapshot was lost, the commit
+    /// failed); recorded as failed with this error's message.
+    Failed(RunError),
+    /// The job was ended elsewhere (cancelled, or failed by an operator).
+    Ended(JobState),
+    /// The driver was stopped (shutdown, interrupt) or the job vanished from the store;
+    /// the job stays as recorded.
+    Stopped,
+}
+
+impl Driver {
+    /// Follows one job to its end. `holder` is the session holding the job's exported
+    /// snapshot (none for a job recovered after a restart, or read without a snapshot);
+    /// its transaction ends with the drive.
+    pub async fn drive(
+        &self,
+        rec: JobRecord,
+        dest: Dest,
+        holder: Option<pg::Session>,
+        stop: CancellationToken,
+    ) -> Ending {
+        let id = rec.id.clone();
+        let ending = match rec.plan.as_ref() {
+            None => Ending::Failed(RunError::Internal(format!("job {id} has no plan"))),
+            Some(plan) => {
+                let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
+                let closed = holder.as_ref().map(|h| h.closed.clone());
+                self.follow(&rec, plan, &dest, snapshot, closed, stop).await
+            }
+        };
+        let recorded = match &ending {
+            Ending::Committed(_) => Some(JobState::Succeeded),
+            Ending::Failed(e) => {
+                let reason = e.to_string();
+                warn!(job_id = %id, %reason, "job failed");
+                Some(JobState::Failed { reason })
+            }
+            Ending::Ended(_) | Ending::Stopped => None,
+        };
+        if let Some(state) = recorded {
+            if let Err(e) = self.jobs.set_job_state(&id, &state).await {
+                warn!(job_id = %id, error = %e, "could not record the job's end");
+            }
+            self.changed.notify_waiters();
+        }
+        let failed_or_cancelled = matches!(
+            &ending,
+            Ending::Failed(_) | Ending::Ended(JobState::Failed { .. } | JobState::Cancelled)
+        );
+        if failed_or_cancelled && let Err(e) = dest.clear_staging(&id).await {
+            warn!(job_id = %id, error = %e, "could not clean the staging area");
+        }
+        if let Some(h) = holder {
+            let _ = h.client.batch_execute("COMMIT").await;
+        }
+        ending
+    }
+
+    async fn follow(
+        &self,
+        rec: &JobRecord,
+        plan: &haul_shared::jobs::JobPlan,
+        dest: &Dest,
+        snapshot: Option<String>,
+        mut closed: Option<tokio::sync::watch::Receiver<bool>>,
+        stop: CancellationToken,
+    ) -> Ending {
+        let id = &rec.id;
+        let mut ticks: u64 = 0;
+        let mut commit_failures = 0;
+        // last attempts whose lease was found gone at the previous check
+        let mut orphaned: BTreeSet<ChunkId> = BTreeSet::new();
+        loop {
+            ticks += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = stop.cancelled() => return Ending::Stopped,
+                _ = async { closed.as_mut().expect("a holder").changed().await }, if snapshot.is_some() => {
+                    let snapshot = snapshot.clone().unwrap_or_default();
+                    return Ending::Failed(SourceError::SnapshotLost { snapshot }.into());
+                }
+            }
+            let now = match self.jobs.job_state(id).await {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ending::Stopped,
+                Err(e) => {
+                    warn!(job_id = %id, error = %e, "job store unavailable; retrying");
+                    continue;
+                }
+            };
+            match now {
+                JobState::Running => {}
+                JobState::Paused | JobState::Planning => continue,
+                other => return Ending::Ended(other),
+            }
+            let mut states = match self.jobs.chunk_states(id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(job_id = %id, error = %e, "job store unavailable; retrying");
+                    continue;
+                }
+            };
+            if ticks.is_multiple_of(RECONCILE_EVERY) {
+                self.reconcile(id, dest, &mut states).await;
+                self.fail_dead_last_attempts(id, &mut states, &mut orphaned)
+                    .await;
+            }
+            // a failed chunk fails the job once the other chunks have ended, so that a
+            // resume has only the failed ones left to do
+            let settled = states.len() == plan.chunks.len()
+                && states
+                    .values()
+                    .all(|s| matches!(s, ChunkState::Committed { .. } | ChunkState::Failed { .. }));
+            if settled
+                && let Some((chunk, ChunkState::Failed { reason })) = states
+                    .iter()
+                    .find(|(_, s)| matches!(s, ChunkState::Failed { .. }))
+            {
+                return Ending::Failed(RunError::ChunkFailed {
+                    chunk: *chunk,
+                    reason: reason.clone(),
+                });
+            }
+            for (chunk, _) in states.iter().filter(|(_, s)| **s == ChunkState::Parked) {
+                if let Err(e) = self.requeue(id, *chunk, &plan.chunks).await {
+                    warn!(job_id = %id, chunk_id = %chunk, error = %e, "requeueing a parked chunk failed; retrying");
+                }
+            }
+            let done = states
+                .values()
+                .filter(|s| matches!(s, ChunkState::Committed { .. }))
+                .count();
+            if done < plan.chunks.len() {
+                continue;
+            }
+            match commit_job(dest, id, &rec.spec, plan, rec.submitted_at.clone()).await {
+                Ok(m) => {
+                    info!(job_id = %id, rows = m.rows, files = m.files.len(), "job committed");
+                    return Ending::Committed(Box::new(m));
+                }
+                Err(e) if e.class().is_retryable() && commit_failures < COMMIT_RETRIES => {
+                    commit_failures += 1;
+                    warn!(job_id = %id, error = %e, "committing the job failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Ending::Failed(e.into()),
+            }
+        }
+    }
+
+    /// The object store is the truth about what is committed: a chunk state lost or
+    /// overwritten in the job store is restored from the chunk manifests.
+    async fn reconcile(&self, id: &JobId, dest: &Dest, states: &mut BTreeMap<ChunkId, ChunkState>) {
+        let manifests = match dest.chunk_manifests(id).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(job_id = %id, error = %e, "cannot list the committed chunks; retrying");
+                return;
+            }
+        };
+        for m in manifests {
+            if matches!(states.get(&m.chunk), Some(ChunkState::Committed { .. })) {
+                continue;
+            }
+            warn!(job_id = %id, chunk_id = %m.chunk, "chunk is committed in the destination but not in the job store; recording it");
+            let st = ChunkState::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+            };
+            if self.jobs.set_chunk_state(id, m.chunk, &st).await.is_ok() {
+                states.insert(m.chunk, st);
+            }
+        }
+    }
+
+    /// A worker that dies during a chunk's last allowed attempt leaves nobody to record
+    /// the failure: the queue dead-letters the task. A chunk still `Running` its last
+    /// attempt with no lease at two checks in a row is failed here, so the job ends
+    /// instead of waiting for it forever.
+    async fn fail_dead_last_attempts(
+        &self,
+        id: &JobId,
+        states: &mut BTreeMap<ChunkId, ChunkState>,
+        orphaned: &mut BTreeSet<ChunkId>,
+    ) {
+        let mut seen = BTreeSet::new();
+        for (chunk, st) in states.iter_mut() {
+            let ChunkState::Running { worker, attempt } = st else {
+                continue;
+            };
+            if *attempt < self.max_attempts {
+                continue;
+            }
+            match self.leases.holder(&format!("{id}/{chunk}")).await {
+                Ok(None) => {}
+                _ => continue,
+            }
+            if !orphaned.contains(chunk) {
+                seen.insert(*chunk);
+                continue;
+            }
+            let reason = format!(
+                "worker {worker} stopped during the last attempt ({attempt} of {}) and the task went to the dead-letter queue {}",
+                self.max_attempts, self.dead_letters
+            );
+            warn!(job_id = %id, chunk_id = %chunk, %reason, "chunk failed");
+            let failed = ChunkState::Failed { reason };
+            if self.jobs.set_chunk_state(id, *chunk, &failed).await.is_ok() {
+                *st = failed;
+            }
+        }
+        *orphaned = seen;
+    }
+
+    async fn requeue(
+        &self,
+        id: &JobId,
+        chunk: ChunkId,
+        ranges: &[ChunkRange],
+    ) -> Result<(), RunError> {
+        let range = ranges
+            .get(chunk.0 as usize)
+            .ok_or_else(|| RunError::Internal(format!("chunk {chunk} is not in the plan")))?;
+        self.jobs
+            .set_chunk_state(id, chunk, &ChunkState::Pending)
+            .await?;
+        let task = Task {
+            job_id: id.clone(),
+            chunk_id: chunk,
+            range: range.clone(),
+        };
+        Ok(self.queue.publish(task.encode()).await?)
+    }
+}

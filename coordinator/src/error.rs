@@ -1,0 +1,136 @@
+//! What can end a job early, each failure with its class (the user's, transient, or a
+//! bug), which travels with it to the gRPC client.
+
+use haul_shared::error::{Classify, ErrorClass};
+use haul_shared::lake::DestError;
+use haul_shared::lake::commit::CommitError;
+use haul_shared::lease::StoreError;
+use haul_shared::load::{LoadClientError, LoadError};
+use haul_shared::pg::SourceError;
+use haul_shared::queue::QueueError;
+use haul_shared::{ChunkId, JobId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Dest(#[from] DestError),
+    #[error(
+        "job {job} was already started in this destination; pass --resume {job} to finish it, or choose another --job-id"
+    )]
+    AlreadyStarted { job: JobId },
+    #[error("no job {job} in {dest} (no plan at _haul/jobs/{job}/plan.json)")]
+    NoSuchJob { job: JobId, dest: String },
+    #[error(
+        "job {job} read from snapshot {snapshot}, which ended with the process that held it; pass --fresh-snapshot to finish the remaining chunks under a new snapshot (rows changed in between may then differ between chunks)"
+    )]
+    NeedsFreshSnapshot { job: JobId, snapshot: String },
+    #[error(
+        "job {job} was split into ctid (page) ranges, which are only valid in its original snapshot; rerun it as a new job"
+    )]
+    CannotResumeCtid { job: JobId },
+    #[error("the columns of {table} changed since job {job} was planned; rerun it as a new job")]
+    TableChanged { job: JobId, table: String },
+    #[error(
+        "{table_dir}/_manifest.json in {dest} belongs to job {other}; pass --overwrite to replace that export, or choose another --dest"
+    )]
+    DestinationTaken {
+        dest: String,
+        table_dir: String,
+        other: JobId,
+    },
+    #[error("chunk {chunk} failed: {reason}")]
+    ChunkFailed { chunk: ChunkId, reason: String },
+    #[error(
+        "interrupted; committed chunks are kept: run again with --resume {job} --fresh-snapshot to finish"
+    )]
+    Interrupted { job: JobId },
+    #[error(transparent)]
+    Load(#[from] LoadClientError),
+    #[error(transparent)]
+    Loader(#[from] LoadError),
+    #[error("--load needs at least one loader address")]
+    NoLoaders,
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+    #[error(
+        "--incremental {column}: {table_dir}/_manifest.json in {dest} is a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
+    )]
+    NotIncremental {
+        column: String,
+        dest: String,
+        table_dir: String,
+    },
+    #[error(
+        "--incremental {column}: the increments in {dest} follow column {other:?}; keep that column, or choose another --dest"
+    )]
+    OtherWatermark {
+        column: String,
+        other: String,
+        dest: String,
+    },
+    #[error(
+        "--incremental {column}: the column has type {pg_type}; the watermark must be a timestamptz or timestamp column set to the time of each change"
+    )]
+    BadWatermark { column: String, pg_type: String },
+    #[error(
+        "--incremental cannot be combined with --load yet: an increment's changed rows must be merged into the target, which the loaders do not do"
+    )]
+    IncrementalLoad,
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error("job store: {0}")]
+    Store(#[from] StoreError),
+    #[error("chunk queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("job {job} was failed: {reason}")]
+    Failed { job: JobId, reason: String },
+    #[error("job {job} was cancelled")]
+    Cancelled { job: JobId },
+    /// A broken invariant (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Classify for RunError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RunError::Source(e) => e.class(),
+            RunError::Dest(e) => e.class(),
+            RunError::Load(e) => e.class(),
+            RunError::Loader(e) => e.class(),
+            RunError::Commit(e) => e.class(),
+            RunError::Store(e) => e.class(),
+            RunError::Queue(e) => e.class(),
+            RunError::Internal(_) => ErrorClass::Internal,
+            RunError::AlreadyStarted { .. }
+            | RunError::NoSuchJob { .. }
+            | RunError::NeedsFreshSnapshot { .. }
+            | RunError::CannotResumeCtid { .. }
+            | RunError::TableChanged { .. }
+            | RunError::DestinationTaken { .. }
+            | RunError::ChunkFailed { .. }
+            | RunError::Failed { .. }
+            | RunError::Cancelled { .. }
+            | RunError::Interrupted { .. }
+            | RunError::NoLoaders
+            | RunError::NoWorkers
+            | RunError::NotIncremental { .. }
+            | RunError::OtherWatermark { .. }
+            | RunError::BadWatermark { .. }
+            | RunError::IncrementalLoad => ErrorClass::User,
+        }
+    }
+
+    fn code(&self) -> tonic::Code {
+        match self {
+            RunError::AlreadyStarted { .. } | RunError::DestinationTaken { .. } => {
+                tonic::Code::AlreadyExists
+            }
+            RunError::NoSuchJob { .. } => tonic::Code::NotFound,
+            RunError::NoLoaders | RunError::NoWorkers => tonic::Code::InvalidArgument,
+            e => e.class().code(),
+        }
+    }
+}

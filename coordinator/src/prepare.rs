@@ -1,0 +1,451 @@
+//! Preparing a job, the same in both modes: check the destination, open and export the
+//! snapshot, plan the chunks inside it (or reload a resumed job's plan), write
+//! `plan.json`, prepare the load target, and queue the chunks not yet committed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use haul_shared::error::Classify;
+use haul_shared::jobs::{ChunkState, JobPlan, JobRecord, JobSpec, JobStore};
+use haul_shared::lake::{ChunkManifest, Dest, JobManifest, PlanFile, table_dir};
+use haul_shared::load::{LoadAuth, LoadClient};
+use haul_shared::pg::{self, SourceError, quote_ident};
+use haul_shared::proto::Task;
+use haul_shared::queue::ChunkQueue;
+use haul_shared::{ChunkId, JobId};
+use tracing::{info, warn};
+
+use crate::error::RunError;
+use crate::planner;
+
+/// How a job is prepared: which job, and what to do about an earlier attempt of it.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub job_id: Option<JobId>,
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+    /// Workers (times slots) expected to extract at once; the planner makes at least
+    /// twice as many chunks when the table is big enough.
+    pub parallelism: usize,
+}
+
+/// A planned job, ready for its chunks to be queued.
+pub struct Prepared {
+    pub job: JobId,
+    /// The spec as planned (a resumed job keeps its original shape).
+    pub spec: JobSpec,
+    pub plan: JobPlan,
+    pub dest: Dest,
+    /// The session holding the exported snapshot open (its transaction is already
+    /// committed when the job reads without one).
+    pub holder: pg::Session,
+    /// Chunks an earlier attempt committed, (re)published already.
+    pub committed: BTreeMap<ChunkId, ChunkManifest>,
+    pub table_dir: String,
+    pub started_at: String,
+    /// This call planned the job (it is not a resume).
+    pub planned_now: bool,
+}
+
+/// The outcome of preparing a job.
+pub enum Preparation {
+    /// The job had already succeeded; nothing to do.
+    AlreadyDone(Box<JobManifest>),
+    Ready(Box<Prepared>),
+}
+
+/// Checks the destination, opens the snapshot, plans (or reloads the plan of a resumed
+/// job), writes `plan.json`, and republishes chunks committed earlier. Shared by
+/// `haul run` and the cluster coordinator.
+pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparation, RunError> {
+    let started_at = chrono::Utc::now().to_rfc3339();
+    if spec.incremental.is_some() && spec.load.is_some() {
+        return Err(RunError::IncrementalLoad);
+    }
+    let mut spec = spec.clone();
+    let dest = Dest::open(&spec.dest, spec.output.fsync)?;
+    dest.check_writable().await?;
+    let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
+
+    if let Some(m) = dest
+        .get_json::<JobManifest>(&dest.job_manifest_path(&job))
+        .await?
+    {
+        return Ok(Preparation::AlreadyDone(Box::new(m)));
+    }
+    let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
+    match (&previous, opts.resume) {
+        (Some(_), false) => return Err(RunError::AlreadyStarted { job }),
+        (None, true) => {
+            return Err(RunError::NoSuchJob {
+                job,
+                dest: dest.url.clone(),
+            });
+        }
+        _ => {}
+    }
+    if let Some(p) = &previous {
+        // a resumed job keeps its original shape; only the source comes from the caller
+        spec.table = p.table.clone();
+        spec.columns = p.columns.clone();
+        spec.key = p.key.clone();
+        spec.split = p.split;
+        spec.casts = p.casts.clone();
+        spec.chunk_rows = p.chunk_rows;
+        spec.output = p.output.clone();
+        spec.use_snapshot = p.use_snapshot;
+        spec.incremental = p.incremental.clone();
+        if let Some(s) = &p.plan.snapshot
+            && !opts.fresh_snapshot
+        {
+            return Err(RunError::NeedsFreshSnapshot {
+                job,
+                snapshot: s.clone(),
+            });
+        }
+        if p.plan.chunks.iter().any(|c| !c.survives_new_snapshot()) {
+            return Err(RunError::CannotResumeCtid { job });
+        }
+    }
+
+    // The planning session holds the snapshot open until the job ends. A source that is
+    // restarting or briefly unreachable gets a few tries; a wrong DSN fails at once.
+    let holder = (|| pg::connect(&spec.source))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_times(4),
+        )
+        .when(|e| e.class().is_retryable())
+        .notify(|e, wait| warn!(error = %e, ?wait, "connecting to the source failed; retrying"))
+        .await?;
+    // named, so operators can tell it apart in pg_stat_activity (it holds back vacuum)
+    holder
+        .client
+        .batch_execute(&format!(
+            "SET application_name = {}",
+            pg::quote_literal(&format!("haul:snapshot:{job}"))
+        ))
+        .await
+        .map_err(|e| SourceError::query("naming the snapshot session", e))?;
+    holder
+        .client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| SourceError::query("beginning the snapshot transaction", e))?;
+    let snapshot = if spec.use_snapshot {
+        let row = holder
+            .client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(|e| SourceError::SnapshotUnsupported {
+                reason: pg::pg_reason(&e),
+            })?;
+        Some(row.get::<_, String>(0))
+    } else {
+        None
+    };
+    let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
+    if let Some(p) = &spec.output.partition_by
+        && table.column(&p.column).is_none()
+    {
+        return Err(SourceError::ColumnNotFound {
+            table: table.quoted(),
+            column: p.column.clone(),
+        }
+        .into());
+    }
+    let tdir = table_dir(&table.name);
+
+    let plan = match &previous {
+        Some(p) => {
+            if p.plan.table.columns != table.columns {
+                return Err(RunError::TableChanged {
+                    job,
+                    table: table.quoted(),
+                });
+            }
+            JobPlan {
+                snapshot: snapshot.clone(),
+                ..p.plan.clone()
+            }
+        }
+        None => {
+            let existing: Option<JobManifest> =
+                dest.get_json(&dest.table_manifest_path(&tdir)).await?;
+            let window = match &spec.incremental {
+                Some(inc) => Some(
+                    window(&holder.client, &table, inc, existing.as_ref(), &dest, &tdir).await?,
+                ),
+                None => {
+                    if !opts.overwrite
+                        && spec.output.parquet
+                        && let Some(m) = existing
+                    {
+                        return Err(RunError::DestinationTaken {
+                            dest: dest.url.clone(),
+                            table_dir: tdir,
+                            other: m.job,
+                        });
+                    }
+                    None
+                }
+            };
+            let filter = window.as_ref().map(|w| w.predicate());
+            let t0 = Instant::now();
+            let planned = planner::plan(
+                &holder.client,
+                &table,
+                &spec.key,
+                spec.chunk_rows,
+                opts.parallelism.max(1) as u64,
+                spec.split,
+                filter.as_deref(),
+            )
+            .await?;
+            info!(
+                chunks = planned.chunks.len(),
+                estimated_rows = planned.estimated_rows,
+                key = ?planned.key.iter().map(|k| quote_ident(&k.name)).collect::<Vec<_>>(),
+                planning_ms = t0.elapsed().as_millis() as u64,
+                "planned"
+            );
+            JobPlan {
+                table: table.clone(),
+                key: planned.key,
+                chunks: planned.chunks,
+                estimated_rows: planned.estimated_rows,
+                snapshot: snapshot.clone(),
+                window,
+            }
+        }
+    };
+    if snapshot.is_none() {
+        // without a snapshot to hold, the planning transaction need not stay open (it
+        // would only hold back vacuum)
+        holder
+            .client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::query("ending the planning transaction", e))?;
+    }
+    let plan_file = PlanFile {
+        job: job.clone(),
+        table: spec.table.clone(),
+        dest: spec.dest.clone(),
+        columns: spec.columns.clone(),
+        key: spec.key.clone(),
+        split: spec.split,
+        casts: spec.casts.clone(),
+        chunk_rows: spec.chunk_rows,
+        output: spec.output.clone(),
+        use_snapshot: spec.use_snapshot,
+        incremental: spec.incremental.clone(),
+        plan: plan.clone(),
+        created_at: started_at.clone(),
+    };
+    if !dest
+        .put_json(&dest.plan_path(&job), &plan_file, previous.is_none())
+        .await?
+    {
+        // another process planned the same job id between our check and now
+        return Err(RunError::AlreadyStarted { job });
+    }
+
+    // Chunks committed by an earlier run are (re)published and skipped.
+    let mut committed = BTreeMap::new();
+    for m in dest.chunk_manifests(&job).await? {
+        dest.publish(&m).await?;
+        committed.insert(m.chunk, m);
+    }
+
+    Ok(Preparation::Ready(Box::new(Prepared {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        committed,
+        table_dir: tdir,
+        started_at,
+        planned_now: previous.is_none(),
+    })))
+}
+
+/// An incremental job's window, computed in the planning transaction (the job's
+/// snapshot): `low` is the high mark of the destination's last increment, `high` the
+/// snapshot's time less the lag, and earlier than the start of every transaction that
+/// was writing in the database at that moment, so a row committed after the snapshot
+/// (its watermark no earlier than its transaction's start) always falls in a later
+/// window.
+async fn window(
+    client: &tokio_postgres::Client,
+    table: &pg::TableInfo,
+    inc: &haul_shared::jobs::Incremental,
+    existing: Option<&JobManifest>,
+    dest: &Dest,
+    tdir: &str,
+) -> Result<haul_shared::jobs::Window, RunError> {
+    let low = match existing {
+        None => None,
+        Some(m) => match &m.watermark {
+            None => {
+                return Err(RunError::NotIncremental {
+                    column: inc.column.clone(),
+                    dest: dest.url.clone(),
+                    table_dir: tdir.to_owned(),
+                });
+            }
+            Some(w) if w.column != inc.column => {
+                return Err(RunError::OtherWatermark {
+                    column: inc.column.clone(),
+                    other: w.column.clone(),
+                    dest: dest.url.clone(),
+                });
+            }
+            Some(w) => Some(w.high.clone()),
+        },
+    };
+    let row = client
+        .query_opt(
+            "SELECT atttypid::regtype::text FROM pg_attribute \
+             WHERE attrelid = $1::oid AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[&table.oid, &inc.column],
+        )
+        .await
+        .map_err(|e| SourceError::query("looking up the watermark column", e))?
+        .ok_or_else(|| SourceError::ColumnNotFound {
+            table: table.quoted(),
+            column: inc.column.clone(),
+        })?;
+    let pg_type: String = row.get(0);
+    // the window's type, and the cast that turns `now()` into it
+    let (window_type, as_type) = match pg_type.as_str() {
+        "timestamp with time zone" => ("timestamptz", ""),
+        // the session's time zone is UTC
+        "timestamp without time zone" => ("timestamp", "::timestamp"),
+        _ => {
+            return Err(RunError::BadWatermark {
+                column: inc.column.clone(),
+                pg_type,
+            });
+        }
+    };
+    // Who can see other sessions' transactions: without that, only the lag protects
+    // rows that commit late.
+    let sees_all: bool = client
+        .query_one(
+            "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') \
+             OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::query("checking the role's privileges", e))?
+        .get(0);
+    if !sees_all {
+        warn!(
+            "the source user cannot see other sessions' transactions (grant it pg_read_all_stats): \
+             only --lag-secs guards rows committed after the snapshot"
+        );
+    }
+    let high: String = client
+        .query_one(
+            &format!(
+                "SELECT (LEAST(now() - make_interval(secs => $1::float8), \
+                   (SELECT min(xact_start) - interval '1 microsecond' FROM pg_stat_activity \
+                    WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+                      AND datname = current_database())){as_type})::text"
+            ),
+            &[&(inc.lag_secs as f64)],
+        )
+        .await
+        .map_err(|e| SourceError::query("computing the window's high mark", e))?
+        .get(0);
+    Ok(haul_shared::jobs::Window {
+        column: inc.column.clone(),
+        pg_type: window_type.into(),
+        low,
+        high,
+    })
+}
+
+/// With `--load`: names the target table (the source table's name unless given) and
+/// prepares the job on it through a loader — created, checked against the columns, and
+/// emptied if asked, once per job — before any chunk is queued.
+pub async fn prepare_load(p: &mut Prepared, auth: &LoadAuth) -> Result<(), RunError> {
+    let Some(load) = p.spec.load.as_mut() else {
+        return Ok(());
+    };
+    if load.endpoints.is_empty() {
+        return Err(RunError::NoLoaders);
+    }
+    if load.target_table.is_empty() {
+        load.target_table = p.plan.table.quoted();
+    }
+    let schema = std::sync::Arc::new(p.plan.table.arrow_schema());
+    let req = haul_shared::proto::wire::PrepareLoad {
+        version: haul_shared::proto::LOAD_VERSION,
+        job_id: p.job.to_string(),
+        target_table: load.target_table.clone(),
+        arrow_schema: haul_shared::load::schema_to_ipc(&schema)
+            .map_err(|e| RunError::Internal(format!("encoding the schema: {e}")))?
+            .to_vec(),
+        create_table: load.create_table,
+        truncate_first: load.truncate_first,
+    };
+    let client = LoadClient::new(load, auth);
+    let reply = match client.prepare(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            // nothing was queued: let the same job id be submitted again once fixed
+            if p.planned_now {
+                let _ = p.dest.delete_if_exists(&p.dest.plan_path(&p.job)).await;
+            }
+            return Err(e.into());
+        }
+    };
+    info!(
+        target = %reply.target_table,
+        created = reply.created,
+        truncated = reply.truncated,
+        resumed = reply.already_prepared,
+        "load target ready"
+    );
+    load.target_table = reply.target_table;
+    Ok(())
+}
+
+/// Records every chunk's state (committed ones as committed) and queues the rest.
+pub async fn queue_chunks(
+    record: &JobRecord,
+    committed: &BTreeMap<ChunkId, ChunkManifest>,
+    jobs: &dyn JobStore,
+    queue: &dyn ChunkQueue,
+) -> Result<(), RunError> {
+    let plan = record
+        .plan
+        .as_ref()
+        .ok_or_else(|| RunError::Internal(format!("job {} has no plan", record.id)))?;
+    for (i, range) in plan.chunks.iter().enumerate() {
+        let chunk = ChunkId(i as u32);
+        if let Some(m) = committed.get(&chunk) {
+            let state = ChunkState::Committed {
+                rows: m.rows,
+                bytes: m.bytes,
+            };
+            jobs.set_chunk_state(&record.id, chunk, &state).await?;
+            continue;
+        }
+        jobs.set_chunk_state(&record.id, chunk, &ChunkState::Pending)
+            .await?;
+        let task = Task {
+            job_id: record.id.clone(),
+            chunk_id: chunk,
+            range: range.clone(),
+        };
+        queue.publish(task.encode()).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! The operator's commands: jobs, status, watch, cancel/pause/resume, workers, drain.
+
+use haul::cli::{ClientArgs, DrainArgs, JobCmdArgs, WorkerCmdArgs};
+use haul::client;
+use haul::progress::ProgressMode;
+
+pub(super) async fn jobs(c: ClientArgs) -> anyhow::Result<()> {
+    print!("{}", client::jobs_table(&client::jobs(&c.options()).await?));
+    Ok(())
+}
+
+pub(super) async fn status(a: JobCmdArgs) -> anyhow::Result<()> {
+    let s = client::status(&a.client.options(), &a.job).await?;
+    print!("{}", client::status_text(&s));
+    Ok(())
+}
+
+pub(super) async fn watch(a: JobCmdArgs) -> anyhow::Result<()> {
+    let s = client::watch(&a.client.options(), &a.job, ProgressMode::Auto).await?;
+    print!("{}", client::status_text(&s));
+    Ok(())
+}
+
+pub(super) async fn control(a: JobCmdArgs, what: &str) -> anyhow::Result<()> {
+    let s = client::control(&a.client.options(), &a.job, what).await?;
+    print!("{}", client::status_text(&s));
+    Ok(())
+}
+
+pub(super) async fn workers(c: ClientArgs) -> anyhow::Result<()> {
+    print!(
+        "{}",
+        client::workers_table(&client::workers(&c.options()).await?)
+    );
+    Ok(())
+}
+
+pub(super) async fn drain(a: DrainArgs) -> anyhow::Result<()> {
+    let w = client::drain(&a.client.options(), &a.worker, a.requeue_in_flight, a.wait).await?;
+    if a.wait {
+        println!("worker {} drained and left", a.worker);
+    } else {
+        print!("{}", client::workers_table(&[w]));
+    }
+    Ok(())
+}
+
+pub(super) async fn undrain(a: WorkerCmdArgs) -> anyhow::Result<()> {
+    let w = client::undrain(&a.client.options(), &a.worker).await?;
+    print!("{}", client::workers_table(&[w]));
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! `haul loader`: the Arrow Flight server that loads chunks into a target Postgres.
+
+use haul::cli::LoaderArgs;
+use haul_shared::load::{LoaderOptions, serve};
+use haul_shared::pg::Secret;
+
+pub(super) async fn run(a: LoaderArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
+    let opts = LoaderOptions {
+        target: Secret::new(a.target),
+        ledger_schema: a.ledger_schema,
+        token: a.serve.token(),
+        tls: a.serve.tls(),
+        metrics_listen: a.metrics_listen,
+    };
+    // a chunk being loaded is rolled back; its worker retries it
+    let shutdown = super::stop_on_signal("loader stopping")?;
+    serve(listener, opts, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! One module per subcommand; [`dispatch`] runs the one the user chose.
+
+mod admin;
+mod coordinator;
+mod loader;
+mod run;
+mod submit;
+mod worker;
+
+use haul::cli::Cmd;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Run(a) => run::run(a).await,
+        Cmd::Coordinator(a) => coordinator::run(a).await,
+        Cmd::Worker(a) => worker::run(a).await,
+        Cmd::Loader(a) => loader::run(a).await,
+        Cmd::Submit(a) => submit::run(a).await,
+        Cmd::Jobs(c) => admin::jobs(c).await,
+        Cmd::Status(a) => admin::status(a).await,
+        Cmd::Watch(a) => admin::watch(a).await,
+        Cmd::Cancel(a) => admin::control(a, "cancel").await,
+        Cmd::Pause(a) => admin::control(a, "pause").await,
+        Cmd::Resume(a) => admin::control(a, "resume").await,
+        Cmd::Workers(c) => admin::workers(c).await,
+        Cmd::Drain(a) => admin::drain(a).await,
+        Cmd::Undrain(a) => admin::undrain(a).await,
+    }
+}
+
+/// A token that fires on SIGTERM or Ctrl-C, logging `msg`: how a server role
+/// (coordinator, loader) learns to shut down. (`haul worker` handles its signals itself:
+/// a first one drains, a second aborts.)
+fn stop_on_signal(msg: &'static str) -> anyhow::Result<CancellationToken> {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("{msg}");
+        on_signal.cancel();
+    });
+    Ok(stop)
+}

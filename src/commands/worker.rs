@@ -1,0 +1,25 @@
+//! `haul worker`: extracts chunks from the queue until drained.
+
+use std::time::Duration;
+
+use haul::cli::WorkerArgs;
+use haul_shared::pg::Secret;
+use haul_worker::node::{NodeOptions, run_node};
+
+pub(super) async fn run(a: WorkerArgs) -> anyhow::Result<()> {
+    let opts = NodeOptions {
+        id: a.id,
+        coordinator: a.client.options(),
+        amqp: Secret::new(a.cluster.amqp),
+        redis: Secret::new(a.cluster.redis),
+        queue: a.cluster.queue,
+        redis_prefix: a.cluster.redis_prefix,
+        slots: a.slots.max(1),
+        lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
+        max_attempts: a.cluster.max_attempts.max(1),
+        drain_grace: a.drain_grace_secs.map(Duration::from_secs),
+        metrics_listen: a.metrics_listen,
+    };
+    run_node(opts).await?;
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! `haul run`: one job, whole, in this process. It is the cluster's own machinery over
+//! in-process implementations of the same traits: the job is prepared as the coordinator
+//! prepares it, its chunks go on the in-process queue, N worker tasks run the same worker
+//! loop as `haul worker`, and the same job driver (`haul_coordinator::driver`) follows it
+//! to its end, with the same failure semantics. With `--load-target`, a loader is served
+//! in-process on a loopback port.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use haul_coordinator::RunError;
+use haul_coordinator::driver::{Driver, Ending};
+use haul_coordinator::prepare::{
+    Preparation, PrepareOptions, Prepared, prepare, prepare_load, queue_chunks,
+};
+use haul_shared::jobs::{ChunkState, JobRecord, JobSpec, JobState, JobStore, MemoryJobStore};
+use haul_shared::lake::{Dest, table_dir};
+use haul_shared::lease::MemoryLeaseStore;
+use haul_shared::load::{LoadAuth, Loader, LoaderOptions, serve};
+use haul_shared::pg;
+use haul_shared::queue::MemoryQueue;
+use haul_shared::{JobId, WorkerId};
+use haul_worker::executor::Progress;
+use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::progress::{ProgressMode, Reporter};
+
+/// How often the progress display is brought up to date.
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
+/// Options of one `haul run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub spec: JobSpec,
+    pub job_id: Option<JobId>,
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+    pub workers: usize,
+    pub max_attempts: u32,
+    pub lease_ttl: Duration,
+    pub progress: ProgressMode,
+    /// Load into this Postgres through an in-process loader (`--load-target`).
+    pub load_target: Option<pg::Secret>,
+    /// Schema of the in-process loader's ledger tables.
+    pub ledger_schema: String,
+}
+
+/// The end-of-run summary.
+#[derive(Clone, Debug)]
+pub struct JobSummary {
+    pub job: JobId,
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: usize,
+    pub chunks: usize,
+    pub wall: Duration,
+    /// The job had already succeeded; nothing was done.
+    pub already_done: bool,
+    pub manifest: String,
+    /// The table the rows were loaded into, with `--load`/`--load-target`.
+    pub loaded_into: Option<String>,
+}
+
+impl std::fmt::Display for JobSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.already_done {
+            return write!(
+                f,
+                "job {} had already succeeded: {} rows, {} files ({})",
+                self.job, self.rows, self.files, self.manifest
+            );
+        }
+        let secs = self.wall.as_secs_f64().max(1e-6);
+        if let (0, Some(t)) = (self.files, &self.loaded_into) {
+            // a load-only job
+            return write!(
+                f,
+                "job {} succeeded: {} rows loaded into {t} from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+                self.job,
+                self.rows,
+                self.chunks,
+                secs,
+                self.rows as f64 / secs,
+                self.manifest
+            );
+        }
+        write!(
+            f,
+            "job {} succeeded: {} rows, {:.1} MiB in {} files from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+            self.job,
+            self.rows,
+            self.bytes as f64 / (1024.0 * 1024.0),
+            self.files,
+            self.chunks,
+            secs,
+            self.rows as f64 / secs,
+            self.manifest
+        )?;
+        if let Some(t) = &self.loaded_into {
+            write!(f, "\nloaded: {} rows into {t}", self.rows)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a job to its end in this process: prepared as the cluster prepares it, its
+/// chunks queued on the in-process queue, `opts.workers` worker tasks taking them, and the
+/// same job driver following it to its end. A chunk that fails for good lets the other
+/// chunks settle, then fails the job naming it; `--resume` finishes it.
+pub async fn run(
+    mut opts: RunOptions,
+    interrupt: CancellationToken,
+) -> Result<JobSummary, RunError> {
+    let started = Instant::now();
+    if opts.workers == 0 {
+        return Err(RunError::NoWorkers);
+    }
+    let loader_stop = CancellationToken::new();
+    let _stop_loader = loader_stop.clone().drop_guard();
+    if let Some(target) = &opts.load_target {
+        let url = start_local_loader(target, &opts.ledger_schema, loader_stop).await?;
+        if let Some(l) = opts.spec.load.as_mut() {
+            l.endpoints = vec![url];
+        }
+    }
+    let prepare_opts = PrepareOptions {
+        job_id: opts.job_id.clone(),
+        resume: opts.resume,
+        fresh_snapshot: opts.fresh_snapshot,
+        overwrite: opts.overwrite,
+        parallelism: opts.workers,
+    };
+    let mut p = match prepare(&opts.spec, &prepare_opts).await? {
+        Preparation::AlreadyDone(m) => {
+            let dest = Dest::open(&opts.spec.dest, false)?;
+            return Ok(JobSummary {
+                job: m.job.clone(),
+                rows: m.rows,
+                bytes: m.bytes,
+                files: m.files.len(),
+                chunks: m.chunks,
+                wall: started.elapsed(),
+                already_done: true,
+                manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
+                loaded_into: None,
+            });
+        }
+        Preparation::Ready(p) => *p,
+    };
+    prepare_load(&mut p, &LoadAuth::default()).await?;
+    let Prepared {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        committed,
+        started_at,
+        ..
+    } = p;
+
+    let queue = Arc::new(MemoryQueue::new(opts.max_attempts));
+    let jobs = Arc::new(MemoryJobStore::default());
+    let leases = Arc::new(MemoryLeaseStore::default());
+    let record = JobRecord {
+        id: job.clone(),
+        spec: spec.clone(),
+        plan: Some(plan.clone()),
+        state: JobState::Running,
+        submitted_at: started_at,
+    };
+    jobs.put_job(&record).await?;
+    queue_chunks(&record, &committed, jobs.as_ref(), queue.as_ref()).await?;
+
+    let svc = Services {
+        queue: Arc::clone(&queue) as _,
+        leases: Arc::clone(&leases) as _,
+        jobs: Arc::clone(&jobs) as _,
+    };
+    let progress = Arc::new(Progress::default());
+    let ctl = Control::default();
+    let workers = TaskTracker::new();
+    for i in 0..opts.workers {
+        let cfg = WorkerConfig {
+            id: WorkerId(format!("local-{i}")),
+            slots: 1,
+            lease_ttl: opts.lease_ttl,
+            max_attempts: opts.max_attempts,
+            load_auth: LoadAuth::default(),
+        };
+        let (svc, progress, ctl) = (svc.clone(), Arc::clone(&progress), ctl.clone());
+        workers.spawn(async move {
+            if let Err(e) = run_worker(cfg, svc, progress, ctl).await {
+                warn!(error = %e, "worker ended with an error");
+            }
+        });
+    }
+    workers.close();
+
+    let driver = Driver {
+        jobs: Arc::clone(&jobs) as _,
+        queue: queue as _,
+        leases: leases as _,
+        max_attempts: opts.max_attempts,
+        dead_letters: "the in-process dead-letter list".into(),
+        changed: Arc::default(),
+    };
+    let reporting = CancellationToken::new();
+    let reporter = tokio::spawn(report(
+        Reporter::new(opts.progress, &job, plan.estimated_rows, plan.chunks.len()),
+        committed.values().map(|m| m.rows).sum(),
+        Arc::clone(&progress),
+        Arc::clone(&jobs),
+        job.clone(),
+        reporting.clone(),
+    ));
+    let holder = plan.snapshot.is_some().then_some(holder);
+    let ending = driver.drive(record, dest.clone(), holder, interrupt).await;
+    ctl.stop();
+    workers.wait().await;
+    reporting.cancel();
+    let _ = reporter.await;
+
+    let manifest = match ending {
+        Ending::Committed(m) => m,
+        Ending::Failed(e) => return Err(e),
+        Ending::Ended(JobState::Cancelled) => return Err(RunError::Cancelled { job }),
+        Ending::Ended(state) => {
+            return Err(RunError::Failed {
+                job,
+                reason: state.name().into(),
+            });
+        }
+        Ending::Stopped => return Err(RunError::Interrupted { job }),
+    };
+    Ok(JobSummary {
+        job: job.clone(),
+        rows: manifest.rows,
+        bytes: manifest.bytes,
+        files: manifest.files.len(),
+        chunks: manifest.chunks,
+        wall: started.elapsed(),
+        already_done: false,
+        manifest: if spec.output.parquet {
+            format!(
+                "{}/{}/_manifest.json",
+                dest.url,
+                table_dir(&plan.table.name)
+            )
+        } else {
+            format!("{}/_haul/jobs/{job}/_manifest.json", dest.url)
+        },
+        loaded_into: spec.load.as_ref().map(|l| l.target_table.clone()),
+    })
+}
+
+/// Shows the job's progress until `stop` fires.
+async fn report(
+    mut reporter: Reporter,
+    base_rows: u64,
+    progress: Arc<Progress>,
+    jobs: Arc<MemoryJobStore>,
+    job: JobId,
+    stop: CancellationToken,
+) {
+    reporter.set_base(base_rows);
+    loop {
+        let done = jobs
+            .chunk_states(&job)
+            .await
+            .map(|s| {
+                s.values()
+                    .filter(|s| matches!(s, ChunkState::Committed { .. }))
+                    .count()
+            })
+            .unwrap_or(0);
+        reporter.update(&progress, done);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(REPORT_EVERY) => {}
+        }
+    }
+    reporter.finish();
+}
+
+/// Starts an in-process loader on a loopback port (`haul run --load-target`); it serves
+/// until `stop` fires. Returns its address.
+async fn start_local_loader(
+    target: &pg::Secret,
+    ledger_schema: &str,
+    stop: CancellationToken,
+) -> Result<String, RunError> {
+    // fail here, before any work, if the target cannot take the ledger
+    Loader::new(target.clone(), ledger_schema)
+        .ensure_ledger()
+        .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| RunError::Internal(format!("binding the in-process loader: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| RunError::Internal(e.to_string()))?;
+    let opts = LoaderOptions {
+        target: target.clone(),
+        ledger_schema: ledger_schema.to_owned(),
+        token: None,
+        tls: None,
+        metrics_listen: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, opts, stop).await {
+            warn!(error = %e, "the in-process loader stopped");
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
