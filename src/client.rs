@@ -23,8 +23,10 @@ type Authed = InterceptedService<Channel, BearerToken>;
 pub enum ClientError {
     #[error(transparent)]
     Rpc(#[from] RpcError),
+    /// The coordinator's answer; its message is the whole story (the status itself is
+    /// not chained, or the message would be printed twice).
     #[error("{}", .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     #[error("job {job} {state}{}", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     JobEnded {
         job: String,
@@ -33,6 +35,12 @@ pub enum ClientError {
     },
     #[error("cannot encode the output options: {0}")]
     Encode(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 async fn jobs_client(o: &ClientOptions) -> Result<JobsClient<Authed>, ClientError> {

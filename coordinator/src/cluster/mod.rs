@@ -36,7 +36,7 @@ use haul_shared::redis_store::RedisStore;
 use haul_shared::{ChunkId, JobId};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use server::serve;
 
@@ -194,9 +194,22 @@ impl Coordinator {
             submitted_at: p.started_at.clone(),
         };
         self.store.put_job(&rec).await.map_err(store_status)?;
-        queue_chunks(&rec, &p.committed, &self.store, self.queue.as_ref())
-            .await
-            .map_err(|e| to_status(&e))?;
+        if let Err(e) = queue_chunks(&rec, &p.committed, &self.store, self.queue.as_ref()).await {
+            // the job ends here, and says how to finish it; the error keeps its class
+            let reason = format!(
+                "queueing its chunks failed: {e}; finish it with `haul submit --resume {} --fresh-snapshot`",
+                rec.id
+            );
+            warn!(job_id = %rec.id, %reason, "job failed");
+            if let Err(e) = self
+                .store
+                .set_job_state(&rec.id, &JobState::Failed { reason })
+                .await
+            {
+                warn!(job_id = %rec.id, error = %e, "could not record the job's end");
+            }
+            return Err(to_status(&e));
+        }
         self.store
             .set_job_state(&rec.id, &JobState::Running)
             .await

@@ -1161,3 +1161,103 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "settle");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
+
+/// Turns the broker's memory alarm on (publishers are blocked: their messages are not
+/// confirmed) until dropped, which restores the watermark it found.
+struct MemoryAlarm(String);
+
+impl MemoryAlarm {
+    fn raise() -> Self {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                "vm_memory_monitor:get_vm_memory_high_watermark().",
+            ])
+            .output()
+            .unwrap();
+        let found = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let restore = if found.parse::<f64>().is_ok_and(|w| w > 0.0) {
+            found
+        } else {
+            "0.4".to_owned()
+        };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        Self(restore)
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["set_vm_memory_high_watermark", &self.0]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+/// A broker connection closed while a submitted job's chunks are being queued reaches the
+/// client as UNAVAILABLE with a retry hint (the queue's error keeps its class all the way
+/// to the wire), the job is recorded as failed with the way to finish it, and that way
+/// works.
+#[tokio::test]
+async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
+    use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, g::text FROM generate_series(1, 20000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let mut client = JobsClient::connect(cl.url.clone()).await.unwrap();
+    let req = SubmitRequest {
+        source: db.dsn.clone(),
+        table: "public.t".into(),
+        dest: dest.0.to_str().unwrap().into(),
+        job_id: "outage".into(),
+        chunk_rows: 1000,
+        ..Default::default()
+    };
+    let status = {
+        // with the alarm on, the coordinator's first chunk task waits for its confirm
+        let _alarm = MemoryAlarm::raise();
+        let call = tokio::spawn(async move { client.submit(req).await });
+        let t0 = Instant::now();
+        while !cl.log_of("coordinator").contains("planned") {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{}", cl.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rabbitmqctl(&["close_all_connections", "haul test: outage while queueing"]);
+        tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("the submit ended")
+            .unwrap()
+            .expect_err("the submit failed")
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("chunk queue")
+            && status.message().contains(haul_shared::error::RETRY_HINT),
+        "{status:?}"
+    );
+    let shown = cl.haul_ok(&["status", "outage"]);
+    assert!(
+        shown.contains("failed") && shown.contains("--resume outage --fresh-snapshot"),
+        "{shown}"
+    );
+
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "outage");
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
