@@ -10,6 +10,8 @@
 # the plain pipe `psql -c "COPY ... TO STDOUT (FORMAT binary)" | psql -c "COPY ... FROM
 # STDIN (FORMAT binary)"`, each into a fresh unindexed table.
 # Regenerates `orders` only when its row count differs from ROWS.
+# HAUL_BIN=<path> benchmarks that binary instead of building ./target/release/haul (e.g. a
+# build of an earlier commit, to compare two builds against the same anchors).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROWS="${1:-1000000}"; shift || true
@@ -24,7 +26,12 @@ if [ "$have" != "$ROWS" ]; then
   echo "bench: generating orders with $ROWS rows" >&2
   PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
 fi
-cargo build --release --bin haul >&2
+if [ -n "${HAUL_BIN:-}" ]; then
+  HAUL="$HAUL_BIN"
+else
+  cargo build --release --bin haul >&2
+  HAUL=./target/release/haul
+fi
 OUT=$(mktemp -d /tmp/haul-bench.XXXX)
 PIDS=()
 cleanup() {
@@ -48,11 +55,11 @@ cluster_times=()
 if [ "${CLUSTER:-0}" = 1 ]; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   export HAUL_COORDINATOR="http://127.0.0.1:$port" HAUL_QUEUE="haul.bench.$$" HAUL_REDIS_PREFIX="haul:bench:$$:"
-  ./target/release/haul coordinator --listen "127.0.0.1:$port" --parallelism 2 --log warn &
+  "$HAUL" coordinator --listen "127.0.0.1:$port" --parallelism 2 --log warn &
   PIDS+=($!)
   sleep 1
   for w in 1 2; do
-    ./target/release/haul worker --id "bench-w$w" --slots 1 --log warn &
+    "$HAUL" worker --id "bench-w$w" --slots 1 --log warn &
     PIDS+=($!)
   done
   sleep 3
@@ -64,7 +71,7 @@ for i in $(seq 1 "$RUNS"); do
   if [ "${LOAD:-0}" = 1 ]; then
     psql "$WH" -Xq -c "DROP TABLE IF EXISTS orders_haul" -c "DROP TABLE IF EXISTS orders_pipe"
     rm -rf "$OUT/lake"; sync
-    /usr/bin/time -f "%e %M" -o "$OUT/time" ./target/release/haul run --source "$PGURL" --table public.orders \
+    /usr/bin/time -f "%e %M" -o "$OUT/time" "$HAUL" run --source "$PGURL" --table public.orders \
       --dest "file://$OUT/lake" --workers 2 --progress none --log warn \
       --load-target "$WH" --target-table public.orders_haul --create-table "$@" >/dev/null
     read -r wall rss_kb < "$OUT/time"
@@ -79,14 +86,14 @@ for i in $(seq 1 "$RUNS"); do
     psql "$WH" -Xq -c "DROP TABLE orders_haul" -c "DROP TABLE orders_pipe" -c "CHECKPOINT"
   fi
   rm -rf "$OUT/lake"; sync
-  /usr/bin/time -f "%e %M" -o "$OUT/time" ./target/release/haul run --source "$PGURL" --table public.orders \
+  /usr/bin/time -f "%e %M" -o "$OUT/time" "$HAUL" run --source "$PGURL" --table public.orders \
     --dest "file://$OUT/lake" --workers 2 --progress none --log warn "$@" >/dev/null
   read -r wall rss_kb < "$OUT/time"
   haul_times+=("$wall"); haul_rss+=("$rss_kb")
   parquet_bytes=$(du -sb "$OUT/lake/orders" | cut -f1)
   if [ "${CLUSTER:-0}" = 1 ]; then
     rm -rf "$OUT/lake"; sync
-    /usr/bin/time -f "%e" -o "$OUT/time" ./target/release/haul submit --source "$PGURL" --table public.orders \
+    /usr/bin/time -f "%e" -o "$OUT/time" "$HAUL" submit --source "$PGURL" --table public.orders \
       --dest "file://$OUT/lake" --job-id "bench-$$-$i" --progress none --wait "$@" >/dev/null
     cluster_times+=("$(cat "$OUT/time")")
   fi

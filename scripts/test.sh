@@ -18,5 +18,6 @@ if ! command -v openssl >/dev/null; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
-cargo build --bin haul
+# the binary the tests spawn, with its test-only hooks (fault injection)
+cargo build --bin haul --features testsuite
 cargo test --workspace "$@"

@@ -144,7 +144,7 @@ pub struct ClusterArgs {
     #[arg(long, env = "HAUL_REDIS_PREFIX", default_value = "haul:")]
     pub redis_prefix: String,
     /// Deliveries of a chunk before it is dead-lettered; the same on every role.
-    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 }
 
@@ -182,7 +182,7 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
-    #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4)]
+    #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4, value_parser = at_least_one)]
     pub parallelism: usize,
     /// CA certificate (PEM) to trust for flight+tls:// loaders (the coordinator prepares each
     /// job's load through one).
@@ -200,13 +200,13 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Chunks this worker extracts at once (and its queue prefetch).
-    #[arg(long, env = "HAUL_SLOTS", default_value_t = 2)]
+    #[arg(long, env = "HAUL_SLOTS", default_value_t = 2, value_parser = at_least_one)]
     pub slots: usize,
     /// Worker id; `<host>-<pid>` by default.
     #[arg(long, env = "HAUL_WORKER_ID")]
     pub id: Option<String>,
     /// Chunk lease time-to-live in seconds (renewed every third of it).
-    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
+    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_ttl_secs: u64,
     /// On drain, abort chunks still running after this many seconds (default: wait for them).
     #[arg(long, env = "HAUL_DRAIN_GRACE_SECS")]
@@ -235,16 +235,16 @@ pub struct RunArgs {
     #[command(flatten)]
     pub job: JobArgs,
     /// Chunks extracted at once.
-    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = at_least_one)]
     pub workers: usize,
     /// Progress display.
     #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
     /// Attempts per chunk before the job fails.
-    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
     /// Chunk lease time-to-live in seconds (renewed every third of it).
-    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30)]
+    #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_ttl_secs: u64,
     /// Also load the rows into this Postgres (an in-process loader), e.g. postgresql://host/warehouse.
     #[arg(
@@ -298,32 +298,32 @@ pub struct JobArgs {
     pub key: Vec<String>,
     /// How to split the table: `key` ranges (resumable) or heap page `ctid` ranges (cheapest
     /// for the source, but an interrupted job must be rerun, not resumed).
-    #[arg(long, env = "HAUL_SPLIT", default_value = "key", value_parser = ["key", "ctid"])]
-    pub split: String,
+    #[arg(long, env = "HAUL_SPLIT", value_enum, default_value_t = SplitArg::Key)]
+    pub split: SplitArg,
     /// Cast a column in the source query, `col=type` (e.g. `--cast shape=text`); repeatable.
-    #[arg(long = "cast", env = "HAUL_CAST", value_delimiter = ',')]
-    pub casts: Vec<String>,
+    #[arg(long = "cast", env = "HAUL_CAST", value_delimiter = ',', value_parser = parse_cast)]
+    pub casts: Vec<(String, String)>,
     /// Hive-partition the output by a date/timestamp column: `col:day|month|year`.
-    #[arg(long, env = "HAUL_PARTITION_BY")]
-    pub partition_by: Option<String>,
+    #[arg(long, env = "HAUL_PARTITION_BY", value_parser = parse_partition)]
+    pub partition_by: Option<PartitionBy>,
     /// Target rows per chunk.
-    #[arg(long, env = "HAUL_CHUNK_ROWS", default_value_t = 1_000_000)]
+    #[arg(long, env = "HAUL_CHUNK_ROWS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk_rows: u64,
     /// Rows per Arrow batch.
-    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 32768)]
+    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 32768, value_parser = at_least_one)]
     pub batch_rows: usize,
     /// Rows per Parquet row group.
-    #[arg(long, env = "HAUL_ROW_GROUP_ROWS", default_value_t = 128 * 1024)]
+    #[arg(long, env = "HAUL_ROW_GROUP_ROWS", default_value_t = 128 * 1024, value_parser = at_least_one)]
     pub row_group_rows: usize,
     /// Rows per Parquet file before the next part starts.
-    #[arg(long, env = "HAUL_MAX_FILE_ROWS", default_value_t = 10_000_000)]
+    #[arg(long, env = "HAUL_MAX_FILE_ROWS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_file_rows: u64,
     /// Bytes per Parquet file before the next part starts (suffixes KiB, MiB, GiB).
     #[arg(long, env = "HAUL_MAX_FILE_BYTES", default_value = "512MiB")]
-    pub max_file_bytes: String,
+    pub max_file_bytes: ByteSize,
     /// Parquet compression: snappy, zstd, zstd:<level>, none.
-    #[arg(long, env = "HAUL_COMPRESSION", default_value = "snappy")]
-    pub compression: String,
+    #[arg(long, env = "HAUL_COMPRESSION", default_value = "snappy", value_parser = parse_compression)]
+    pub compression: Compression,
     /// Name the job (a-z, 0-9, -, _); generated by default. Re-running a succeeded job is a no-op.
     #[arg(long, env = "HAUL_JOB_ID")]
     pub job_id: Option<String>,
@@ -377,6 +377,56 @@ pub struct JobArgs {
         requires = "incremental"
     )]
     pub lag_secs: u64,
+}
+
+/// How a split is named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    /// Key ranges: resumable under a new snapshot.
+    Key,
+    /// Heap page ranges: cheapest for the source, but an interrupted job must be rerun.
+    Ctid,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Self {
+        match s {
+            SplitArg::Key => Split::Key,
+            SplitArg::Ctid => Split::Ctid,
+        }
+    }
+}
+
+/// A positive size in bytes: `512MiB`, `2GiB`, `1000`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match parse_bytes(s)? {
+            0 => Err(format!("invalid size {s:?}: it must be positive")),
+            n => Ok(ByteSize(n)),
+        }
+    }
+}
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `column=type`.
+fn parse_cast(c: &str) -> Result<(String, String), String> {
+    c.split_once('=')
+        .filter(|(c, t)| !c.is_empty() && !t.is_empty())
+        .map(|(c, t)| (c.to_owned(), t.to_owned()))
+        .ok_or_else(|| format!("invalid --cast {c:?}: use <column>=<type>, e.g. shape=text"))
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -457,19 +507,7 @@ impl TryFrom<JobArgs> for JobRequest {
     type Error = String;
 
     fn try_from(a: JobArgs) -> Result<Self, String> {
-        let mut casts = BTreeMap::new();
-        for c in &a.casts {
-            let (col, ty) = c
-                .split_once('=')
-                .filter(|(c, t)| !c.is_empty() && !t.is_empty())
-                .ok_or_else(|| {
-                    format!("invalid --cast {c:?}: use <column>=<type>, e.g. shape=text")
-                })?;
-            casts.insert(col.to_owned(), ty.to_owned());
-        }
-        if a.chunk_rows == 0 || a.batch_rows == 0 || a.row_group_rows == 0 {
-            return Err("--chunk-rows, --batch-rows and --row-group-rows must be positive".into());
-        }
+        let casts: BTreeMap<String, String> = a.casts.into_iter().collect();
         let job_id = a
             .resume
             .as_deref()
@@ -503,21 +541,17 @@ impl TryFrom<JobArgs> for JobRequest {
                 table: a.table.unwrap_or_default(),
                 columns: a.columns,
                 key: a.key,
-                split: if a.split == "ctid" {
-                    Split::Ctid
-                } else {
-                    Split::Key
-                },
+                split: a.split.into(),
                 casts,
                 dest: a.dest.unwrap_or_else(|| DEFAULT_DEST.into()),
                 chunk_rows: a.chunk_rows,
                 output: OutputOptions {
-                    compression: parse_compression(&a.compression)?,
+                    compression: a.compression,
                     batch_rows: a.batch_rows,
                     row_group_rows: a.row_group_rows,
-                    max_file_rows: a.max_file_rows.max(1),
-                    max_file_bytes: parse_bytes(&a.max_file_bytes)?.max(1),
-                    partition_by: a.partition_by.as_deref().map(parse_partition).transpose()?,
+                    max_file_rows: a.max_file_rows,
+                    max_file_bytes: a.max_file_bytes.0,
+                    partition_by: a.partition_by,
                     fsync: a.fsync,
                     parquet: !no_parquet,
                 },
@@ -541,9 +575,6 @@ impl TryFrom<RunArgs> for RunOptions {
     type Error = String;
 
     fn try_from(a: RunArgs) -> Result<Self, String> {
-        if a.workers == 0 {
-            return Err("--workers must be at least 1".into());
-        }
         let mut j = JobRequest::try_from(a.job)?;
         if let Some(t) = &a.load_target {
             haul_shared::pg::parse_dsn(&Secret::new(t.clone()))
@@ -558,11 +589,8 @@ impl TryFrom<RunArgs> for RunOptions {
                 // loading with no destination given: the target is the only output
                 j.spec.output.parquet = false;
             }
-        } else if j.spec.load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
-            return Err(
-                "--target-table, --create-table, --truncate-first and --no-parquet need --load or --load-target"
-                    .into(),
-            );
+        } else {
+            j.spec.check_load()?;
         }
         Ok(RunOptions {
             spec: j.spec,
@@ -571,8 +599,8 @@ impl TryFrom<RunArgs> for RunOptions {
             fresh_snapshot: j.fresh_snapshot,
             overwrite: j.overwrite,
             workers: a.workers,
-            max_attempts: a.max_attempts.max(1),
-            lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
+            max_attempts: a.max_attempts,
+            lease_ttl: Duration::from_secs(a.lease_ttl_secs),
             progress: a.progress,
             load_target: a.load_target.map(Secret::new),
             ledger_schema: a.ledger_schema,
@@ -644,5 +672,43 @@ mod tests {
         );
         assert_eq!(parse_partition("d").unwrap().granularity, Granularity::Day);
         assert!(parse_partition("d:week").is_err());
+    }
+
+    #[test]
+    fn flag_values_are_typed_and_zero_is_refused() {
+        let o = run_options(&[
+            "--split",
+            "ctid",
+            "--cast",
+            "a=text,b=int",
+            "--max-file-bytes",
+            "2GiB",
+            "--compression",
+            "zstd:5",
+            "--partition-by",
+            "at:year",
+        ])
+        .unwrap();
+        assert_eq!(o.spec.split, Split::Ctid);
+        assert_eq!(o.spec.casts["b"], "int");
+        assert_eq!(o.spec.output.max_file_bytes, 2 << 30);
+        assert_eq!(o.spec.output.compression, Compression::Zstd { level: 5 });
+        assert_eq!(
+            o.spec.output.partition_by.unwrap().granularity,
+            Granularity::Year
+        );
+        for zero in [
+            ["--workers", "0"],
+            ["--chunk-rows", "0"],
+            ["--batch-rows", "0"],
+            ["--max-file-rows", "0"],
+            ["--max-file-bytes", "0"],
+            ["--max-attempts", "0"],
+            ["--lease-ttl-secs", "0"],
+        ] {
+            assert!(run_options(&zero).is_err(), "{zero:?} was taken");
+        }
+        assert!(run_options(&["--split", "pages"]).is_err());
+        assert!(run_options(&["--cast", "a"]).is_err());
     }
 }

@@ -5,10 +5,12 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use futures::StreamExt;
+use haul_shared::jobs::Submission;
 use haul_shared::proto::wire::{
-    DrainRequest, JobRef, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitRequest,
-    WorkerInfo, WorkerRef, admin_client::AdminClient, jobs_client::JobsClient,
+    DrainRequest, JobRef, JobState, JobStatus, ListJobsRequest, ListWorkersRequest, WorkerInfo,
+    WorkerRef, admin_client::AdminClient, jobs_client::JobsClient,
 };
+use haul_shared::proto::{state_is_terminal, state_name, submission_to_wire};
 use haul_shared::rpc::{BearerToken, ClientOptions, RpcError};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::service::interceptor::InterceptedService;
@@ -33,8 +35,8 @@ pub enum ClientError {
         state: String,
         reason: String,
     },
-    #[error("cannot encode the output options: {0}")]
-    Encode(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -66,54 +68,22 @@ pub async fn submit(
     wait: bool,
     progress: ProgressMode,
 ) -> Result<JobStatus, ClientError> {
-    let mut c = jobs_client(o).await?;
-    let load = j.spec.load.clone();
-    if load.as_ref().is_some_and(|l| l.endpoints.is_empty()) {
-        return Err(ClientError::Encode(
-            "--target-table, --create-table, --truncate-first and --no-parquet need --load".into(),
-        ));
-    }
-    let req = SubmitRequest {
-        source: j.spec.source.expose().to_owned(),
-        table: j.spec.table,
-        dest: j.spec.dest,
-        columns: j.spec.columns,
-        key: j.spec.key,
-        split: match j.spec.split {
-            haul_shared::jobs::Split::Key => "key".into(),
-            haul_shared::jobs::Split::Ctid => "ctid".into(),
-        },
-        casts: j.spec.casts.into_iter().collect(),
-        chunk_rows: j.spec.chunk_rows,
-        output_json: serde_json::to_string(&j.spec.output)
-            .map_err(|e| ClientError::Encode(e.to_string()))?,
-        no_snapshot: !j.spec.use_snapshot,
-        job_id: j.job_id.map(|i| i.to_string()).unwrap_or_default(),
+    j.spec.check_load().map_err(ClientError::Invalid)?;
+    let req = submission_to_wire(&Submission {
+        spec: j.spec,
+        job_id: j.job_id,
         resume: j.resume,
         fresh_snapshot: j.fresh_snapshot,
         overwrite: j.overwrite,
-        load: load
-            .as_ref()
-            .map(|l| l.endpoints.clone())
-            .unwrap_or_default(),
-        target_table: load
-            .as_ref()
-            .map(|l| l.target_table.clone())
-            .unwrap_or_default(),
-        create_table: load.as_ref().is_some_and(|l| l.create_table),
-        truncate_first: load.as_ref().is_some_and(|l| l.truncate_first),
-        incremental_column: j
-            .spec
-            .incremental
-            .as_ref()
-            .map(|i| i.column.clone())
-            .unwrap_or_default(),
-        lag_secs: j.spec.incremental.as_ref().map_or(0, |i| i.lag_secs),
-    };
+    });
+    let mut c = jobs_client(o).await?;
     let status = c.submit(req).await?.into_inner();
     eprintln!(
         "haul: job {} {} ({} chunks, ~{} rows)",
-        status.job_id, status.state, status.chunks_total, status.estimated_rows
+        status.job_id,
+        state_name(status.state()),
+        status.chunks_total,
+        status.estimated_rows
     );
     if !wait {
         return Ok(status);
@@ -177,7 +147,11 @@ async fn follow(
                 s.rows_done,
                 s.bytes_done as f64 / (1024.0 * 1024.0),
                 s.chunks_running,
-                if s.state == "paused" { " (paused)" } else { "" }
+                if s.state() == JobState::Paused {
+                    " (paused)"
+                } else {
+                    ""
+                }
             );
             if let Some(b) = &bar {
                 b.set_length(u64::from(s.chunks_total.max(1)));
@@ -188,7 +162,10 @@ async fn follow(
             if log && (changed || last_log.elapsed() >= Duration::from_secs(5)) {
                 eprintln!(
                     "haul: job {} {}: {}/{} chunks, {msg}",
-                    s.job_id, s.state, s.chunks_done, s.chunks_total
+                    s.job_id,
+                    state_name(s.state()),
+                    s.chunks_done,
+                    s.chunks_total
                 );
                 last_log = std::time::Instant::now();
             }
@@ -203,12 +180,12 @@ async fn follow(
         Some(s) => s,
         None => c.get(job_ref(job)).await?.into_inner(),
     };
-    if end.state == "succeeded" {
+    if end.state() == JobState::Succeeded {
         Ok(end)
     } else {
         Err(ClientError::JobEnded {
+            state: state_name(end.state()).to_owned(),
             job: end.job_id,
-            state: end.state,
             reason: end.reason,
         })
     }
@@ -308,7 +285,7 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
         out.push_str(&format!(
             "{:<28} {:<10} {:>13} {:>14} {:<24} {}\n",
             j.job_id,
-            j.state,
+            state_name(j.state()),
             format!("{}/{}", j.chunks_done, j.chunks_total),
             j.rows_done,
             j.table,
@@ -323,7 +300,7 @@ pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(
         "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} failed\nrows:      {} (~{} estimated)\nbytes:     {}\n",
         s.job_id,
-        s.state,
+        state_name(s.state()),
         s.table,
         s.source,
         s.dest,
@@ -337,7 +314,7 @@ pub fn status_text(s: &JobStatus) -> String {
     );
     if !s.snapshot.is_empty() {
         // an open snapshot holds back vacuum on the source: say for how long
-        let held = if matches!(s.state.as_str(), "planning" | "running" | "paused") {
+        let held = if !state_is_terminal(s.state()) {
             format!(
                 " (held open for {})",
                 ago(s.submitted_at_ms).trim_end_matches(" ago")

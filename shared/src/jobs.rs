@@ -129,6 +129,34 @@ pub struct JobSpec {
     pub incremental: Option<Incremental>,
 }
 
+impl JobSpec {
+    /// The one rule of the loading options: a target table, creating or emptying it, and
+    /// writing no Parquet mean nothing without loaders.
+    pub fn check_load(&self) -> Result<(), String> {
+        let without_loaders = match &self.load {
+            None => !self.output.parquet,
+            Some(l) => l.endpoints.is_empty(),
+        };
+        if without_loaders {
+            Err("--target-table, --create-table, --truncate-first and --no-parquet need loaders: --load (or, for `haul run`, --load-target)".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A job as a client submits it: the spec, and which job it is.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub spec: JobSpec,
+    /// Generated when absent.
+    pub job_id: Option<JobId>,
+    /// Finish an interrupted job (its committed chunks are kept).
+    pub resume: bool,
+    pub fresh_snapshot: bool,
+    pub overwrite: bool,
+}
+
 /// Incremental extraction on a watermark column (`--incremental <column>`): each job reads
 /// the rows whose watermark lies in `(low, high]`, `low` being the high mark of the last
 /// increment committed to the destination.

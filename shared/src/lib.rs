@@ -5,7 +5,8 @@
 //! - [`proto`]: generated wire types and the one place they map to our own types.
 //! - [`queue`], [`lease`], [`jobs`]: the boundary traits (chunk queue, lease + epoch store,
 //!   job-state store), each with its contract and an in-process implementation.
-//! - [`conformance`]: the test suites every implementation of those traits must pass.
+//! - `conformance` (feature `testsuite`): the test suites every implementation of those
+//!   traits must pass.
 //! - [`redis_store`]: the Redis lease and job stores and worker registry, for the cluster.
 //! - [`workers`]: what the worker registry holds.
 //! - [`rpc`]: gRPC client channels and the bearer token.
@@ -16,6 +17,7 @@
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 pub mod error;
 pub mod ids;

@@ -1,7 +1,7 @@
-//! Prometheus metrics: each role serves its counters and gauges as Prometheus text on
-//! `GET /metrics` at `--metrics-listen`.
+//! Prometheus metrics: each role keeps its metrics with `prometheus-client` and serves them
+//! in the OpenMetrics text format on `GET /metrics` at `--metrics-listen`. Names follow
+//! `haul_<thing>_<unit>`; counters get their `_total` suffix from the encoder.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,46 +11,25 @@ use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+pub use prometheus_client::metrics::counter::{ConstCounter, Counter};
+pub use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+pub use prometheus_client::metrics::histogram::Histogram;
+pub use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 /// Renders the metrics text on each scrape.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
-/// Builds Prometheus text exposition, one metric family at a time.
-#[derive(Default)]
-pub struct Text(String);
+/// The label set of a sample in a family: `(name, value)` pairs.
+pub type Labels = Vec<(&'static str, String)>;
 
-impl Text {
-    /// Starts a family: its `# HELP` and `# TYPE` lines.
-    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        self
-    }
-
-    /// One sample; label values are escaped.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let v = v
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = write!(self.0, "{k}=\"{v}\"");
-            }
-            self.0.push('}');
-        }
-        let _ = writeln!(self.0, " {value}");
-        self
-    }
-
-    pub fn finish(self) -> String {
-        self.0
-    }
+/// A registry's metrics as OpenMetrics text.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("encoding into a String cannot fail");
+    out
 }
 
 /// Binds `addr` now (so a bad address is reported at start-up), then serves
@@ -81,7 +60,10 @@ async fn serve(
             let render = Arc::clone(&render);
             async move {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     render().await,
                 )
                     .into_response()
@@ -95,15 +77,19 @@ async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn text_exposition_escapes_labels() {
-        let mut t = super::Text::default();
-        t.family("haul_x", "gauge", "An example.")
-            .sample("haul_x", &[("job", "a\"b")], 2.0)
-            .sample("haul_x", &[], 1.5);
-        assert_eq!(
-            t.finish(),
-            "# HELP haul_x An example.\n# TYPE haul_x gauge\nhaul_x{job=\"a\\\"b\"} 2\nhaul_x 1.5\n"
-        );
+    fn families_encode_with_escaped_labels_and_counter_suffixes() {
+        let mut r = Registry::default();
+        let jobs = Family::<Labels, Gauge>::default();
+        jobs.get_or_create(&vec![("job", "a\"b".to_owned())]).set(2);
+        r.register("haul_x", "An example", jobs);
+        let done = Counter::<u64>::default();
+        done.inc_by(3);
+        r.register("haul_done", "Done", done);
+        let text = encode(&r);
+        assert!(text.contains("haul_x{job=\"a\\\"b\"} 2\n"), "{text}");
+        assert!(text.contains("haul_done_total 3\n"), "{text}");
     }
 }

@@ -3,6 +3,11 @@
 use bytes::Bytes;
 use prost::Message;
 
+use crate::jobs::{
+    Compression, Granularity, Incremental, JobSpec, JobState, LoadSpec, OutputOptions, PartitionBy,
+    Split, Submission,
+};
+use crate::pg::Secret;
 use crate::{ChunkId, ChunkRange, JobId};
 
 /// Code generated from `proto/haul/v1/haul.proto`.
@@ -109,6 +114,219 @@ impl Task {
     }
 }
 
+/// A submitted job on the wire. The source DSN travels whole (the coordinator plans with
+/// it); the API never returns it unmasked.
+pub fn submission_to_wire(s: &Submission) -> wire::SubmitRequest {
+    let spec = &s.spec;
+    let load = spec.load.as_ref();
+    wire::SubmitRequest {
+        source: spec.source.expose().to_owned(),
+        table: spec.table.clone(),
+        dest: spec.dest.clone(),
+        columns: spec.columns.clone(),
+        key: spec.key.clone(),
+        split: match spec.split {
+            Split::Key => wire::Split::Key,
+            Split::Ctid => wire::Split::Ctid,
+        }
+        .into(),
+        casts: spec
+            .casts
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        chunk_rows: spec.chunk_rows,
+        output: Some(output_to_wire(&spec.output)),
+        no_snapshot: !spec.use_snapshot,
+        job_id: s.job_id.as_ref().map(JobId::to_string).unwrap_or_default(),
+        resume: s.resume,
+        fresh_snapshot: s.fresh_snapshot,
+        overwrite: s.overwrite,
+        load: load.map(|l| l.endpoints.clone()).unwrap_or_default(),
+        target_table: load.map(|l| l.target_table.clone()).unwrap_or_default(),
+        create_table: load.is_some_and(|l| l.create_table),
+        truncate_first: load.is_some_and(|l| l.truncate_first),
+        incremental_column: spec
+            .incremental
+            .as_ref()
+            .map(|i| i.column.clone())
+            .unwrap_or_default(),
+        lag_secs: spec.incremental.as_ref().map_or(0, |i| i.lag_secs),
+    }
+}
+
+/// A submitted job from the wire, checked: what is wrong with it, in one line naming the
+/// flag to fix.
+pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String> {
+    let source = Secret::new(r.source);
+    crate::pg::parse_dsn(&source).map_err(|e| e.to_string())?;
+    if r.table.is_empty() && !r.resume {
+        return Err("a table is required (--table schema.table)".into());
+    }
+    if r.dest.is_empty() {
+        return Err("a destination is required (--dest)".into());
+    }
+    let job_id = (!r.job_id.is_empty())
+        .then(|| JobId::parse(&r.job_id))
+        .transpose()?;
+    if r.resume && job_id.is_none() {
+        return Err("resume needs the job id".into());
+    }
+    let split = match wire::Split::try_from(r.split) {
+        Ok(wire::Split::Key) => Split::Key,
+        Ok(wire::Split::Ctid) => Split::Ctid,
+        Err(_) => return Err(format!("unknown split {}", r.split)),
+    };
+    let endpoints = r
+        .load
+        .iter()
+        .map(|e| crate::load::flight_url(e).map_err(|m| format!("--load {m}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let load =
+        (!endpoints.is_empty() || !r.target_table.is_empty() || r.create_table || r.truncate_first)
+            .then(|| LoadSpec {
+                endpoints,
+                target_table: r.target_table,
+                create_table: r.create_table,
+                truncate_first: r.truncate_first,
+            });
+    let spec = JobSpec {
+        source,
+        table: r.table,
+        columns: r.columns,
+        key: r.key,
+        split,
+        casts: r.casts.into_iter().collect(),
+        dest: r.dest,
+        chunk_rows: if r.chunk_rows == 0 {
+            1_000_000
+        } else {
+            r.chunk_rows
+        },
+        output: output_from_wire(r.output)?,
+        use_snapshot: !r.no_snapshot,
+        load,
+        incremental: (!r.incremental_column.is_empty()).then(|| Incremental {
+            column: r.incremental_column,
+            lag_secs: r.lag_secs,
+        }),
+    };
+    spec.check_load()?;
+    Ok(Submission {
+        spec,
+        job_id,
+        resume: r.resume,
+        fresh_snapshot: r.fresh_snapshot,
+        overwrite: r.overwrite,
+    })
+}
+
+/// The output's shape on the wire.
+pub fn output_to_wire(o: &OutputOptions) -> wire::OutputOptions {
+    let (compression, zstd_level) = match o.compression {
+        Compression::Snappy => (wire::Compression::Snappy, 0),
+        Compression::Zstd { level } => (wire::Compression::Zstd, level),
+        Compression::None => (wire::Compression::None, 0),
+    };
+    wire::OutputOptions {
+        compression: compression.into(),
+        zstd_level,
+        batch_rows: o.batch_rows as u64,
+        row_group_rows: o.row_group_rows as u64,
+        max_file_rows: o.max_file_rows,
+        max_file_bytes: o.max_file_bytes,
+        partition_by: o.partition_by.as_ref().map(|p| wire::PartitionBy {
+            column: p.column.clone(),
+            granularity: match p.granularity {
+                Granularity::Day => wire::Granularity::Day,
+                Granularity::Month => wire::Granularity::Month,
+                Granularity::Year => wire::Granularity::Year,
+            }
+            .into(),
+        }),
+        fsync: o.fsync,
+        no_parquet: !o.parquet,
+    }
+}
+
+/// The output's shape from the wire; `haul run`'s defaults when absent.
+pub fn output_from_wire(o: Option<wire::OutputOptions>) -> Result<OutputOptions, String> {
+    let Some(o) = o else {
+        return Ok(OutputOptions::default());
+    };
+    let positive = |n: u64, what: &str| {
+        if n == 0 {
+            Err(format!("{what} must be positive"))
+        } else {
+            Ok(n)
+        }
+    };
+    Ok(OutputOptions {
+        compression: match wire::Compression::try_from(o.compression) {
+            Ok(wire::Compression::Snappy) => Compression::Snappy,
+            Ok(wire::Compression::Zstd) => Compression::Zstd {
+                level: o.zstd_level,
+            },
+            Ok(wire::Compression::None) => Compression::None,
+            Err(_) => return Err(format!("unknown compression {}", o.compression)),
+        },
+        batch_rows: positive(o.batch_rows, "--batch-rows")? as usize,
+        row_group_rows: positive(o.row_group_rows, "--row-group-rows")? as usize,
+        max_file_rows: positive(o.max_file_rows, "--max-file-rows")?,
+        max_file_bytes: positive(o.max_file_bytes, "--max-file-bytes")?,
+        partition_by: o
+            .partition_by
+            .map(|p| {
+                let granularity = match wire::Granularity::try_from(p.granularity) {
+                    Ok(wire::Granularity::Day) => Granularity::Day,
+                    Ok(wire::Granularity::Month) => Granularity::Month,
+                    Ok(wire::Granularity::Year) => Granularity::Year,
+                    Err(_) => return Err(format!("unknown granularity {}", p.granularity)),
+                };
+                Ok(PartitionBy {
+                    column: p.column,
+                    granularity,
+                })
+            })
+            .transpose()?,
+        fsync: o.fsync,
+        parquet: !o.no_parquet,
+    })
+}
+
+/// A job's state on the wire.
+pub fn state_to_wire(s: &JobState) -> wire::JobState {
+    match s {
+        JobState::Planning => wire::JobState::Planning,
+        JobState::Running => wire::JobState::Running,
+        JobState::Paused => wire::JobState::Paused,
+        JobState::Succeeded => wire::JobState::Succeeded,
+        JobState::Failed { .. } => wire::JobState::Failed,
+        JobState::Cancelled => wire::JobState::Cancelled,
+    }
+}
+
+/// A wire job state as users read it (`running`, `succeeded`, ...).
+pub fn state_name(s: wire::JobState) -> &'static str {
+    match s {
+        wire::JobState::Unspecified => "unknown",
+        wire::JobState::Planning => "planning",
+        wire::JobState::Running => "running",
+        wire::JobState::Paused => "paused",
+        wire::JobState::Succeeded => "succeeded",
+        wire::JobState::Failed => "failed",
+        wire::JobState::Cancelled => "cancelled",
+    }
+}
+
+/// Whether a job in this state has ended.
+pub fn state_is_terminal(s: wire::JobState) -> bool {
+    matches!(
+        s,
+        wire::JobState::Succeeded | wire::JobState::Failed | wire::JobState::Cancelled
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +375,68 @@ mod tests {
             Task::decode(&future),
             Err(DecodeError::UnknownVersion(99))
         ));
+    }
+
+    #[test]
+    fn submissions_round_trip() {
+        let mut spec = JobSpec {
+            source: Secret::new("postgresql://u:pw@h/db"),
+            table: "public.t".into(),
+            columns: vec!["a".into()],
+            key: vec!["a".into(), "b".into()],
+            split: Split::Ctid,
+            casts: [("a".to_owned(), "text".to_owned())].into(),
+            dest: "s3://b/p".into(),
+            chunk_rows: 5000,
+            output: OutputOptions {
+                compression: Compression::Zstd { level: 7 },
+                partition_by: Some(PartitionBy {
+                    column: "at".into(),
+                    granularity: Granularity::Month,
+                }),
+                fsync: true,
+                ..OutputOptions::default()
+            },
+            use_snapshot: false,
+            load: Some(LoadSpec {
+                endpoints: vec!["http://l:1".into()],
+                target_table: "x.y".into(),
+                create_table: true,
+                truncate_first: true,
+            }),
+            incremental: Some(Incremental {
+                column: "updated_at".into(),
+                lag_secs: 3,
+            }),
+        };
+        let s = Submission {
+            spec: spec.clone(),
+            job_id: Some(JobId::parse("j-1").unwrap()),
+            resume: true,
+            fresh_snapshot: true,
+            overwrite: true,
+        };
+        let back = submission_from_wire(submission_to_wire(&s)).unwrap();
+        assert_eq!(back.spec.output, spec.output);
+        assert_eq!(back.spec.load, spec.load);
+        assert_eq!(back.spec.incremental, spec.incremental);
+        assert_eq!(
+            (
+                back.spec.split,
+                back.spec.chunk_rows,
+                back.spec.use_snapshot
+            ),
+            (Split::Ctid, 5000, false)
+        );
+        assert_eq!(
+            (back.job_id.as_ref(), back.resume, back.overwrite),
+            (s.job_id.as_ref(), true, true)
+        );
+
+        // loading options without loaders are refused, as the CLI refuses them
+        spec.load = None;
+        spec.output.parquet = false;
+        let err = submission_from_wire(submission_to_wire(&Submission { spec, ..s })).unwrap_err();
+        assert!(err.contains("need loaders"), "{err}");
     }
 }

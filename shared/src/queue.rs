@@ -46,6 +46,7 @@ pub trait ChunkQueue: Send + Sync + 'static {
     /// Messages ready for delivery (not counting unsettled ones).
     async fn ready_count(&self) -> Result<usize, QueueError>;
     /// Takes the dead-lettered messages out of the dead-letter queue.
+    #[cfg(any(test, feature = "testsuite"))]
     async fn drain_dead_letters(&self) -> Result<Vec<Bytes>, QueueError>;
 }
 
@@ -179,6 +180,7 @@ impl ChunkQueue for MemoryQueue {
         Ok(self.shared.state.lock().expect("queue lock").ready.len())
     }
 
+    #[cfg(any(test, feature = "testsuite"))]
     async fn drain_dead_letters(&self) -> Result<Vec<Bytes>, QueueError> {
         Ok(std::mem::take(
             &mut self.shared.state.lock().expect("queue lock").dead,

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -176,11 +176,15 @@ impl ChunkQueue for RabbitQueue {
         Ok(q.message_count() as usize)
     }
 
+    #[cfg(any(test, feature = "testsuite"))]
     async fn drain_dead_letters(&self) -> Result<Vec<Bytes>, QueueError> {
         let mut out = Vec::new();
         while let Some(m) = self
             .publisher
-            .basic_get(self.dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                self.dlq.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
             .await
             .map_err(unavailable)?
         {

@@ -11,10 +11,10 @@ pub(super) async fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         redis: Secret::new(a.cluster.redis),
         queue: a.cluster.queue,
         redis_prefix: a.cluster.redis_prefix,
-        max_attempts: a.cluster.max_attempts.max(1),
+        max_attempts: a.cluster.max_attempts,
         token: a.serve.token(),
         tls: a.serve.tls(),
-        parallelism: a.parallelism.max(1),
+        parallelism: a.parallelism,
         loader_tls_ca: a.loader_tls_ca,
         metrics_listen: a.metrics_listen,
     };

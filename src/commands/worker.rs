@@ -14,9 +14,9 @@ pub(super) async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         redis: Secret::new(a.cluster.redis),
         queue: a.cluster.queue,
         redis_prefix: a.cluster.redis_prefix,
-        slots: a.slots.max(1),
-        lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
-        max_attempts: a.cluster.max_attempts.max(1),
+        slots: a.slots,
+        lease_ttl: Duration::from_secs(a.lease_ttl_secs),
+        max_attempts: a.cluster.max_attempts,
         drain_grace: a.drain_grace_secs.map(Duration::from_secs),
         metrics_listen: a.metrics_listen,
     };

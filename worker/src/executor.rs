@@ -114,14 +114,19 @@ pub struct ChunkJob<'a> {
     pub cancel: CancellationToken,
 }
 
-/// Fault injection for tests: sleeps for the milliseconds in env var `name`, if set, so a
-/// test can kill the process at that point of the protocol.
+/// Fault injection for tests (feature `testsuite`): sleeps for the milliseconds in env var
+/// `name`, if set, so a test can kill the process at that point of the protocol.
+#[cfg(feature = "testsuite")]
 async fn fault_pause(name: &str) {
     if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()) {
         tracing::warn!(fault = name, ms, "pausing (fault injection)");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
+
+/// Without the `testsuite` feature, fault injection is compiled out.
+#[cfg(not(feature = "testsuite"))]
+async fn fault_pause(_name: &str) {}
 
 /// What the loader is told about a chunk attempt.
 fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {

@@ -193,50 +193,42 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The worker's metrics, read from its live counters at each scrape.
 fn worker_metrics(p: &Progress, ctl: &Control, slots: usize) -> String {
-    let mut t = metrics::Text::default();
-    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    t.family(
-        "haul_worker_chunks_done_total",
-        "counter",
-        "Chunks this worker committed (or found committed).",
-    )
-    .sample("haul_worker_chunks_done_total", &[], n(&p.chunks_done));
-    t.family(
-        "haul_worker_rows_read_total",
-        "counter",
-        "Rows read from the source, including chunks in flight.",
-    )
-    .sample("haul_worker_rows_read_total", &[], n(&p.rows));
-    t.family(
-        "haul_worker_source_bytes_total",
-        "counter",
-        "Bytes of binary COPY data read from the source.",
-    )
-    .sample("haul_worker_source_bytes_total", &[], n(&p.source_bytes));
-    t.family(
-        "haul_worker_chunks_in_flight",
-        "gauge",
-        "Chunks being extracted now.",
-    )
-    .sample("haul_worker_chunks_in_flight", &[], n(&p.in_flight));
-    t.family(
-        "haul_worker_slots",
-        "gauge",
-        "Chunks this worker extracts at once.",
-    )
-    .sample("haul_worker_slots", &[], slots as f64);
-    t.family(
-        "haul_worker_draining",
-        "gauge",
-        "1 while the worker drains.",
-    )
-    .sample(
-        "haul_worker_draining",
-        &[],
-        if ctl.drain.is_cancelled() { 1.0 } else { 0.0 },
+    use metrics::{ConstCounter, ConstGauge, Registry};
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut r = Registry::default();
+    r.register(
+        "haul_worker_chunks_done",
+        "Chunks this worker committed (or found committed)",
+        ConstCounter::new(n(&p.chunks_done)),
     );
-    t.finish()
+    r.register(
+        "haul_worker_rows_read",
+        "Rows read from the source, including chunks in flight",
+        ConstCounter::new(n(&p.rows)),
+    );
+    r.register(
+        "haul_worker_source_bytes",
+        "Bytes of binary COPY data read from the source",
+        ConstCounter::new(n(&p.source_bytes)),
+    );
+    r.register(
+        "haul_worker_chunks_in_flight",
+        "Chunks being extracted now",
+        ConstGauge::new(n(&p.in_flight) as i64),
+    );
+    r.register(
+        "haul_worker_slots",
+        "Chunks this worker extracts at once",
+        ConstGauge::new(slots as i64),
+    );
+    r.register(
+        "haul_worker_draining",
+        "1 while the worker drains",
+        ConstGauge::new(i64::from(ctl.drain.is_cancelled())),
+    );
+    metrics::encode(&r)
 }
 
 fn start_drain(ctl: &Control, opts: &NodeOptions, grace_end: &mut Option<tokio::time::Instant>) {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use haul_shared::jobs::JobStore;
+use haul_shared::metrics::{Family, Gauge, Labels, Registry, encode};
 use haul_shared::queue::ChunkQueue;
 use haul_shared::workers::worker_state;
 
@@ -13,8 +14,7 @@ impl Coordinator {
     /// Prometheus text: jobs by state, progress of unfinished jobs, workers by state,
     /// and the chunk queue's depth (what an autoscaler scales workers on).
     pub(super) async fn metrics(&self) -> String {
-        let mut t = haul_shared::metrics::Text::default();
-        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
         let mut open = Vec::new();
         for id in self.store.list_jobs().await.unwrap_or_default() {
             if let Ok(Some(j)) = self.store.get_job(&id).await {
@@ -25,15 +25,15 @@ impl Coordinator {
                 }
             }
         }
-        t.family("haul_jobs", "gauge", "Jobs recorded, by state.");
+        let mut r = Registry::default();
+        let jobs = Family::<Labels, Gauge>::default();
         for (state, n) in &by_state {
-            t.sample("haul_jobs", &[("state", state)], *n as f64);
+            jobs.get_or_create(&vec![("state", (*state).to_owned())])
+                .set(*n);
         }
-        t.family(
-            "haul_job_chunks",
-            "gauge",
-            "Chunks of unfinished jobs, by state.",
-        );
+        r.register("haul_jobs", "Jobs recorded, by state", jobs);
+        let chunks = Family::<Labels, Gauge>::default();
+        let rows = Family::<Labels, Gauge>::default();
         for j in &open {
             let pending = j.chunks_total - j.chunks_done - j.chunks_running - j.chunks_failed;
             for (state, n) in [
@@ -42,45 +42,44 @@ impl Coordinator {
                 ("failed", j.chunks_failed),
                 ("pending", pending),
             ] {
-                t.sample(
-                    "haul_job_chunks",
-                    &[("job", &j.job_id), ("state", state)],
-                    f64::from(n),
-                );
+                chunks
+                    .get_or_create(&vec![
+                        ("job", j.job_id.clone()),
+                        ("state", state.to_owned()),
+                    ])
+                    .set(i64::from(n));
             }
+            rows.get_or_create(&vec![("job", j.job_id.clone())])
+                .set(j.rows_done as i64);
         }
-        t.family(
-            "haul_job_rows_done",
-            "gauge",
-            "Rows in committed chunks of unfinished jobs.",
+        r.register(
+            "haul_job_chunks",
+            "Chunks of unfinished jobs, by state",
+            chunks,
         );
-        for j in &open {
-            t.sample(
-                "haul_job_rows_done",
-                &[("job", &j.job_id)],
-                j.rows_done as f64,
-            );
-        }
-        let mut workers: BTreeMap<&'static str, u64> = BTreeMap::new();
+        r.register(
+            "haul_job_rows_done",
+            "Rows in committed chunks of unfinished jobs",
+            rows,
+        );
+        let workers = Family::<Labels, Gauge>::default();
         for (w, o) in self.store.workers().await.unwrap_or_default() {
-            *workers.entry(worker_state(&w, o, now_ms())).or_default() += 1;
+            workers
+                .get_or_create(&vec![("state", worker_state(&w, o, now_ms()).to_owned())])
+                .inc();
         }
-        t.family("haul_workers", "gauge", "Registered workers, by state.");
-        for (state, n) in &workers {
-            t.sample("haul_workers", &[("state", state)], *n as f64);
-        }
+        r.register("haul_workers", "Registered workers, by state", workers);
         if let Ok(ready) = self.queue.ready_count().await {
-            t.family(
+            let depth = Family::<Labels, Gauge>::default();
+            depth
+                .get_or_create(&vec![("queue", self.opts.queue.clone())])
+                .set(ready as i64);
+            r.register(
                 "haul_queue_ready_messages",
-                "gauge",
-                "Chunk tasks waiting in the queue.",
-            )
-            .sample(
-                "haul_queue_ready_messages",
-                &[("queue", &self.opts.queue)],
-                ready as f64,
+                "Chunk tasks waiting in the queue",
+                depth,
             );
         }
-        t.finish()
+        encode(&r)
     }
 }

@@ -29,6 +29,7 @@ use haul_shared::lake::{Dest, table_dir};
 use haul_shared::lease::StoreError;
 use haul_shared::load::LoadAuth;
 use haul_shared::pg::{self, Secret};
+use haul_shared::proto::state_to_wire;
 use haul_shared::proto::wire::{JobStatus, SubmitRequest};
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
@@ -245,10 +246,10 @@ impl Coordinator {
         to: JobState,
     ) -> Result<JobStatus, Status> {
         let now = self.status(id).await?;
-        if !allowed.contains(&now.state.as_str()) {
+        let now = haul_shared::proto::state_name(now.state());
+        if !allowed.contains(&now) {
             return Err(Status::failed_precondition(format!(
-                "job {id} is {}; it can be {} only when {}",
-                now.state,
+                "job {id} is {now}; it can be {} only when {}",
                 to.name(),
                 allowed.join(" or ")
             )));
@@ -267,7 +268,7 @@ impl Coordinator {
 pub fn job_status(rec: &JobRecord, chunks: &BTreeMap<ChunkId, ChunkState>) -> JobStatus {
     let mut s = JobStatus {
         job_id: rec.id.to_string(),
-        state: rec.state.name().into(),
+        state: state_to_wire(&rec.state).into(),
         reason: match &rec.state {
             JobState::Failed { reason } => reason.clone(),
             _ => String::new(),

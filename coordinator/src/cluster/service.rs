@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use futures::Stream;
 use haul_shared::WorkerId;
-use haul_shared::jobs::{JobSpec, JobState, JobStore, LoadSpec, OutputOptions, Split};
-use haul_shared::load::flight_url;
-use haul_shared::pg::{self, Secret};
+use haul_shared::jobs::{JobSpec, JobState, JobStore};
 use haul_shared::proto::wire::{
     DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
     ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest, WorkerInfo, WorkerRef,
     admin_server::Admin, jobs_server::Jobs, membership_server::Membership,
 };
+use haul_shared::proto::{state_is_terminal, submission_from_wire};
 use haul_shared::workers::{DrainOrder, WorkerRecord, worker_state};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -36,84 +35,15 @@ pub(super) fn spec_from_request(
     r: SubmitRequest,
     parallelism: usize,
 ) -> Result<(JobSpec, PrepareOptions), Status> {
-    let bad = |m: String| Status::invalid_argument(m);
-    let source = Secret::new(r.source);
-    pg::parse_dsn(&source).map_err(|e| bad(e.to_string()))?;
-    if r.table.is_empty() && !r.resume {
-        return Err(bad("a table is required (--table schema.table)".into()));
-    }
-    if r.dest.is_empty() {
-        return Err(bad("a destination is required (--dest)".into()));
-    }
-    let output: OutputOptions = if r.output_json.is_empty() {
-        OutputOptions::default()
-    } else {
-        serde_json::from_str(&r.output_json)
-            .map_err(|e| bad(format!("invalid output options: {e}")))?
-    };
-    let split = match r.split.as_str() {
-        "" | "key" => Split::Key,
-        "ctid" => Split::Ctid,
-        s => return Err(bad(format!("invalid split {s:?}: use key or ctid"))),
-    };
-    let job_id = if r.job_id.is_empty() {
-        None
-    } else {
-        Some(parse_job_id(&r.job_id)?)
-    };
-    if r.resume && job_id.is_none() {
-        return Err(bad("resume needs the job id".into()));
-    }
-    let load = if r.load.is_empty() {
-        if !r.target_table.is_empty() || r.create_table || r.truncate_first || !output.parquet {
-            return Err(bad(
-                "target_table, create_table, truncate_first and no Parquet need loaders (--load)"
-                    .into(),
-            ));
-        }
-        None
-    } else {
-        let endpoints = r
-            .load
-            .iter()
-            .map(|e| flight_url(e).map_err(|m| bad(format!("load: {m}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        Some(LoadSpec {
-            endpoints,
-            target_table: r.target_table,
-            create_table: r.create_table,
-            truncate_first: r.truncate_first,
-        })
-    };
-    let spec = JobSpec {
-        source,
-        table: r.table,
-        columns: r.columns,
-        key: r.key,
-        split,
-        casts: r.casts.into_iter().collect(),
-        dest: r.dest,
-        chunk_rows: if r.chunk_rows == 0 {
-            1_000_000
-        } else {
-            r.chunk_rows
-        },
-        output,
-        use_snapshot: !r.no_snapshot,
-        load,
-        incremental: (!r.incremental_column.is_empty()).then(|| haul_shared::jobs::Incremental {
-            column: r.incremental_column,
-            lag_secs: r.lag_secs,
-        }),
-    };
+    let s = submission_from_wire(r).map_err(Status::invalid_argument)?;
     let popts = PrepareOptions {
-        job_id,
-        resume: r.resume,
-        fresh_snapshot: r.fresh_snapshot,
-        overwrite: r.overwrite,
+        job_id: s.job_id,
+        resume: s.resume,
+        fresh_snapshot: s.fresh_snapshot,
+        overwrite: s.overwrite,
         parallelism,
     };
-    Ok((spec, popts))
+    Ok((s.spec, popts))
 }
 
 /// The gRPC face of the coordinator.
@@ -158,7 +88,7 @@ impl Jobs for Api {
             |(c, id, mut next, last)| async move {
                 loop {
                     // the last event sent was terminal: the stream ends
-                    if last.as_ref().is_some_and(|l| is_terminal(&l.state)) {
+                    if last.as_ref().is_some_and(|l| state_is_terminal(l.state())) {
                         return None;
                     }
                     if let Some(s) = next.take()
@@ -203,10 +133,6 @@ impl Jobs for Api {
             .await
             .map(Response::new)
     }
-}
-
-fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
 }
 
 fn worker_info(rec: &WorkerRecord, order: Option<DrainOrder>) -> WorkerInfo {

@@ -2,7 +2,6 @@
 //! epoch; and the once-per-job preparation of the target.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::jobs::KeyColumn;
@@ -21,7 +20,7 @@ use tokio_postgres::Client;
 
 use super::encode::{COPY_HEADER, COPY_TRAILER, Enc, encode_batch};
 use super::error::LoadError;
-use super::metrics::LoaderMetrics;
+use super::metrics::{LoaderMetrics, Outcome};
 use super::target::{Target, create_table, plan_columns, resolve_target, target_column};
 
 /// Loads chunks into one target database.
@@ -218,7 +217,7 @@ impl Loader {
         c.batch_execute("COMMIT")
             .await
             .map_err(|e| LoadError::query("committing the preparation", e))?;
-        tracing::info!(job = %req.job_id, table = %target.quoted, created, truncated = req.truncate_first, "job prepared");
+        tracing::info!(job_id = %req.job_id, table = %target.quoted, created, truncated = req.truncate_first, "job prepared");
         Ok(PrepareLoadReply {
             target_table: target.quoted,
             created,
@@ -319,17 +318,17 @@ impl Loader {
                     )
                     .await
                     .map_err(|e| LoadError::query("removing an earlier attempt's rows", e))?;
-                tracing::info!(%job, chunk = cmd.chunk, deleted, "replaced the rows an attempt under another snapshot loaded");
+                tracing::info!(job_id = %job, chunk_id = %crate::ChunkId(cmd.chunk), deleted, "replaced the rows an attempt under another snapshot loaded");
             }
         }
 
-        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.inc();
         let copied = match &seen {
             Some((_, _, rows)) if replayed => {
                 // the rows are in the target already: drain the stream
                 drain(batches).await.map(|n| {
                     if n != *rows as u64 {
-                        tracing::warn!(%job, chunk = cmd.chunk, streamed = n, ledger = rows, "a replay streamed another row count than the ledger holds");
+                        tracing::warn!(job_id = %job, chunk_id = %crate::ChunkId(cmd.chunk), streamed = n, ledger = rows, "a replay streamed another row count than the ledger holds");
                     }
                     *rows
                 })
@@ -338,11 +337,11 @@ impl Loader {
                 i64::try_from(n).map_err(|_| LoadError::Stream("row count overflow".into()))
             }),
         };
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.in_flight.dec();
         let rows = match copied {
             Ok(n) => n,
             Err(e) => {
-                self.metrics.chunks_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.chunk(Outcome::Failed);
                 return Err(e);
             }
         };
@@ -365,7 +364,7 @@ impl Loader {
             .map_err(|e| LoadError::query("recording the chunk in the load ledger", e))?
             .is_some();
         if !won {
-            self.metrics.chunks_failed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.chunk(Outcome::Failed);
             return Err(LoadError::Conflict {
                 job,
                 chunk: cmd.chunk,
@@ -375,13 +374,13 @@ impl Loader {
             .await
             .map_err(|e| LoadError::query("committing the load", e))?;
         if replayed {
-            self.metrics.chunks_replayed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.chunk(Outcome::Replayed);
         } else {
-            self.metrics.chunks_loaded.fetch_add(1, Ordering::Relaxed);
-            self.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);
+            self.metrics.chunk(Outcome::Loaded);
+            self.metrics.rows.inc_by(rows as u64);
         }
         self.metrics.observe(started.elapsed());
-        tracing::info!(%job, chunk = cmd.chunk, epoch = cmd.epoch, rows, replayed, ms = started.elapsed().as_millis() as u64, "chunk loaded");
+        tracing::info!(job_id = %job, chunk_id = %crate::ChunkId(cmd.chunk), epoch = cmd.epoch, rows, replayed, ms = started.elapsed().as_millis() as u64, "chunk loaded");
         Ok(LoadAck {
             job_id: job,
             chunk_id: cmd.chunk,
@@ -449,15 +448,13 @@ impl Loader {
                     None => break,
                 },
             };
-            self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+            self.metrics.batches.inc();
             let p = Arc::clone(&plans);
             // encoding is CPU work: off the async runtime
             let data = tokio::task::spawn_blocking(move || encode_batch(&batch, &p))
                 .await
                 .map_err(|e| LoadError::Stream(format!("encoder task: {e}")))??;
-            self.metrics
-                .bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.metrics.bytes.inc_by(data.len() as u64);
             sink.send(data)
                 .await
                 .map_err(|e| LoadError::query("writing COPY", e))?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use haul_shared::jobs::{Granularity, PartitionBy};
 use haul_shared::lake::ChunkManifest;
 
-use crate::common::*;
+use crate::harness::*;
 
 const ALL_TYPES: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

@@ -2,7 +2,6 @@
 //! see; a killed run resumes without loss or duplicates; a fenced-off attempt cannot
 //! commit; independent readers see exactly the source's rows.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use haul_shared::{ChunkId, ChunkRange, JobId, WorkerId};
 use haul_worker::executor::{ChunkError, ChunkJob, ChunkOutcome, Progress, run_chunk};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::*;
+use crate::harness::*;
 
 async fn expect_error(opts: haul::embedded::RunOptions, dest: &TempDest, needles: &[&str]) {
     let err = run(opts).await.expect_err("the job must fail").to_string();
@@ -136,21 +135,6 @@ async fn copy_fails_midway(dest: &TempDest) {
     o.spec.casts.insert("v".into(), "integer".into());
     o.spec.chunk_rows = 3000;
     expect_error(o, dest, &["invalid input syntax for type integer", "\"x\""]).await;
-}
-
-pub(crate) fn haul_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("haul");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "haul", "--bin", "haul"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    bin
 }
 
 fn committed_chunks(dest: &TempDest, job: &str) -> usize {
@@ -386,7 +370,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
 /// Python environment `scripts/test.sh` prepares (HAUL_TEST_PYTHON).
 #[tokio::test]
 async fn duckdb_and_pyarrow_read_the_output() {
-    let python = crate::common::test_python();
+    let python = crate::harness::test_python();
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, status text, total_cents bigint, metadata jsonb, u uuid);
@@ -634,7 +618,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
 #[tokio::test]
 async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it() {
     let db = TestDb::new().await;
-    poisonable(&db, 20_000, 10_000).await;
+    poisonable(&db, 20_000, 10_000, "22023").await;
     let dest = TempDest::new();
     let mut o = options(&db.dsn, "t", &dest);
     o.spec.casts.insert("v".into(), "poison_t".into());
@@ -642,13 +626,7 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     o.job_id = Some(JobId::parse("settle").unwrap());
     let err = run(o.clone()).await.unwrap_err().to_string();
     assert!(err.contains("poisoned row 10000"), "{err}");
-    let (missing, chunks) = uncommitted_chunks(&dest.0, "settle");
-    assert!(chunks >= 5, "{chunks} chunks");
-    assert_eq!(missing.len(), 1, "the other chunks settled: {missing:?}");
-    assert!(
-        err.contains(&format!("chunk {} failed", missing[0])),
-        "{err}"
-    );
+    let chunks = assert_one_chunk_failed(&err, &dest.0, "settle");
     assert!(
         !dest.0.join("t/_manifest.json").exists(),
         "a failed job has no manifest"

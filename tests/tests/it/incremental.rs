@@ -8,7 +8,7 @@ use haul_shared::JobId;
 use haul_shared::jobs::Incremental;
 use haul_shared::lake::JobManifest;
 
-use crate::common::*;
+use crate::harness::*;
 
 fn increment(db: &TestDb, dest: &TempDest, job: &str) -> haul::embedded::RunOptions {
     let mut o = options(&db.dsn, "ev", dest);
@@ -149,8 +149,7 @@ async fn increments_follow_on_and_late_commits_are_not_skipped() {
 
 #[tokio::test]
 async fn increments_through_the_cluster() {
-    use crate::cluster::Cluster;
-    let _broker = crate::common::BROKER.write().await;
+    let _broker = crate::harness::BROKER.write().await;
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE ev (id bigint PRIMARY KEY, v text, updated_at timestamp NOT NULL);

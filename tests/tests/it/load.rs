@@ -17,8 +17,7 @@ use haul_shared::proto::{LOAD_VERSION, range_to_wire};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, free_port, sample, scrape, skewed, test_certs};
-use crate::common::{BROKER, TempDest, TestDb, options, run, unique};
+use crate::harness::*;
 
 /// Count and an order-independent checksum of a table's rows, as Postgres renders them.
 async fn digest(c: &Client, table: &str) -> (i64, String) {
@@ -136,13 +135,13 @@ impl LoaderProc {
     }
 
     fn signal(&self, sig: &str) {
-        crate::cluster::signal(self.child.id(), sig);
+        crate::harness::signal(self.child.id(), sig);
     }
 }
 
 impl Drop for LoaderProc {
     fn drop(&mut self) {
-        crate::cluster::reap(&mut self.child);
+        crate::harness::reap(&mut self.child);
     }
 }
 
@@ -266,7 +265,7 @@ async fn two_loaders_move_a_skewed_million_rows_of_every_type() {
     );
 
     // pyarrow.flight reads the finished job from the coordinator
-    let python = crate::common::test_python();
+    let python = crate::harness::test_python();
     let sums = src
         .client
         .query_one(
@@ -702,7 +701,7 @@ async fn run_can_load_without_writing_parquet() {
         digest(&tgt.client, "t").await,
         digest(&src.client, "t").await
     );
-    assert!(crate::common::parquet_files(&dest.0).is_empty());
+    assert!(crate::harness::parquet_files(&dest.0).is_empty());
     assert!(!dest.0.join("t").exists());
 }
 
@@ -784,7 +783,7 @@ struct RoleGuard {
 
 impl Drop for RoleGuard {
     fn drop(&mut self) {
-        let admin = crate::common::admin_dsn();
+        let admin = crate::harness::admin_dsn();
         let in_db = format!("{}/{}", admin.rsplit_once('/').unwrap().0, self.db);
         for (dsn, sql) in [
             (in_db, format!("DROP OWNED BY {}", self.name)),

@@ -3,9 +3,9 @@
 //! test). Run them with `scripts/test.sh`, which starts the services first.
 
 mod cluster;
-mod common;
 mod engine;
 mod faults;
+mod harness;
 mod incremental;
 mod load;
 mod s3;

@@ -10,8 +10,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::common::*;
-use crate::faults::haul_bin;
+use crate::harness::*;
 
 const ENDPOINT: &str = "http://127.0.0.1:8333";
 

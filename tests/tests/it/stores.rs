@@ -3,31 +3,7 @@
 
 use haul_shared::redis_store::RedisStore;
 
-use crate::common::unique;
-
-pub(crate) fn redis_url() -> String {
-    std::env::var("HAUL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-/// Removes the test's keys even when the suite panics.
-pub(crate) struct KeysGuard(pub(crate) String);
-
-impl Drop for KeysGuard {
-    fn drop(&mut self) {
-        let url = redis_url();
-        let Ok(out) = std::process::Command::new("redis-cli")
-            .args(["-u", &url, "--scan", "--pattern", &format!("{}*", self.0)])
-            .output()
-        else {
-            return;
-        };
-        for key in String::from_utf8_lossy(&out.stdout).lines() {
-            let _ = std::process::Command::new("redis-cli")
-                .args(["-u", &url, "DEL", key])
-                .output();
-        }
-    }
-}
+use crate::harness::*;
 
 #[tokio::test]
 async fn redis_store_conforms_to_the_lease_and_job_store_contracts() {
@@ -60,32 +36,11 @@ async fn redis_store_conforms_to_the_lease_and_job_store_contracts() {
     assert!(left.is_empty(), "delete_all left {left:?}");
 }
 
-pub(crate) fn amqp_url() -> String {
-    std::env::var("HAUL_TEST_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// Deletes the test's queues (and their dead-letter queues) even when the suite panics.
-#[derive(Default)]
-pub(crate) struct QueuesGuard(pub(crate) std::sync::Mutex<Vec<String>>);
-
-impl Drop for QueuesGuard {
-    fn drop(&mut self) {
-        for name in self.0.lock().map(|n| n.clone()).unwrap_or_default() {
-            for q in [name.clone(), format!("{name}.dlq")] {
-                let _ = std::process::Command::new("rabbitmqctl")
-                    .args(["-q", "delete_queue", &q])
-                    .output();
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn rabbitmq_queue_conforms_to_the_queue_contract() {
     use haul_shared::rabbit_queue::RabbitQueue;
     // the broker-blip test closes every connection; not while this suite runs
-    let _broker = crate::common::BROKER.read().await;
+    let _broker = crate::harness::BROKER.read().await;
     let guard = QueuesGuard::default();
     haul_shared::conformance::queue_suite(|max| {
         let name = unique("haul_test_q");

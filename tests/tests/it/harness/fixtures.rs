@@ -1,4 +1,4 @@
-//! Test fixtures: a fresh database per test, a temporary destination, and an
+//! Fixtures: a fresh database per test, a temporary destination, and an
 //! order-independent checksum of a table computed two independent ways — by Postgres
 //! from the source rows, and in Rust from the Parquet files read back.
 
@@ -442,18 +442,18 @@ pub fn rust_canon(a: &dyn Array, i: usize) -> Option<String> {
 }
 
 /// Table `t (id bigint PRIMARY KEY, v bigint)` with ids `1..=rows`, and a domain `poison_t`
-/// over bigint whose check fails, as a user error (SQLSTATE 22023, so a chunk fails for
-/// good at once), for every id listed in table `poison` (`poison_id` at first). Reading
-/// with `--cast v=poison_t` fails the chunk holding that row until it is deleted from
-/// `poison`.
-pub async fn poisonable(db: &TestDb, rows: i64, poison_id: i64) {
+/// over bigint whose check fails with SQLSTATE `sqlstate` for every id listed in table
+/// `poison` (`poison_id` at first): reading with `--cast v=poison_t` fails the chunk
+/// holding that row until it is deleted from `poison`. `22023` is a user error (the chunk
+/// fails for good at once), `40001` a transient one (retried up to the delivery limit).
+pub async fn poisonable(db: &TestDb, rows: i64, poison_id: i64, sqlstate: &str) {
     db.exec(&format!(
         "CREATE TABLE poison (id bigint);
          INSERT INTO poison VALUES ({poison_id});
          CREATE FUNCTION poison_check(bigint) RETURNS bool LANGUAGE plpgsql STABLE AS $$
          BEGIN
            IF EXISTS (SELECT 1 FROM poison WHERE id = $1) THEN
-             RAISE EXCEPTION 'poisoned row %', $1 USING ERRCODE = '22023';
+             RAISE EXCEPTION 'poisoned row %', $1 USING ERRCODE = '{sqlstate}';
            END IF;
            RETURN true;
          END $$;
@@ -464,15 +464,18 @@ pub async fn poisonable(db: &TestDb, rows: i64, poison_id: i64) {
     .await;
 }
 
-/// The chunks of job `job` in `dest` that have no chunk manifest (as haul names them,
-/// `000042`), and how many chunks the job has.
-pub fn uncommitted_chunks(dest: &Path, job: &str) -> (Vec<String>, usize) {
+/// Asserts that job `job` in `dest` has exactly one chunk without a chunk manifest (the
+/// other chunks settled), and that the job's error `err` names it. Returns the job's
+/// number of chunks.
+pub fn assert_one_chunk_failed(err: &str, dest: &Path, job: &str) -> usize {
     let plan: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dest.join(format!("_haul/jobs/{job}/plan.json"))).expect("plan.json"),
     )
     .expect("plan.json parses");
     let chunks = plan["plan"]["chunks"].as_array().expect("chunks").len();
-    let missing = (0..chunks)
+    assert!(chunks >= 5, "{chunks} chunks");
+    // chunk manifests are named as haul names chunks: `000042.json`
+    let missing: Vec<String> = (0..chunks)
         .map(|i| format!("{i:06}"))
         .filter(|c| {
             !dest
@@ -480,5 +483,10 @@ pub fn uncommitted_chunks(dest: &Path, job: &str) -> (Vec<String>, usize) {
                 .exists()
         })
         .collect();
-    (missing, chunks)
+    assert_eq!(missing.len(), 1, "the other chunks settled: {missing:?}");
+    assert!(
+        err.contains(&format!("chunk {} failed", missing[0])),
+        "{err}"
+    );
+    chunks
 }
