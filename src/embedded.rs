@@ -219,9 +219,14 @@ pub async fn run(
         reporting.clone(),
     ));
     let holder = plan.snapshot.is_some().then_some(holder);
-    let ending = driver.drive(record, dest.clone(), holder, interrupt).await;
+    let ending = driver
+        .follow(&record, &dest, holder.as_ref(), interrupt)
+        .await;
+    // the workers stop (aborting what still runs) before the end is recorded and a
+    // failed job's staging area is cleared, so no attempt writes after the cleanup
     ctl.stop();
     workers.wait().await;
+    driver.finish(&job, &dest, holder, &ending).await;
     reporting.cancel();
     let _ = reporter.await;
 

@@ -73,9 +73,9 @@ pub enum Ending {
 }
 
 impl Driver {
-    /// Follows one job to its end. `holder` is the session holding the job's exported
-    /// snapshot (none for a job recovered after a restart, or read without a snapshot);
-    /// its transaction ends with the drive.
+    /// Follows one job to its end, then records the end ([`Driver::finish`]). `holder` is
+    /// the session holding the job's exported snapshot (none for a job recovered after a
+    /// restart, or read without a snapshot); its transaction ends with the drive.
     pub async fn drive(
         &self,
         rec: JobRecord,
@@ -83,16 +83,41 @@ impl Driver {
         holder: Option<pg::Session>,
         stop: CancellationToken,
     ) -> Ending {
-        let id = rec.id.clone();
-        let ending = match rec.plan.as_ref() {
-            None => Ending::Failed(RunError::Internal(format!("job {id} has no plan"))),
-            Some(plan) => {
-                let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
-                let closed = holder.as_ref().map(|h| h.closed.clone());
-                self.follow(&rec, plan, &dest, snapshot, closed, stop).await
-            }
+        let ending = self.follow(&rec, &dest, holder.as_ref(), stop).await;
+        self.finish(&rec.id, &dest, holder, &ending).await;
+        ending
+    }
+
+    /// Follows one job until it ends (see the module docs), without recording the end:
+    /// a caller that runs the workers too (embedded mode) stops them first, then calls
+    /// [`Driver::finish`].
+    pub async fn follow(
+        &self,
+        rec: &JobRecord,
+        dest: &Dest,
+        holder: Option<&pg::Session>,
+        stop: CancellationToken,
+    ) -> Ending {
+        let Some(plan) = rec.plan.as_ref() else {
+            return Ending::Failed(RunError::Internal(format!("job {} has no plan", rec.id)));
         };
-        let recorded = match &ending {
+        let snapshot = plan.snapshot.clone().filter(|_| holder.is_some());
+        let closed = holder.map(|h| h.closed.clone());
+        self.until_end(rec, plan, dest, snapshot, closed, stop)
+            .await
+    }
+
+    /// Records how the job ended in the job store (a success or a failure; a job ended
+    /// elsewhere or a stopped drive stays as recorded), clears the staging area of a
+    /// failed or cancelled job, and ends the snapshot's transaction.
+    pub async fn finish(
+        &self,
+        id: &JobId,
+        dest: &Dest,
+        holder: Option<pg::Session>,
+        ending: &Ending,
+    ) {
+        let recorded = match ending {
             Ending::Committed(_) => Some(JobState::Succeeded),
             Ending::Failed(e) => {
                 let reason = e.to_string();
@@ -102,25 +127,24 @@ impl Driver {
             Ending::Ended(_) | Ending::Stopped => None,
         };
         if let Some(state) = recorded {
-            if let Err(e) = self.jobs.set_job_state(&id, &state).await {
+            if let Err(e) = self.jobs.set_job_state(id, &state).await {
                 warn!(job_id = %id, error = %e, "could not record the job's end");
             }
             self.changed.notify_waiters();
         }
         let failed_or_cancelled = matches!(
-            &ending,
+            ending,
             Ending::Failed(_) | Ending::Ended(JobState::Failed { .. } | JobState::Cancelled)
         );
-        if failed_or_cancelled && let Err(e) = dest.clear_staging(&id).await {
+        if failed_or_cancelled && let Err(e) = dest.clear_staging(id).await {
             warn!(job_id = %id, error = %e, "could not clean the staging area");
         }
         if let Some(h) = holder {
             let _ = h.client.batch_execute("COMMIT").await;
         }
-        ending
     }
 
-    async fn follow(
+    async fn until_end(
         &self,
         rec: &JobRecord,
         plan: &haul_shared::jobs::JobPlan,
