@@ -519,7 +519,7 @@ impl TryFrom<JobArgs> for JobRequest {
             .load
             .iter()
             .filter(|e| !e.trim().is_empty())
-            .map(|e| haul_shared::load::flight_url(e).map_err(|m| format!("--load {m}")))
+            .map(|e| haul_shared::rpc::flight_url(e).map_err(|m| format!("--load {m}")))
             .collect::<Result<Vec<_>, _>>()?;
         // loading with no destination given: the target is the only output
         let dest_given = a.dest.is_some();

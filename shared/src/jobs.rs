@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lease::StoreError;
 use crate::pg::{Secret, TableInfo};
+pub use crate::range::KeyColumn;
 use crate::{ChunkId, ChunkRange, JobId, WorkerId};
 
 /// Parquet compression codec.
@@ -206,14 +207,6 @@ pub struct LoadSpec {
     pub create_table: bool,
     /// Empty the target table once, before the job's first chunk is loaded.
     pub truncate_first: bool,
-}
-
-/// A column the table is split on, with its type as written in casts (`bigint`,
-/// `character varying(20)`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyColumn {
-    pub name: String,
-    pub pg_type: String,
 }
 
 /// What the planner decided, inside the job's snapshot.

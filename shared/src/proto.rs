@@ -180,7 +180,7 @@ pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String
     let endpoints = r
         .load
         .iter()
-        .map(|e| crate::load::flight_url(e).map_err(|m| format!("--load {m}")))
+        .map(|e| crate::rpc::flight_url(e).map_err(|m| format!("--load {m}")))
         .collect::<Result<Vec<_>, _>>()?;
     let load =
         (!endpoints.is_empty() || !r.target_table.is_empty() || r.create_table || r.truncate_first)

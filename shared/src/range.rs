@@ -2,8 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::KeyColumn;
 use crate::pg::{quote_ident, quote_literal};
+
+/// A column the table is split on, with its type as written in casts (`bigint`,
+/// `character varying(20)`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyColumn {
+    pub name: String,
+    pub pg_type: String,
+}
 
 /// A chunk's rows. Key ranges are half-open `[lower, upper)` on the key tuple compared as
 /// a Postgres row value; a missing bound is unbounded. Key values are held in their

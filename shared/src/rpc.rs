@@ -159,3 +159,42 @@ impl Interceptor for RequireToken {
         }
     }
 }
+
+/// `flight://host:port` (also `grpc://`, `grpc+tcp://`) → `http://host:port`;
+/// `flight+tls://` / `grpc+tls://` → `https://`; `http(s)://` as given.
+pub fn flight_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    for (scheme, to) in [
+        ("flight://", "http://"),
+        ("grpc://", "http://"),
+        ("grpc+tcp://", "http://"),
+        ("flight+tls://", "https://"),
+        ("grpc+tls://", "https://"),
+        ("http://", "http://"),
+        ("https://", "https://"),
+    ] {
+        if let Some(rest) = s.strip_prefix(scheme) {
+            if rest.is_empty() || rest.contains('/') {
+                return Err(format!("{s:?}: expected {scheme}host:port"));
+            }
+            return Ok(format!("{to}{rest}"));
+        }
+    }
+    Err(format!(
+        "{s:?}: a loader address is flight://host:port (or flight+tls://host:port)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flight_url;
+
+    #[test]
+    fn loader_addresses() {
+        assert_eq!(flight_url("flight://a:50052").unwrap(), "http://a:50052");
+        assert_eq!(flight_url(" grpc+tls://b:1 ").unwrap(), "https://b:1");
+        assert_eq!(flight_url("http://c:2").unwrap(), "http://c:2");
+        assert!(flight_url("flight://a:1/x").is_err());
+        assert!(flight_url("a:50052").is_err());
+    }
+}

@@ -31,7 +31,7 @@ mod target;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 
-pub use client::{ChunkLoad, LoadAuth, LoadClient, LoadClientError, flight_url};
+pub use client::{ChunkLoad, LoadAuth, LoadClient, LoadClientError};
 pub use error::LoadError;
 pub use ledger::Loader;
 pub use service::{LoaderOptions, LoaderService, serve};
