@@ -4,10 +4,11 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::jobs::{
-    Compression, Granularity, Incremental, JobSpec, JobState, LoadSpec, OutputOptions, PartitionBy,
-    Split, Submission,
+    ChunkState, Compression, Granularity, Incremental, JobRecord, JobSpec, JobState, LoadSpec,
+    OutputOptions, PartitionBy, Split, Submission,
 };
 use crate::pg::Secret;
+use crate::workers::{DrainOrder, WorkerRecord};
 use crate::{ChunkId, ChunkRange, JobId};
 
 /// Code generated from `proto/haul/v1/haul.proto`.
@@ -325,6 +326,114 @@ pub fn state_is_terminal(s: wire::JobState) -> bool {
         s,
         wire::JobState::Succeeded | wire::JobState::Failed | wire::JobState::Cancelled
     )
+}
+
+/// The API's view of a job: counts, not the chunk list, and never the source password.
+pub fn job_status_to_wire(
+    rec: &JobRecord,
+    chunks: &std::collections::BTreeMap<ChunkId, ChunkState>,
+) -> wire::JobStatus {
+    let mut s = wire::JobStatus {
+        job_id: rec.id.to_string(),
+        state: state_to_wire(&rec.state).into(),
+        reason: match &rec.state {
+            JobState::Failed { reason } => reason.clone(),
+            _ => String::new(),
+        },
+        table: rec.spec.table.clone(),
+        dest: rec.spec.dest.clone(),
+        source: rec.spec.source.to_string(),
+        chunks_total: rec
+            .plan
+            .as_ref()
+            .map(|p| p.chunks.len() as u32)
+            .unwrap_or(0),
+        estimated_rows: rec.plan.as_ref().map(|p| p.estimated_rows).unwrap_or(0),
+        snapshot: rec
+            .plan
+            .as_ref()
+            .and_then(|p| p.snapshot.clone())
+            .unwrap_or_default(),
+        submitted_at_ms: chrono::DateTime::parse_from_rfc3339(&rec.submitted_at)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0),
+        ..wire::JobStatus::default()
+    };
+    for c in chunks.values() {
+        match c {
+            ChunkState::Committed { rows, bytes } => {
+                s.chunks_done += 1;
+                s.rows_done += rows;
+                s.bytes_done += bytes;
+            }
+            ChunkState::Running { .. } => s.chunks_running += 1,
+            ChunkState::Failed { .. } => s.chunks_failed += 1,
+            ChunkState::Pending | ChunkState::Parked => {}
+        }
+    }
+    if let Some(l) = &rec.spec.load {
+        s.load_target = l.target_table.clone();
+        s.loaders = l.endpoints.clone();
+    }
+    if rec.state == JobState::Succeeded
+        && rec.spec.output.parquet
+        && let Some(p) = &rec.plan
+    {
+        s.manifest = format!(
+            "{}/{}/_manifest.json",
+            rec.spec.dest.trim_end_matches('/'),
+            crate::lake::table_dir(&p.table.name)
+        );
+    }
+    s
+}
+
+/// A worker as `haul workers` shows it, at time `now_ms`.
+pub fn worker_to_wire(
+    rec: &WorkerRecord,
+    order: Option<DrainOrder>,
+    now_ms: i64,
+) -> wire::WorkerInfo {
+    wire::WorkerInfo {
+        worker_id: rec.id.to_string(),
+        host: rec.host.clone(),
+        slots: rec.slots,
+        in_flight: rec.in_flight,
+        last_heartbeat_ms: rec.last_heartbeat_ms,
+        state: crate::workers::worker_state(rec, order, now_ms).into(),
+        chunks_done: rec.chunks_done,
+        rows_done: rec.rows_done,
+        pid: rec.pid,
+    }
+}
+
+/// The registry's record of a worker from its heartbeat, received at `now_ms`.
+pub fn worker_from_heartbeat(
+    r: wire::HeartbeatRequest,
+    now_ms: i64,
+) -> Result<WorkerRecord, String> {
+    if r.worker_id.is_empty() {
+        return Err("a heartbeat needs the worker id".into());
+    }
+    Ok(WorkerRecord {
+        id: crate::WorkerId(r.worker_id),
+        host: r.host,
+        pid: r.pid,
+        slots: r.slots,
+        in_flight: r.in_flight,
+        last_heartbeat_ms: now_ms,
+        draining: r.draining,
+        chunks_done: r.chunks_done,
+        rows_done: r.rows_done,
+    })
+}
+
+/// The heartbeat's answer: whether (and how) the worker must drain.
+pub fn drain_order_to_wire(order: Option<DrainOrder>) -> wire::HeartbeatReply {
+    wire::HeartbeatReply {
+        drain: order.is_some(),
+        requeue_in_flight: order == Some(DrainOrder::RequeueInFlight),
+    }
 }
 
 #[cfg(test)]

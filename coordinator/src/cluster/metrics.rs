@@ -8,7 +8,9 @@ use haul_shared::metrics::{Family, Gauge, Labels, Registry, encode};
 use haul_shared::queue::ChunkQueue;
 use haul_shared::workers::worker_state;
 
-use super::{Coordinator, job_status, now_ms};
+use haul_shared::proto::job_status_to_wire;
+
+use super::{Coordinator, now_ms};
 
 impl Coordinator {
     /// Prometheus text: jobs by state, progress of unfinished jobs, workers by state,
@@ -21,7 +23,7 @@ impl Coordinator {
                 *by_state.entry(j.state.name()).or_default() += 1;
                 if !j.state.is_terminal() {
                     let chunks = self.store.chunk_states(&id).await.unwrap_or_default();
-                    open.push(job_status(&j, &chunks));
+                    open.push(job_status_to_wire(&j, &chunks));
                 }
             }
         }

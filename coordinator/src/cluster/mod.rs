@@ -18,23 +18,22 @@ mod recovery;
 pub mod server;
 pub mod service;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use haul_shared::JobId;
 use haul_shared::error::to_status;
-use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
-use haul_shared::lake::{Dest, table_dir};
+use haul_shared::jobs::{JobRecord, JobState, JobStore};
+use haul_shared::lake::Dest;
 use haul_shared::lease::StoreError;
 use haul_shared::load::LoadAuth;
 use haul_shared::pg::{self, Secret};
-use haul_shared::proto::state_to_wire;
+use haul_shared::proto::job_status_to_wire;
 use haul_shared::proto::wire::{JobStatus, SubmitRequest};
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
-use haul_shared::{ChunkId, JobId};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
@@ -236,7 +235,7 @@ impl Coordinator {
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no job {id}; `haul jobs` lists them")))?;
         let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
-        Ok(job_status(&rec, &chunks))
+        Ok(job_status_to_wire(&rec, &chunks))
     }
 
     async fn set_state(
@@ -262,61 +261,4 @@ impl Coordinator {
         self.driver.changed.notify_waiters();
         self.status(id).await
     }
-}
-
-/// The API's view of a job: counts, not the chunk list, and never the source password.
-pub fn job_status(rec: &JobRecord, chunks: &BTreeMap<ChunkId, ChunkState>) -> JobStatus {
-    let mut s = JobStatus {
-        job_id: rec.id.to_string(),
-        state: state_to_wire(&rec.state).into(),
-        reason: match &rec.state {
-            JobState::Failed { reason } => reason.clone(),
-            _ => String::new(),
-        },
-        table: rec.spec.table.clone(),
-        dest: rec.spec.dest.clone(),
-        source: rec.spec.source.to_string(),
-        chunks_total: rec
-            .plan
-            .as_ref()
-            .map(|p| p.chunks.len() as u32)
-            .unwrap_or(0),
-        estimated_rows: rec.plan.as_ref().map(|p| p.estimated_rows).unwrap_or(0),
-        snapshot: rec
-            .plan
-            .as_ref()
-            .and_then(|p| p.snapshot.clone())
-            .unwrap_or_default(),
-        submitted_at_ms: chrono::DateTime::parse_from_rfc3339(&rec.submitted_at)
-            .map(|t| t.timestamp_millis())
-            .unwrap_or(0),
-        ..JobStatus::default()
-    };
-    for c in chunks.values() {
-        match c {
-            ChunkState::Committed { rows, bytes } => {
-                s.chunks_done += 1;
-                s.rows_done += rows;
-                s.bytes_done += bytes;
-            }
-            ChunkState::Running { .. } => s.chunks_running += 1,
-            ChunkState::Failed { .. } => s.chunks_failed += 1,
-            ChunkState::Pending | ChunkState::Parked => {}
-        }
-    }
-    if let Some(l) = &rec.spec.load {
-        s.load_target = l.target_table.clone();
-        s.loaders = l.endpoints.clone();
-    }
-    if rec.state == JobState::Succeeded
-        && rec.spec.output.parquet
-        && let Some(p) = &rec.plan
-    {
-        s.manifest = format!(
-            "{}/{}/_manifest.json",
-            rec.spec.dest.trim_end_matches('/'),
-            table_dir(&p.table.name)
-        );
-    }
-    s
 }

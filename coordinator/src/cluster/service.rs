@@ -14,8 +14,11 @@ use haul_shared::proto::wire::{
     ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest, WorkerInfo, WorkerRef,
     admin_server::Admin, jobs_server::Jobs, membership_server::Membership,
 };
-use haul_shared::proto::{state_is_terminal, submission_from_wire};
-use haul_shared::workers::{DrainOrder, WorkerRecord, worker_state};
+use haul_shared::proto::{
+    drain_order_to_wire, state_is_terminal, submission_from_wire, worker_from_heartbeat,
+    worker_to_wire,
+};
+use haul_shared::workers::DrainOrder;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -135,20 +138,6 @@ impl Jobs for Api {
     }
 }
 
-fn worker_info(rec: &WorkerRecord, order: Option<DrainOrder>) -> WorkerInfo {
-    WorkerInfo {
-        worker_id: rec.id.to_string(),
-        host: rec.host.clone(),
-        slots: rec.slots,
-        in_flight: rec.in_flight,
-        last_heartbeat_ms: rec.last_heartbeat_ms,
-        state: worker_state(rec, order, now_ms()).into(),
-        chunks_done: rec.chunks_done,
-        rows_done: rec.rows_done,
-        pid: rec.pid,
-    }
-}
-
 impl Api {
     async fn worker(&self, id: &str) -> Result<WorkerInfo, Status> {
         self.0
@@ -158,7 +147,7 @@ impl Api {
             .map_err(store_status)?
             .iter()
             .find(|(r, _)| r.id.0 == id)
-            .map(|(r, o)| worker_info(r, *o))
+            .map(|(r, o)| worker_to_wire(r, *o, now_ms()))
             .ok_or_else(|| Status::not_found(format!("no worker {id}; `haul workers` lists them")))
     }
 }
@@ -176,7 +165,7 @@ impl Admin for Api {
                 let _ = self.0.store.deregister(&r.id).await;
                 continue;
             }
-            workers.push(worker_info(&r, o));
+            workers.push(worker_to_wire(&r, o, now_ms()));
         }
         Ok(Response::new(ListWorkersReply { workers }))
     }
@@ -227,26 +216,10 @@ impl Membership for Api {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let r = req.into_inner();
-        if r.worker_id.is_empty() {
-            return Err(Status::invalid_argument("a heartbeat needs the worker id"));
-        }
-        let rec = WorkerRecord {
-            id: WorkerId(r.worker_id),
-            host: r.host,
-            pid: r.pid,
-            slots: r.slots,
-            in_flight: r.in_flight,
-            last_heartbeat_ms: now_ms(),
-            draining: r.draining,
-            chunks_done: r.chunks_done,
-            rows_done: r.rows_done,
-        };
+        let rec =
+            worker_from_heartbeat(req.into_inner(), now_ms()).map_err(Status::invalid_argument)?;
         let order = self.0.store.heartbeat(&rec).await.map_err(store_status)?;
-        Ok(Response::new(HeartbeatReply {
-            drain: order.is_some(),
-            requeue_in_flight: order == Some(DrainOrder::RequeueInFlight),
-        }))
+        Ok(Response::new(drain_order_to_wire(order)))
     }
 
     async fn deregister(&self, req: Request<WorkerRef>) -> Result<Response<Empty>, Status> {
