@@ -14,6 +14,7 @@
 //! - [`lake`]: the destination's layout, its manifests and the commit protocol.
 //! - [`load`]: the load protocol, both sides: the loader's Flight service and ledger, the
 //!   target's DDL and type map, Arrow → binary COPY, and the client workers stream with.
+//! - [`shutdown`]: the stop signals every role listens to.
 //! - [`pg`]: Postgres connection settings, secret masking, identifier quoting, and the
 //!   Postgres → Arrow type mapping.
 
@@ -33,6 +34,7 @@ pub mod rabbit_queue;
 pub mod range;
 pub mod redis_store;
 pub mod rpc;
+pub mod shutdown;
 pub mod workers;
 
 pub use error::ErrorClass;

@@ -29,21 +29,10 @@ pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     }
 }
 
-/// A token that fires on SIGTERM or Ctrl-C, logging `msg`: how a server role
-/// (coordinator, loader) learns to shut down. (`haul worker` handles its signals itself:
-/// a first one drains, a second aborts.)
+/// A token that fires at SIGTERM or Ctrl-C, logging `msg`: how a server role
+/// (coordinator, loader) and `haul run` learn to stop. (`haul worker` takes its signals
+/// itself: a first one drains, a second aborts.)
 fn stop_on_signal(msg: &'static str) -> anyhow::Result<CancellationToken> {
-    let stop = CancellationToken::new();
-    let on_signal = stop.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("{msg}");
-        on_signal.cancel();
-    });
-    Ok(stop)
+    haul_shared::shutdown::on_stop_signal(msg)
+        .map_err(|e| anyhow::anyhow!("cannot install the signal handlers: {e}"))
 }

@@ -22,8 +22,8 @@ use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
 use haul_shared::rpc::{ClientOptions, RpcError};
+use haul_shared::shutdown::StopSignals;
 use haul_shared::workers::HEARTBEAT_INTERVAL_MS;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::executor::Progress;
@@ -66,8 +66,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     let host = haul_shared::workers::hostname();
     let pid = std::process::id();
     let id = WorkerId(opts.id.clone().unwrap_or_else(|| format!("{host}-{pid}")));
-    let mut sigterm = signal(SignalKind::terminate()).map_err(NodeError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(NodeError::Signals)?;
+    let mut signals = StopSignals::install().map_err(NodeError::Signals)?;
 
     let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
     let queue = RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?;
@@ -121,8 +120,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
         };
         tokio::select! {
             r = &mut work => break r,
-            _ = sigterm.recv() => stop_signal(&ctl, &opts, &mut grace_end, "SIGTERM"),
-            _ = sigint.recv() => stop_signal(&ctl, &opts, &mut grace_end, "SIGINT"),
+            name = signals.next() => stop_signal(&ctl, &opts, &mut grace_end, name),
             _ = grace, if !ctl.abort.is_cancelled() => {
                 warn!("drain grace period over; aborting the chunks in flight and handing them back");
                 ctl.abort.cancel();
