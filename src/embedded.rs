@@ -227,6 +227,12 @@ pub async fn run(
     ctl.stop();
     workers.wait().await;
     driver.finish(&job, &dest, holder, &ending).await;
+    if matches!(ending, Ending::Stopped) {
+        // interrupted: every attempt ran in this process, and all have stopped
+        if let Err(e) = dest.clear_staging(&job).await {
+            warn!(job_id = %job, error = %e, "could not clean the staging area");
+        }
+    }
     reporting.cancel();
     let _ = reporter.await;
 
