@@ -15,7 +15,9 @@
 //!   a resume has only the failed ones left), or when the snapshot's session is lost;
 //! - commits the job once every chunk is committed (transient commit failures retried).
 //!
-//! The driver records the job's end in the job store; its caller reads [`Ending`].
+//! [`Driver::drive`] follows the job and then records its end ([`Driver::finish`]: the job
+//! store, a failed or cancelled job's staging area, the snapshot's transaction); embedded
+//! mode calls [`Driver::follow`], stops its workers, then `finish`. Callers read [`Ending`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

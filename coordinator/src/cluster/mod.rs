@@ -200,14 +200,7 @@ impl Coordinator {
                 "queueing its chunks failed: {e}; finish it with `haul submit --resume {} --fresh-snapshot`",
                 rec.id
             );
-            warn!(job_id = %rec.id, %reason, "job failed");
-            if let Err(e) = self
-                .store
-                .set_job_state(&rec.id, &JobState::Failed { reason })
-                .await
-            {
-                warn!(job_id = %rec.id, error = %e, "could not record the job's end");
-            }
+            self.fail(&rec.id, reason).await;
             return Err(to_status(&e));
         }
         self.store
@@ -225,6 +218,18 @@ impl Coordinator {
         let holder = p.plan.snapshot.is_some().then_some(p.holder);
         self.spawn_driver(rec.clone(), p.dest, holder);
         self.status(&rec.id).await
+    }
+
+    /// Records a job as failed, with the reason users read in `haul status`.
+    async fn fail(&self, id: &JobId, reason: String) {
+        warn!(job_id = %id, %reason, "job failed");
+        if let Err(e) = self
+            .store
+            .set_job_state(id, &JobState::Failed { reason })
+            .await
+        {
+            warn!(job_id = %id, error = %e, "could not record the job's end");
+        }
     }
 
     async fn status(&self, id: &JobId) -> Result<JobStatus, Status> {

@@ -61,17 +61,6 @@ impl Coordinator {
         }
     }
 
-    async fn fail(&self, id: &JobId, reason: String) {
-        warn!(job_id = %id, %reason, "job failed");
-        if let Err(e) = self
-            .store
-            .set_job_state(id, &JobState::Failed { reason })
-            .await
-        {
-            warn!(job_id = %id, error = %e, "could not record the job's end");
-        }
-    }
-
     async fn recover_job(self: &Arc<Self>, id: &JobId) -> Result<(), RunError> {
         let Some(rec) = self.store.get_job(id).await? else {
             return Ok(());
