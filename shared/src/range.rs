@@ -83,13 +83,16 @@ impl ChunkRange {
                 if let Some(u) = upper {
                     parts.push(format!("{} < {}", cols(), tuple(u)));
                 }
-                if parts.is_empty() {
-                    // unbounded both sides still excludes NULL keys (they have their own chunk)
-                    let c: Vec<String> = key
-                        .iter()
-                        .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name)))
-                        .collect();
-                    parts.push(c.join(" AND "));
+                // A key range never matches a row with a NULL key column: those rows are
+                // the NULL-key chunk's. A single column compared to a bound is NULL (not
+                // true) for them, but a row comparison decides at the first unequal pair,
+                // so `ROW(5, NULL) >= ROW(4, 7)` is true: composite keys (and ranges
+                // unbounded on both sides) say so explicitly.
+                if parts.is_empty() || key.len() > 1 {
+                    parts.extend(
+                        key.iter()
+                            .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name))),
+                    );
                 }
                 parts.join(" AND ")
             }
