@@ -205,15 +205,24 @@ fn bad_len(v: &[u8], want: usize) -> String {
     format!("value has {} bytes, expected {want}", v.len())
 }
 
+/// The latest finite timestamp Arrow's microseconds from 1970 hold below the +infinity
+/// marker (i64::MAX), in Postgres's own count from 2000: 294247-01-10 04:00:54.775806 UTC.
+/// Postgres goes on to 294276 AD.
+const LAST_TS_FROM_2000: i64 = i64::MAX - 1 - PG_EPOCH_OFFSET_US;
+
 /// Timestamps: Postgres counts from 2000-01-01, Arrow from 1970-01-01. ±infinity are
-/// kept as i64::MAX / i64::MIN, the values Postgres itself uses for them.
+/// kept as i64::MAX / i64::MIN, the values Postgres itself uses for them. A finite value
+/// past [`LAST_TS_FROM_2000`] cannot be held (shifted, it would wrap or become the
+/// infinity marker): it is refused with the fix.
 fn pg_ts(v: &[u8]) -> Result<i64, String> {
     let t = be_i64(v)?;
-    Ok(if t == i64::MAX || t == i64::MIN {
-        t
-    } else {
-        t + PG_EPOCH_OFFSET_US
-    })
+    if t == i64::MAX || t == i64::MIN {
+        return Ok(t);
+    }
+    if t > LAST_TS_FROM_2000 {
+        return Err("a timestamp after 294247-01-10 04:00:54.775806 UTC, the latest an Arrow microsecond timestamp holds; pass --cast <column>=text to export its text form".into());
+    }
+    Ok(t + PG_EPOCH_OFFSET_US)
 }
 
 fn pg_date(v: &[u8]) -> Result<i32, String> {
@@ -544,6 +553,21 @@ impl Col {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 12): timestamps past 294247-01-10 04:00:54.775807 UTC wrapped
+    /// (into the infinity markers or a date in 290308 BC).
+    #[test]
+    fn timestamps_at_the_end_of_arrows_range_are_held_or_refused() {
+        let enc = |t: i64| t.to_be_bytes().to_vec();
+        assert_eq!(pg_ts(&enc(LAST_TS_FROM_2000)).unwrap(), i64::MAX - 1);
+        assert_eq!(pg_ts(&enc(i64::MAX)).unwrap(), i64::MAX, "+infinity");
+        assert_eq!(pg_ts(&enc(i64::MIN)).unwrap(), i64::MIN, "-infinity");
+        assert_eq!(pg_ts(&enc(0)).unwrap(), PG_EPOCH_OFFSET_US);
+        for past in [LAST_TS_FROM_2000 + 1, LAST_TS_FROM_2000 + 2, i64::MAX - 1] {
+            let e = pg_ts(&enc(past)).unwrap_err();
+            assert!(e.contains("--cast <column>=text"), "{e}");
+        }
+    }
 
     fn numeric(weight: i16, sign: u16, dscale: u16, digits: &[i16]) -> Vec<u8> {
         let mut v = Vec::new();

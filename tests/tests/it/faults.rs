@@ -2,10 +2,13 @@
 //! see; a killed run resumes without loss or duplicates; a fenced-off attempt cannot
 //! commit; independent readers see exactly the source's rows.
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow_array::Array;
+use arrow_array::cast::AsArray;
 use haul_shared::jobs::{JobPlan, KeyColumn};
 use haul_shared::lake::Dest;
 use haul_shared::lease::{LeaseStore, MemoryLeaseStore};
@@ -640,4 +643,77 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     assert_eq!(s.rows, 20_000);
     assert_eq!(s.chunks, chunks);
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+/// Regression (issue 12): a finite timestamp past 294247-01-10 04:00:54.775806 UTC (the
+/// last instant Arrow's microseconds from 1970 hold) wrapped: `…775807` became the
+/// +infinity marker, later ones -infinity or a date in 290308 BC, and the job succeeded.
+/// The last holdable instant round-trips exactly; one microsecond later, in a timestamp,
+/// a timestamptz or a timestamp array, the job fails naming the column and the fix; with
+/// that fix (`--cast <column>=text`) it exports the value's text.
+#[tokio::test]
+async fn timestamps_past_arrows_range_are_refused_not_wrapped() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE ts (id int PRIMARY KEY, a timestamp, b timestamptz, c timestamp[]);
+         INSERT INTO ts VALUES
+           (1, '294247-01-10 04:00:54.775806', '294247-01-10 04:00:54.775806+00',
+               ARRAY['294247-01-10 04:00:54.775806'::timestamp]),
+           (2, 'infinity', '-infinity', ARRAY['infinity'::timestamp]),
+           (3, '2024-01-01', '2024-01-01 00:00+00', NULL);",
+    )
+    .await;
+    let dest = TempDest::new();
+    run(options(&db.dsn, "ts", &dest)).await.unwrap();
+    let batches = read_batches(&dest.0.join("ts"));
+    let mut seen = BTreeMap::new();
+    for b in &batches {
+        let ids = b.column(0).as_primitive::<arrow_array::types::Int32Type>();
+        let a = b
+            .column(1)
+            .as_primitive::<arrow_array::types::TimestampMicrosecondType>();
+        let c = b.column(3).as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let first = (!c.is_null(i)).then(|| {
+                c.value(i)
+                    .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
+                    .value(0)
+            });
+            seen.insert(ids.value(i), (a.value(i), first));
+        }
+    }
+    assert_eq!(
+        seen[&1],
+        (i64::MAX - 1, Some(i64::MAX - 1)),
+        "the last instant"
+    );
+    assert_eq!(seen[&2], (i64::MAX, Some(i64::MAX)), "+infinity");
+
+    for (column, later) in [
+        ("a", "'294247-01-10 04:00:54.775807'"),
+        ("b", "'294276-12-31 23:59:59.999999+00'"),
+        ("c", "ARRAY['294247-01-10 04:00:54.775807'::timestamp]"),
+    ] {
+        db.exec(&format!("UPDATE ts SET {column} = {later} WHERE id = 3"))
+            .await;
+        let bad = TempDest::new();
+        expect_error(
+            options(&db.dsn, "ts", &bad),
+            &bad,
+            &[
+                &format!("column \"{column}\""),
+                "294247-01-10",
+                "--cast <column>=text",
+            ],
+        )
+        .await;
+        let out = TempDest::new();
+        let mut cast = options(&db.dsn, "ts", &out);
+        cast.spec.casts.insert(column.into(), "text".into());
+        run(cast)
+            .await
+            .unwrap_or_else(|e| panic!("{column} as text: {e}"));
+        db.exec(&format!("UPDATE ts SET {column} = NULL WHERE id = 3"))
+            .await;
+    }
 }
