@@ -303,7 +303,8 @@ pub struct JobArgs {
     /// Cast a column in the source query, `col=type` (e.g. `--cast shape=text`); repeatable.
     #[arg(long = "cast", env = "HAUL_CAST", value_delimiter = ',', value_parser = parse_cast)]
     pub casts: Vec<(String, String)>,
-    /// Hive-partition the output by a date/timestamp column: `col:day|month|year`.
+    /// Hive-partition the output by a date/timestamp column: `col:day|month|year[:as=<field>]`
+    /// (folders `<field>=...`, `dt` unless named; it must not name an exported column).
     #[arg(long, env = "HAUL_PARTITION_BY", value_parser = parse_partition)]
     pub partition_by: Option<PartitionBy>,
     /// Target rows per chunk.
@@ -468,25 +469,31 @@ pub fn parse_compression(s: &str) -> Result<Compression, String> {
     }
 }
 
+/// `<column>[:day|month|year][:as=<field>]`: the granularity is `day` unless given, the
+/// partition field (the folders' name) `dt` unless given.
 pub fn parse_partition(s: &str) -> Result<PartitionBy, String> {
-    let (column, gran) = s.rsplit_once(':').unwrap_or((s, "day"));
-    let granularity = match gran {
-        "day" => Granularity::Day,
-        "month" => Granularity::Month,
-        "year" => Granularity::Year,
-        g => {
-            return Err(format!(
-                "invalid --partition-by granularity {g:?}: use <column>:day, :month or :year"
-            ));
-        }
-    };
+    let mut parts = s.split(':');
+    let column = parts.next().unwrap_or_default();
     if column.is_empty() {
         return Err("--partition-by needs a column: <column>:day".into());
     }
-    Ok(PartitionBy {
-        column: column.to_owned(),
-        granularity,
-    })
+    let mut p = PartitionBy::new(column, Granularity::Day);
+    for part in parts {
+        match part {
+            "day" => p.granularity = Granularity::Day,
+            "month" => p.granularity = Granularity::Month,
+            "year" => p.granularity = Granularity::Year,
+            _ => match part.strip_prefix("as=") {
+                Some(field) => p.field = field.to_owned(),
+                None => {
+                    return Err(format!(
+                        "invalid --partition-by part {part:?}: use <column>:day|month|year[:as=<field>]"
+                    ));
+                }
+            },
+        }
+    }
+    Ok(p)
 }
 
 /// A job as the flags describe it.
@@ -672,6 +679,12 @@ mod tests {
         );
         assert_eq!(parse_partition("d").unwrap().granularity, Granularity::Day);
         assert!(parse_partition("d:week").is_err());
+        let p = parse_partition("at:month:as=load_month").unwrap();
+        assert_eq!(
+            (p.column.as_str(), p.granularity, p.field.as_str()),
+            ("at", Granularity::Month, "load_month")
+        );
+        assert_eq!(parse_partition("at").unwrap().field, "dt");
     }
 
     #[test]

@@ -55,6 +55,14 @@ pub enum RunError {
     #[error("--workers must be at least 1")]
     NoWorkers,
     #[error(
+        "--partition-by: partition field {field:?}: {reason}; name it with --partition-by {column}:<granularity>:as=<field>"
+    )]
+    PartitionField {
+        field: String,
+        column: String,
+        reason: &'static str,
+    },
+    #[error(
         "--incremental {column}: {table_dir}/_manifest.json in {dest} is a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
     )]
     NotIncremental {
@@ -116,6 +124,7 @@ impl Classify for RunError {
             | RunError::Interrupted { .. }
             | RunError::NoLoaders
             | RunError::NoWorkers
+            | RunError::PartitionField { .. }
             | RunError::NotIncremental { .. }
             | RunError::OtherWatermark { .. }
             | RunError::BadWatermark { .. }

@@ -148,14 +148,35 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         None
     };
     let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
-    if let Some(p) = &spec.output.partition_by
-        && table.column(&p.column).is_none()
-    {
-        return Err(SourceError::ColumnNotFound {
-            table: table.quoted(),
-            column: p.column.clone(),
+    if let Some(p) = &spec.output.partition_by {
+        if table.column(&p.column).is_none() {
+            return Err(SourceError::ColumnNotFound {
+                table: table.quoted(),
+                column: p.column.clone(),
+            }
+            .into());
         }
-        .into());
+        // a Hive-partitioning reader (DuckDB, pyarrow, Spark) adds the partition field as
+        // a column, shadowing an exported column of the same name with the folder's value
+        let valid = !p.field.is_empty()
+            && p.field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let taken = table
+            .columns
+            .iter()
+            .any(|c| c.name.eq_ignore_ascii_case(&p.field));
+        if !valid || taken {
+            return Err(RunError::PartitionField {
+                field: p.field.clone(),
+                column: p.column.clone(),
+                reason: if taken {
+                    "the table has a column of that name, which readers with Hive partitioning would show with the folder's value instead of its own"
+                } else {
+                    "a partition field is made of letters, digits and _"
+                },
+            });
+        }
     }
     let tdir = table_dir(&table.name);
 

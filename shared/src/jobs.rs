@@ -38,10 +38,33 @@ pub enum Granularity {
     Year,
 }
 
+/// Hive-style partitioning by a date/timestamp column: folders `<field>=<value>`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionBy {
     pub column: String,
     pub granularity: Granularity,
+    /// The partition field's name (`dt` unless given): what the folders are called, and
+    /// the column a Hive-partitioning reader adds. It must not name an exported column.
+    #[serde(default = "default_partition_field")]
+    pub field: String,
+}
+
+/// The partition field's name unless the user names it.
+pub const DEFAULT_PARTITION_FIELD: &str = "dt";
+
+fn default_partition_field() -> String {
+    DEFAULT_PARTITION_FIELD.to_owned()
+}
+
+impl PartitionBy {
+    /// Partitioning by `column` into `dt=` folders.
+    pub fn new(column: impl Into<String>, granularity: Granularity) -> Self {
+        Self {
+            column: column.into(),
+            granularity,
+            field: default_partition_field(),
+        }
+    }
 }
 
 /// Output file shape.

@@ -238,6 +238,7 @@ pub fn output_to_wire(o: &OutputOptions) -> wire::OutputOptions {
         max_file_bytes: o.max_file_bytes,
         partition_by: o.partition_by.as_ref().map(|p| wire::PartitionBy {
             column: p.column.clone(),
+            field: p.field.clone(),
             granularity: match p.granularity {
                 Granularity::Day => wire::Granularity::Day,
                 Granularity::Month => wire::Granularity::Month,
@@ -284,10 +285,11 @@ pub fn output_from_wire(o: Option<wire::OutputOptions>) -> Result<OutputOptions,
                     Ok(wire::Granularity::Year) => Granularity::Year,
                     Err(_) => return Err(format!("unknown granularity {}", p.granularity)),
                 };
-                Ok(PartitionBy {
-                    column: p.column,
-                    granularity,
-                })
+                let mut by = PartitionBy::new(p.column, granularity);
+                if !p.field.is_empty() {
+                    by.field = p.field;
+                }
+                Ok(by)
             })
             .transpose()?,
         fsync: o.fsync,
@@ -502,6 +504,7 @@ mod tests {
                 partition_by: Some(PartitionBy {
                     column: "at".into(),
                     granularity: Granularity::Month,
+                    field: "load_month".into(),
                 }),
                 fsync: true,
                 ..OutputOptions::default()

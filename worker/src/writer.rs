@@ -86,7 +86,7 @@ impl ChunkWriter {
                         data_type: dt.to_string(),
                     });
                 }
-                Some((idx, p.granularity))
+                Some((idx, p.granularity, p.field.clone()))
             }
         };
         let (tx, rx) = mpsc::channel(2);
@@ -144,7 +144,8 @@ struct Writers {
     dest: Dest,
     cfg: WriterConfig,
     schema: SchemaRef,
-    partition: Option<(usize, Granularity)>,
+    /// The partition column's index, granularity and field name.
+    partition: Option<(usize, Granularity, String)>,
     props: Option<WriterProperties>,
     /// Least recently used first.
     open: Vec<OpenFile>,
@@ -195,10 +196,10 @@ impl Writers {
 
     /// Runs of rows with the same partition directory, as zero-copy slices.
     fn split(&self, batch: &RecordBatch) -> Vec<(String, RecordBatch)> {
-        let Some((idx, gran)) = self.partition else {
+        let Some((idx, gran, field)) = &self.partition else {
             return vec![(String::new(), batch.clone())];
         };
-        let col = batch.column(idx);
+        let col = batch.column(*idx);
         let key_of = |i: usize| -> Option<i64> {
             if col.is_null(i) {
                 return None;
@@ -226,14 +227,14 @@ impl Writers {
         }
         let mut start = 0;
         let mut day = key_of(0);
-        let mut dir = partition_dir(day, gran);
+        let mut dir = partition_dir(day, *gran, field);
         for i in 1..batch.num_rows() {
             let k = key_of(i);
             if k == day {
                 continue;
             }
             day = k;
-            let d = partition_dir(k, gran);
+            let d = partition_dir(k, *gran, field);
             if d != dir {
                 out.push((
                     std::mem::replace(&mut dir, d),
@@ -353,28 +354,24 @@ impl Writers {
     }
 }
 
-/// `dt=2024-03-09` (day), `dt=2024-03` (month), `dt=2024` (year); NULL goes to Hive's
-/// default partition; ±infinity to `dt=infinity` / `dt=-infinity`.
-pub fn partition_dir(day: Option<i64>, gran: Granularity) -> String {
+/// `dt=2024-03-09` (day), `dt=2024-03` (month), `dt=2024` (year), with `field` for `dt`;
+/// NULL goes to Hive's default partition; ±infinity to `dt=infinity` / `dt=-infinity`.
+pub fn partition_dir(day: Option<i64>, gran: Granularity, field: &str) -> String {
     let Some(day) = day else {
-        return "dt=__HIVE_DEFAULT_PARTITION__".into();
+        return format!("{field}=__HIVE_DEFAULT_PARTITION__");
     };
     let date = day
         .checked_add(719_163)
         .and_then(|d| i32::try_from(d).ok())
         .and_then(chrono::NaiveDate::from_num_days_from_ce_opt);
     let Some(date) = date else {
-        return if day > 0 {
-            "dt=infinity"
-        } else {
-            "dt=-infinity"
-        }
-        .into();
+        let sign = if day > 0 { "" } else { "-" };
+        return format!("{field}={sign}infinity");
     };
     match gran {
-        Granularity::Day => format!("dt={}", date.format("%Y-%m-%d")),
-        Granularity::Month => format!("dt={}", date.format("%Y-%m")),
-        Granularity::Year => format!("dt={}", date.format("%Y")),
+        Granularity::Day => format!("{field}={}", date.format("%Y-%m-%d")),
+        Granularity::Month => format!("{field}={}", date.format("%Y-%m")),
+        Granularity::Year => format!("{field}={}", date.format("%Y")),
     }
 }
 
@@ -487,22 +484,29 @@ mod tests {
 
     #[test]
     fn partition_dirs() {
-        assert_eq!(partition_dir(Some(0), Granularity::Day), "dt=1970-01-01");
         assert_eq!(
-            partition_dir(Some(19_792), Granularity::Month),
+            partition_dir(Some(0), Granularity::Day, "dt"),
+            "dt=1970-01-01"
+        );
+        assert_eq!(
+            partition_dir(Some(19_792), Granularity::Month, "dt"),
             "dt=2024-03"
         );
-        assert_eq!(partition_dir(Some(-1), Granularity::Year), "dt=1969");
+        assert_eq!(partition_dir(Some(-1), Granularity::Year, "dt"), "dt=1969");
         assert_eq!(
-            partition_dir(None, Granularity::Day),
+            partition_dir(Some(0), Granularity::Day, "load_dt"),
+            "load_dt=1970-01-01"
+        );
+        assert_eq!(
+            partition_dir(None, Granularity::Day, "dt"),
             "dt=__HIVE_DEFAULT_PARTITION__"
         );
         assert_eq!(
-            partition_dir(Some(i64::MAX), Granularity::Day),
+            partition_dir(Some(i64::MAX), Granularity::Day, "dt"),
             "dt=infinity"
         );
         assert_eq!(
-            partition_dir(Some(i64::MIN), Granularity::Day),
+            partition_dir(Some(i64::MIN), Granularity::Day, "dt"),
             "dt=-infinity"
         );
     }

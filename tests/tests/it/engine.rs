@@ -297,10 +297,7 @@ async fn hive_partitioning_by_day() {
     .await;
     let dest = TempDest::new();
     let mut o = options(&db.dsn, "orders", &dest);
-    o.spec.output.partition_by = Some(PartitionBy {
-        column: "created_at".into(),
-        granularity: Granularity::Day,
-    });
+    o.spec.output.partition_by = Some(PartitionBy::new("created_at", Granularity::Day));
     o.spec.chunk_rows = 800;
     run(o).await.unwrap();
     let out = dest.0.join("orders");

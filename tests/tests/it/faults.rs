@@ -55,10 +55,10 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     expect_error(bad_key, &dest, &["\"j\"", "json", "ordering", "--key"]).await;
 
     let mut bad_part = o("ok");
-    bad_part.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy {
-        column: "v".into(),
-        granularity: haul_shared::jobs::Granularity::Day,
-    });
+    bad_part.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy::new(
+        "v",
+        haul_shared::jobs::Granularity::Day,
+    ));
     expect_error(bad_part, &dest, &["\"v\"", "date or timestamp"]).await;
 
     let mut unreachable = o("ok");
@@ -384,10 +384,10 @@ async fn duckdb_and_pyarrow_read_the_output() {
     let dest = TempDest::new();
     let mut o = options(&db.dsn, "orders", &dest);
     o.spec.chunk_rows = 5000;
-    o.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy {
-        column: "created_at".into(),
-        granularity: haul_shared::jobs::Granularity::Day,
-    });
+    o.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy::new(
+        "created_at",
+        haul_shared::jobs::Granularity::Day,
+    ));
     run(o).await.unwrap();
     let want = db
         .client
@@ -716,4 +716,62 @@ async fn timestamps_past_arrows_range_are_refused_not_wrapped() {
         db.exec(&format!("UPDATE ts SET {column} = NULL WHERE id = 3"))
             .await;
     }
+}
+
+/// Regression (issue 12): a table column named like the Hive partition folder (`dt`, with
+/// `--partition-by created_at:day`) was silently shadowed: DuckDB and pyarrow with Hive
+/// partitioning showed the folder's date instead of the column for every row. The
+/// collision is refused before any data moves, naming the fix; with the partition field
+/// named (`:as=load_dt`), both readers see the table's own `dt` values and `load_dt`.
+#[tokio::test]
+async fn a_column_named_like_the_partition_field_is_never_shadowed() {
+    let python = crate::harness::test_python();
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, dt date NOT NULL);
+         INSERT INTO ev SELECT g, timestamptz '2024-01-01 00:00:00+00' + g * interval '7 hours',
+                (timestamptz '2024-01-01 00:00:00+00' + g * interval '7 hours')::date + 100
+         FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "ev", &dest);
+    o.spec.chunk_rows = 500;
+    o.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy::new(
+        "created_at",
+        haul_shared::jobs::Granularity::Day,
+    ));
+    expect_error(
+        o.clone(),
+        &dest,
+        &[
+            "partition field \"dt\"",
+            "column of that name",
+            ":as=<field>",
+        ],
+    )
+    .await;
+    let mut bad = o.clone();
+    bad.spec.output.partition_by.as_mut().unwrap().field = "load/dt".into();
+    expect_error(bad, &dest, &["letters, digits and _"]).await;
+
+    o.spec.output.partition_by.as_mut().unwrap().field = "load_dt".into();
+    run(o).await.unwrap();
+    assert!(dest.0.join("ev/load_dt=2024-01-01").is_dir());
+    let script = format!(
+        r#"
+import duckdb, pyarrow.dataset as ds, pyarrow.compute as pc
+root = {root:?}
+d = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE) + 100), count(*) FILTER (WHERE load_dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE)) FROM read_parquet('{{root}}/ev/**/*.parquet', hive_partitioning=true)").fetchone()
+t = ds.dataset(root + "/ev", format="parquet", partitioning="hive").to_table()
+print(d[0], d[1], d[2], t.num_rows, "dt" in t.column_names, "load_dt" in t.column_names)
+"#,
+        root = dest.0.display().to_string()
+    );
+    let out = Command::new(python).args(["-c", &script]).output().unwrap();
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "2000 2000 2000 2000 True True"
+    );
 }
