@@ -151,6 +151,25 @@ pub async fn run(
         }
         Preparation::Ready(p) => *p,
     };
+    let no_loader_given = opts.load_target.is_none()
+        && opts
+            .spec
+            .load
+            .as_ref()
+            .is_none_or(|l| l.endpoints.is_empty());
+    if let Some(l) = p.spec.load.as_ref()
+        && no_loader_given
+    {
+        // a resume of a job that loaded through `--load-target`: its loader ran in the
+        // process that planned it, and went with it
+        return Err(RunError::ResumeChanges {
+            job: p.job,
+            what: format!(
+                "it loads into {}; resume it with --load-target <dsn> (haul run's loader runs in-process)",
+                l.target_table
+            ),
+        });
+    }
     prepare_load(&mut p, &LoadAuth::default()).await?;
     let Prepared {
         job,

@@ -54,6 +54,8 @@ pub enum RunError {
     NoLoaders,
     #[error("--workers must be at least 1")]
     NoWorkers,
+    #[error("job {job}: {what}; a resume finishes the job as it was planned")]
+    ResumeChanges { job: JobId, what: String },
     #[error(
         "--partition-by: partition field {field:?}: {reason}; name it with --partition-by {column}:<granularity>:as=<field>"
     )]
@@ -124,6 +126,7 @@ impl Classify for RunError {
             | RunError::Interrupted { .. }
             | RunError::NoLoaders
             | RunError::NoWorkers
+            | RunError::ResumeChanges { .. }
             | RunError::PartitionField { .. }
             | RunError::NotIncremental { .. }
             | RunError::OtherWatermark { .. }

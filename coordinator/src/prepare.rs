@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobPlan, JobRecord, JobSpec, JobStore};
+use haul_shared::jobs::{ChunkState, JobPlan, JobRecord, JobSpec, JobStore, LoadSpec};
 use haul_shared::lake::{ChunkManifest, Dest, JobManifest, PlanFile, table_dir};
 use haul_shared::load::{LoadAuth, LoadClient};
 use haul_shared::pg::{self, SourceError, quote_ident};
@@ -97,6 +97,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         spec.output = p.output.clone();
         spec.use_snapshot = p.use_snapshot;
         spec.incremental = p.incremental.clone();
+        spec.load = resumed_load(&job, p.load.as_ref(), spec.load.take())?;
         if let Some(s) = &p.plan.snapshot
             && !opts.fresh_snapshot
         {
@@ -179,6 +180,12 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         }
     }
     let tdir = table_dir(&table.name);
+    if let Some(l) = spec.load.as_mut()
+        && l.target_table.is_empty()
+    {
+        // recorded in the plan by name, so a resume loads into the same table
+        l.target_table = table.quoted();
+    }
 
     let plan = match &previous {
         Some(p) => {
@@ -264,6 +271,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         output: spec.output.clone(),
         use_snapshot: spec.use_snapshot,
         incremental: spec.incremental.clone(),
+        load: spec.load.clone(),
         plan: plan.clone(),
         created_at: started_at.clone(),
     };
@@ -293,6 +301,43 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         started_at,
         planned_now: previous.is_none(),
     })))
+}
+
+/// A resumed job's load: the one its plan records, so a resume finishes the load too.
+/// The caller may give the loaders' addresses again (they move); a resume that would add
+/// a load, or load into another table, is refused: it would change what the job means.
+fn resumed_load(
+    job: &JobId,
+    planned: Option<&LoadSpec>,
+    given: Option<LoadSpec>,
+) -> Result<Option<LoadSpec>, RunError> {
+    let changes = |what: String| RunError::ResumeChanges {
+        job: job.clone(),
+        what,
+    };
+    match (planned, given) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(changes(
+            "it did not load a target; resume it without --load".into(),
+        )),
+        (Some(p), None) => Ok(Some(p.clone())),
+        (Some(p), Some(g)) => {
+            if !g.target_table.is_empty() && g.target_table != p.target_table {
+                return Err(changes(format!(
+                    "it loads into {}, not {}",
+                    p.target_table, g.target_table
+                )));
+            }
+            Ok(Some(LoadSpec {
+                endpoints: if g.endpoints.is_empty() {
+                    p.endpoints.clone()
+                } else {
+                    g.endpoints
+                },
+                ..p.clone()
+            }))
+        }
+    }
 }
 
 /// An incremental job's window, computed in the planning transaction (the job's

@@ -51,6 +51,10 @@ pub struct PlanFile {
     pub use_snapshot: bool,
     #[serde(default)]
     pub incremental: Option<crate::jobs::Incremental>,
+    /// The job's load (target table and options; the loaders' addresses as planned), so
+    /// that a resume finishes the load too.
+    #[serde(default)]
+    pub load: Option<crate::jobs::LoadSpec>,
     pub plan: JobPlan,
     pub created_at: String,
 }

@@ -832,3 +832,56 @@ async fn a_loader_needs_no_create_privilege_once_the_ledger_exists() {
         .unwrap_err();
     assert!(err.to_string().contains("permission denied"), "{err}");
 }
+
+/// Regression (issue 12): a `--load` job resumed as printed ran without the load (the
+/// plan did not record it) and "succeeded" with the target missing the remaining chunks.
+/// The plan now holds the load: a resume finishes it, and a `haul run` resume without a
+/// loader (its loader ran in-process) is refused, saying what to pass.
+#[tokio::test]
+async fn a_resumed_load_job_finishes_the_load() {
+    let src = TestDb::new().await;
+    poisonable(&src, 20_000, 10_000, "22023").await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "t", &dest);
+    o.spec.casts.insert("v".into(), "poison_t".into());
+    o.spec.chunk_rows = 2_000;
+    o.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: "public.t_loaded".into(),
+        create_table: true,
+        truncate_first: true,
+    });
+    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    o.job_id = Some(haul_shared::JobId::parse("resload").unwrap());
+    let err = run(o.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("poisoned row 10000"), "{err}");
+    src.exec("DELETE FROM poison").await;
+
+    let mut resume = o.clone();
+    resume.resume = true;
+    resume.fresh_snapshot = true;
+    resume.spec.load = None;
+    resume.load_target = None;
+    let err = run(resume.clone()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("loads into public.t_loaded") && err.contains("--load-target"),
+        "{err}"
+    );
+
+    // as the CLI builds a `--resume ... --load-target <dsn>`: no table, no options
+    resume.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: String::new(),
+        create_table: false,
+        truncate_first: false,
+    });
+    resume.load_target = o.load_target.clone();
+    let s = run(resume).await.unwrap();
+    assert_eq!(s.loaded_into.as_deref(), Some("public.t_loaded"));
+    assert_eq!(
+        digest(&tgt.client, "(SELECT id, v FROM public.t_loaded)").await,
+        digest(&src.client, "(SELECT id, v FROM t)").await
+    );
+    assert_eq!(digest(&tgt.client, "public.t_loaded").await.0, 20_000);
+}
