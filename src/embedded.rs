@@ -245,9 +245,9 @@ pub async fn run(
     // failed job's staging area is cleared, so no attempt writes after the cleanup
     ctl.stop();
     workers.wait().await;
-    driver.finish(&job, &dest, holder, &ending).await;
-    if matches!(ending, Ending::Stopped) {
-        // interrupted: every attempt ran in this process, and all have stopped
+    driver.finish(&job, holder, &ending).await;
+    if !matches!(ending, Ending::Committed(_)) {
+        // failed or interrupted: every attempt ran in this process, and all have stopped
         if let Err(e) = dest.clear_staging(&job).await {
             warn!(job_id = %job, error = %e, "could not clean the staging area");
         }

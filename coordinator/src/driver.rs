@@ -16,8 +16,12 @@
 //! - commits the job once every chunk is committed (transient commit failures retried).
 //!
 //! [`Driver::drive`] follows the job and then records its end ([`Driver::finish`]: the job
-//! store, a failed or cancelled job's staging area, the snapshot's transaction); embedded
-//! mode calls [`Driver::follow`], stops its workers, then `finish`. Callers read [`Ending`].
+//! store, the snapshot's transaction); embedded mode calls [`Driver::follow`], stops its
+//! workers, then `finish`. Callers read [`Ending`].
+//!
+//! Architecture invariant: the driver never deletes staged parts of a job that has not
+//! committed: an attempt may sit between "parts staged" and "chunk manifest created" when
+//! the job ends, and its chunk manifest must never list parts that are gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -86,7 +90,7 @@ impl Driver {
         stop: CancellationToken,
     ) -> Ending {
         let ending = self.follow(&rec, &dest, holder.as_ref(), stop).await;
-        self.finish(&rec.id, &dest, holder, &ending).await;
+        self.finish(&rec.id, holder, &ending).await;
         ending
     }
 
@@ -110,15 +114,11 @@ impl Driver {
     }
 
     /// Records how the job ended in the job store (a success or a failure; a job ended
-    /// elsewhere or a stopped drive stays as recorded), clears the staging area of a
-    /// failed or cancelled job, and ends the snapshot's transaction.
-    pub async fn finish(
-        &self,
-        id: &JobId,
-        dest: &Dest,
-        holder: Option<pg::Session>,
-        ending: &Ending,
-    ) {
+    /// elsewhere or a stopped drive stays as recorded) and ends the snapshot's
+    /// transaction. It leaves the staging area alone: remote workers may still be
+    /// committing an attempt whose parts are staged there (a committed job's staging is
+    /// cleared by its commit; embedded mode clears a failed job's once its workers stop).
+    pub async fn finish(&self, id: &JobId, holder: Option<pg::Session>, ending: &Ending) {
         let recorded = match ending {
             Ending::Committed(_) => Some(JobState::Succeeded),
             Ending::Failed(e) => {
@@ -133,13 +133,6 @@ impl Driver {
                 warn!(job_id = %id, error = %e, "could not record the job's end");
             }
             self.changed.notify_waiters();
-        }
-        let failed_or_cancelled = matches!(
-            ending,
-            Ending::Failed(_) | Ending::Ended(JobState::Failed { .. } | JobState::Cancelled)
-        );
-        if failed_or_cancelled && let Err(e) = dest.clear_staging(id).await {
-            warn!(job_id = %id, error = %e, "could not clean the staging area");
         }
         if let Some(h) = holder {
             let _ = h.client.batch_execute("COMMIT").await;

@@ -285,9 +285,20 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
 
     // Chunks committed by an earlier run are (re)published and skipped.
     let mut committed = BTreeMap::new();
+    // A chunk manifest whose parts are gone (neither published nor staged) is not
+    // trusted: the chunk is extracted again.
     for m in dest.chunk_manifests(&job).await? {
-        dest.publish(&m).await?;
-        committed.insert(m.chunk, m);
+        match dest.publish(&m).await {
+            Ok(()) => {
+                committed.insert(m.chunk, m);
+            }
+            Err(e) if e.is_missing_object() => {
+                warn!(job_id = %job, chunk_id = %m.chunk, error = %e, "a committed chunk's parts are missing; extracting it again");
+                dest.delete_if_exists(&dest.chunk_manifest_path(&job, m.chunk))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 
     Ok(Preparation::Ready(Box::new(Prepared {

@@ -54,6 +54,19 @@ pub enum DestError {
     BadManifest { path: String, reason: String },
 }
 
+impl DestError {
+    /// An object that should be there is not (e.g. a staged part deleted under it).
+    pub fn is_missing_object(&self) -> bool {
+        matches!(
+            self,
+            DestError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+}
+
 impl Classify for DestError {
     fn class(&self) -> ErrorClass {
         match self {

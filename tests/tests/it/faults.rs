@@ -775,3 +775,38 @@ print(d[0], d[1], d[2], t.num_rows, "dt" in t.column_names, "load_dt" in t.colum
         "2000 2000 2000 2000 True True"
     );
 }
+
+/// Regression (issue 12): a resume trusted every chunk manifest. One whose parts are gone
+/// (neither published nor staged) now has its chunk extracted again, and the job ends
+/// with every row.
+#[tokio::test]
+async fn a_resume_redoes_a_committed_chunk_whose_parts_are_gone() {
+    let db = TestDb::new().await;
+    poisonable(&db, 20_000, 10_000, "22023").await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.casts.insert("v".into(), "poison_t".into());
+    o.spec.chunk_rows = 2_000;
+    o.job_id = Some(JobId::parse("gone").unwrap());
+    run(o.clone()).await.unwrap_err();
+    // a committed chunk loses its part
+    let manifest = std::fs::read_dir(dest.0.join("_haul/jobs/gone/chunks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a committed chunk");
+    let m: haul_shared::lake::ChunkManifest =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for f in &m.files {
+        std::fs::remove_file(dest.0.join(&f.path)).unwrap();
+    }
+
+    db.exec("DELETE FROM poison").await;
+    let mut resume = o;
+    resume.resume = true;
+    resume.fresh_snapshot = true;
+    let s = run(resume).await.unwrap();
+    assert_eq!(s.rows, 20_000);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}

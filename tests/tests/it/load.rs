@@ -885,3 +885,75 @@ async fn a_resumed_load_job_finishes_the_load() {
     );
     assert_eq!(digest(&tgt.client, "public.t_loaded").await.0, 20_000);
 }
+
+/// Regression (issue 12): cancelling a job deleted its staging area while an attempt sat
+/// between "parts staged, load committed" and "chunk manifest created"; the attempt then
+/// committed a chunk whose parts were gone, a `--resume` skipped it, and the job
+/// "succeeded" with rows missing from the lake. An ended job's staging is now kept (and a
+/// resume checks committed chunks' parts): the late attempt's chunk is whole, and the
+/// resume finishes the job with every row in the lake and in the target.
+#[tokio::test]
+async fn cancelling_a_job_mid_commit_loses_no_rows() {
+    let _broker = BROKER.write().await;
+    let src = TestDb::new().await;
+    skewed(&src, 100_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let l = LoaderProc::start(&cl, "loader", &tgt.dsn);
+    // w1 stops for 5 s after each load commit, before the chunk's manifest
+    cl.start_worker_env("w1", &[], &[("HAUL_FAULT_PAUSE_AFTER_LOAD_MS", "5000")]);
+    cl.wait_workers(1);
+    let job = unique("j");
+    let load = l.url();
+    cl.haul_ok(&strs(&submit_load(&src, &dest, &job, "25000", &load, &[])));
+    let t0 = Instant::now();
+    while ledger_rows(&tgt.client, &job).await < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no chunk was loaded:\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cl.haul_ok(&["cancel", &job]);
+    // the paused attempt wakes and commits its chunk after the job ended
+    let manifests = dest.0.join(format!("_haul/jobs/{job}/chunks"));
+    let t0 = Instant::now();
+    while std::fs::read_dir(&manifests).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .count()
+    }) < 1
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the paused attempt never committed:\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cl.signal("w1", "KILL");
+    cl.start_worker("w2", &[]);
+    cl.wait_workers(1);
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &src.dsn,
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--resume",
+        &job,
+        "--fresh-snapshot",
+        "--wait",
+    ]);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    assert_same(&src.client, "t", &dest.0.join("t")).await;
+    assert_eq!(
+        digest(&tgt.client, "t").await,
+        digest(&src.client, "t").await,
+        "{}",
+        cl.logs()
+    );
+}
