@@ -300,9 +300,10 @@ pub struct JobArgs {
     /// for the source, but an interrupted job must be rerun, not resumed).
     #[arg(long, env = "HAUL_SPLIT", value_enum, default_value_t = SplitArg::Key)]
     pub split: SplitArg,
-    /// Cast a column in the source query, `col=type` (e.g. `--cast shape=text`); repeatable.
-    #[arg(long = "cast", env = "HAUL_CAST", value_delimiter = ',', value_parser = parse_cast)]
-    pub casts: Vec<(String, String)>,
+    /// Cast a column in the source query, `col=type` (e.g. `--cast shape=text`); repeatable,
+    /// or comma-separated (a type's own commas, as in `numeric(12,2)`, are kept).
+    #[arg(long = "cast", env = "HAUL_CAST")]
+    pub casts: Vec<Casts>,
     /// Hive-partition the output by a date/timestamp column: `col:day|month|year[:as=<field>]`
     /// (folders `<field>=...`, `dt` unless named; it must not name an exported column).
     #[arg(long, env = "HAUL_PARTITION_BY", value_parser = parse_partition)]
@@ -422,12 +423,40 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// `column=type`.
-fn parse_cast(c: &str) -> Result<(String, String), String> {
-    c.split_once('=')
-        .filter(|(c, t)| !c.is_empty() && !t.is_empty())
-        .map(|(c, t)| (c.to_owned(), t.to_owned()))
-        .ok_or_else(|| format!("invalid --cast {c:?}: use <column>=<type>, e.g. shape=text"))
+/// `column=type[,column=type...]`: split at the commas outside parentheses, so a type's
+/// own commas (`numeric(12,2)`) stay with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Casts(pub Vec<(String, String)>);
+
+impl std::str::FromStr for Casts {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        let (mut depth, mut start) = (0i32, 0);
+        let mut push = |c: &str| {
+            c.split_once('=')
+                .map(|(c, t)| (c.trim(), t.trim()))
+                .filter(|(c, t)| !c.is_empty() && !t.is_empty())
+                .map(|(c, t)| out.push((c.to_owned(), t.to_owned())))
+                .ok_or_else(|| {
+                    format!("invalid --cast {c:?}: use <column>=<type>, e.g. shape=text")
+                })
+        };
+        for (i, ch) in s.char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    push(&s[start..i])?;
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        push(&s[start..])?;
+        Ok(Casts(out))
+    }
 }
 
 /// Parses `512MiB`, `2GiB`, `1000`.
@@ -514,7 +543,7 @@ impl TryFrom<JobArgs> for JobRequest {
     type Error = String;
 
     fn try_from(a: JobArgs) -> Result<Self, String> {
-        let casts: BTreeMap<String, String> = a.casts.into_iter().collect();
+        let casts: BTreeMap<String, String> = a.casts.into_iter().flat_map(|c| c.0).collect();
         let job_id = a
             .resume
             .as_deref()
@@ -723,5 +752,10 @@ mod tests {
         }
         assert!(run_options(&["--split", "pages"]).is_err());
         assert!(run_options(&["--cast", "a"]).is_err());
+        // a type's own commas stay with it (issue 12: `numeric(12,2)` was split)
+        let o = run_options(&["--cast", "n=numeric(12,2),m=text", "--cast", "k=int"]).unwrap();
+        assert_eq!(o.spec.casts["n"], "numeric(12,2)");
+        assert_eq!(o.spec.casts["m"], "text");
+        assert_eq!(o.spec.casts["k"], "int");
     }
 }
