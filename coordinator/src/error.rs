@@ -54,6 +54,10 @@ pub enum RunError {
     NoLoaders,
     #[error("--workers must be at least 1")]
     NoWorkers,
+    #[error(
+        "--partition-by column {column:?} is not among --columns; add it to --columns (the partition value is read from it)"
+    )]
+    PartitionColumnNotRead { column: String },
     #[error("job {job}: {what}; a resume finishes the job as it was planned")]
     ResumeChanges { job: JobId, what: String },
     #[error(
@@ -127,6 +131,7 @@ impl Classify for RunError {
             | RunError::NoLoaders
             | RunError::NoWorkers
             | RunError::ResumeChanges { .. }
+            | RunError::PartitionColumnNotRead { .. }
             | RunError::PartitionField { .. }
             | RunError::NotIncremental { .. }
             | RunError::OtherWatermark { .. }

@@ -151,6 +151,12 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
     let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
     if let Some(p) = &spec.output.partition_by {
         if table.column(&p.column).is_none() {
+            if !spec.columns.is_empty() {
+                // it may well exist, but is not among the columns read
+                return Err(RunError::PartitionColumnNotRead {
+                    column: p.column.clone(),
+                });
+            }
             return Err(SourceError::ColumnNotFound {
                 table: table.quoted(),
                 column: p.column.clone(),

@@ -61,6 +61,15 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     ));
     expect_error(bad_part, &dest, &["\"v\"", "date or timestamp"]).await;
 
+    // a partition column left out of --columns is named as such, not "does not exist"
+    let mut unread = o("t");
+    unread.spec.columns = vec!["id".into()];
+    unread.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy::new(
+        "v",
+        haul_shared::jobs::Granularity::Day,
+    ));
+    expect_error(unread, &dest, &["\"v\" is not among --columns", "add it"]).await;
+
     let mut unreachable = o("ok");
     unreachable.spec.source = haul_shared::pg::Secret::new("postgresql://u:sekrit@127.0.0.1:1/db");
     let err = run(unreachable).await.unwrap_err().to_string();
