@@ -632,10 +632,7 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     let db = TestDb::new().await;
     poisonable(&db, 20_000, 10_000, "22023").await;
     let dest = TempDest::new();
-    let mut o = options(&db.dsn, "t", &dest);
-    o.spec.casts.insert("v".into(), "poison_t".into());
-    o.spec.chunk_rows = 2_000;
-    o.job_id = Some(JobId::parse("settle").unwrap());
+    let o = poisoned_run(&db, &dest, "settle");
     let err = run(o.clone()).await.unwrap_err().to_string();
     assert!(err.contains("poisoned row 10000"), "{err}");
     let chunks = assert_one_chunk_failed(&err, &dest.0, "settle");
@@ -793,10 +790,7 @@ async fn a_resume_redoes_a_committed_chunk_whose_parts_are_gone() {
     let db = TestDb::new().await;
     poisonable(&db, 20_000, 10_000, "22023").await;
     let dest = TempDest::new();
-    let mut o = options(&db.dsn, "t", &dest);
-    o.spec.casts.insert("v".into(), "poison_t".into());
-    o.spec.chunk_rows = 2_000;
-    o.job_id = Some(JobId::parse("gone").unwrap());
+    let o = poisoned_run(&db, &dest, "gone");
     run(o.clone()).await.unwrap_err();
     // a committed chunk loses its part
     let manifest = std::fs::read_dir(dest.0.join("_haul/jobs/gone/chunks"))

@@ -843,9 +843,7 @@ async fn a_resumed_load_job_finishes_the_load() {
     poisonable(&src, 20_000, 10_000, "22023").await;
     let tgt = TestDb::new().await;
     let dest = TempDest::new();
-    let mut o = options(&src.dsn, "t", &dest);
-    o.spec.casts.insert("v".into(), "poison_t".into());
-    o.spec.chunk_rows = 2_000;
+    let mut o = poisoned_run(&src, &dest, "resload");
     o.spec.load = Some(haul_shared::jobs::LoadSpec {
         endpoints: vec![],
         target_table: "public.t_loaded".into(),
@@ -853,7 +851,6 @@ async fn a_resumed_load_job_finishes_the_load() {
         truncate_first: true,
     });
     o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
-    o.job_id = Some(haul_shared::JobId::parse("resload").unwrap());
     let err = run(o.clone()).await.unwrap_err().to_string();
     assert!(err.contains("poisoned row 10000"), "{err}");
     src.exec("DELETE FROM poison").await;

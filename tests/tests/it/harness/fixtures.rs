@@ -464,6 +464,16 @@ pub async fn poisonable(db: &TestDb, rows: i64, poison_id: i64, sqlstate: &str) 
     .await;
 }
 
+/// `haul run` options for job `job` over [`poisonable`]'s table `t`, reading `v` through
+/// `poison_t` in 2000-row chunks: the chunk holding the poisoned row fails.
+pub fn poisoned_run(db: &TestDb, dest: &TempDest, job: &str) -> RunOptions {
+    let mut o = options(&db.dsn, "t", dest);
+    o.spec.casts.insert("v".into(), "poison_t".into());
+    o.spec.chunk_rows = 2_000;
+    o.job_id = Some(haul_shared::JobId::parse(job).unwrap());
+    o
+}
+
 /// Asserts that job `job` in `dest` has exactly one chunk without a chunk manifest (the
 /// other chunks settled), and that the job's error `err` names it. Returns the job's
 /// number of chunks.
