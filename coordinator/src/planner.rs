@@ -370,13 +370,19 @@ async fn boundaries(
     } else {
         String::new()
     };
+    // the tile number's alias, never one of the key's own column names
+    let mut tile = "__haul_tile".to_owned();
+    while key.iter().any(|k| k.col.name == tile) {
+        tile.push('_');
+    }
+    let tile = quote_ident(&tile);
     let sql = format!(
         "SELECT {} FROM ( \
-           SELECT DISTINCT ON (__haul_tile) __haul_tile, {list} FROM ( \
-             SELECT {list}, ntile({n}) OVER (ORDER BY {list}) AS __haul_tile \
+           SELECT DISTINCT ON ({tile}) {tile}, {list} FROM ( \
+             SELECT {list}, ntile({n}) OVER (ORDER BY {list}) AS {tile} \
              FROM {table}{sample} WHERE {conditions} \
-           ) t ORDER BY __haul_tile, {list} \
-         ) b ORDER BY __haul_tile",
+           ) t ORDER BY {tile}, {list} \
+         ) b ORDER BY {tile}",
         as_text.join(", "),
         table = table.quoted(),
         conditions = conditions.join(" AND "),

@@ -277,12 +277,16 @@ async fn quoted_mixed_case_names_partitions_and_empty_tables() {
            CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
            INSERT INTO events SELECT g, date '2023-06-01' + (g % 400), 'e' FROM generate_series(1, 4000) g;
            CREATE TABLE empty (id int PRIMARY KEY, v text);
+           CREATE TABLE tiles ("__haul_tile" int PRIMARY KEY, v text);
+           INSERT INTO tiles SELECT g, 't' || g FROM generate_series(1, 3000) g;
            ANALYZE;"#,
     )
     .await;
     export_and_check(&db, r#""Sales Dept"."My ""Orders""""#, 1000, &[], 3).await;
     export_and_check(&db, "events", 1000, &[], 3).await;
     export_and_check(&db, "empty", 1000, &[], 1).await;
+    // a key column named like the planner's own alias (issue 12: it collided)
+    export_and_check(&db, "tiles", 1000, &[], 3).await;
 }
 
 #[tokio::test]
