@@ -58,6 +58,10 @@ pub enum RunError {
         "--partition-by column {column:?} is not among --columns; add it to --columns (the partition value is read from it)"
     )]
     PartitionColumnNotRead { column: String },
+    #[error(
+        "{table} has no columns to export (a Parquet file and a COPY need at least one); add a column or leave the table out"
+    )]
+    NoColumns { table: String },
     #[error("job {job}: {what}; a resume finishes the job as it was planned")]
     ResumeChanges { job: JobId, what: String },
     #[error(
@@ -131,6 +135,7 @@ impl Classify for RunError {
             | RunError::NoLoaders
             | RunError::NoWorkers
             | RunError::ResumeChanges { .. }
+            | RunError::NoColumns { .. }
             | RunError::PartitionColumnNotRead { .. }
             | RunError::PartitionField { .. }
             | RunError::NotIncremental { .. }

@@ -149,6 +149,11 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         None
     };
     let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
+    if table.columns.is_empty() {
+        return Err(RunError::NoColumns {
+            table: table.quoted(),
+        });
+    }
     if let Some(p) = &spec.output.partition_by {
         if table.column(&p.column).is_none() {
             if !spec.columns.is_empty() {

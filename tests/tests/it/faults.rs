@@ -61,6 +61,11 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     ));
     expect_error(bad_part, &dest, &["\"v\"", "date or timestamp"]).await;
 
+    // a table without columns is refused with one line (it failed with an Arrow message)
+    db.exec("CREATE TABLE zc (); INSERT INTO zc DEFAULT VALUES;")
+        .await;
+    expect_error(o("zc"), &dest, &["has no columns to export"]).await;
+
     // a partition column left out of --columns is named as such, not "does not exist"
     let mut unread = o("t");
     unread.spec.columns = vec!["id".into()];
