@@ -357,25 +357,25 @@ async fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing() {
     );
 }
 
-/// kill -9 a worker after the loader committed its chunk but before the chunk's manifest
-/// and the queue ack: the redelivered chunk is recognised in the ledger and not loaded
-/// twice.
-#[tokio::test]
-async fn a_worker_killed_after_the_load_commit_does_not_duplicate_rows() {
-    let _broker = BROKER.write().await;
+/// A 100k-row skewed source, a target, a loader and one worker `w1` that pauses `pause_ms`
+/// after each load commit (before the chunk's manifest), running a `--load` job in
+/// 25k-row chunks; returns once a chunk is in the target's ledger, i.e. once `w1` is
+/// paused. The caller holds the broker lock.
+async fn paused_after_a_load_commit(
+    pause_ms: u64,
+) -> (TestDb, TestDb, TempDest, Cluster, LoaderProc, String) {
     let src = TestDb::new().await;
     skewed(&src, 100_000).await;
     let tgt = TestDb::new().await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(None);
     let l = LoaderProc::start(&cl, "loader", &tgt.dsn);
-    // w1 stops for a minute right after each load commit
-    cl.start_worker_env("w1", &[], &[("HAUL_FAULT_PAUSE_AFTER_LOAD_MS", "60000")]);
+    let pause = pause_ms.to_string();
+    cl.start_worker_env("w1", &[], &[("HAUL_FAULT_PAUSE_AFTER_LOAD_MS", &pause)]);
     cl.wait_workers(1);
     let job = unique("j");
     let load = l.url();
-    let mut cmd = cl.command(&strs(&submit_load(&src, &dest, &job, "25000", &load, &[])));
-    assert!(cmd.status().unwrap().success());
+    cl.haul_ok(&strs(&submit_load(&src, &dest, &job, "25000", &load, &[])));
     let t0 = Instant::now();
     while ledger_rows(&tgt.client, &job).await < 1 {
         assert!(
@@ -385,6 +385,17 @@ async fn a_worker_killed_after_the_load_commit_does_not_duplicate_rows() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (src, tgt, dest, cl, l, job)
+}
+
+/// kill -9 a worker after the loader committed its chunk but before the chunk's manifest
+/// and the queue ack: the redelivered chunk is recognised in the ledger and not loaded
+/// twice.
+#[tokio::test]
+async fn a_worker_killed_after_the_load_commit_does_not_duplicate_rows() {
+    let _broker = BROKER.write().await;
+    // w1 stops for a minute right after each load commit
+    let (src, tgt, _dest, mut cl, l, job) = paused_after_a_load_commit(60_000).await;
     cl.signal("w1", "KILL");
     cl.start_worker("w2", &[]);
     let out = cl.haul_ok(&["watch", &job]);
@@ -892,27 +903,8 @@ async fn a_resumed_load_job_finishes_the_load() {
 #[tokio::test]
 async fn cancelling_a_job_mid_commit_loses_no_rows() {
     let _broker = BROKER.write().await;
-    let src = TestDb::new().await;
-    skewed(&src, 100_000).await;
-    let tgt = TestDb::new().await;
-    let dest = TempDest::new();
-    let mut cl = Cluster::new(None);
-    let l = LoaderProc::start(&cl, "loader", &tgt.dsn);
     // w1 stops for 5 s after each load commit, before the chunk's manifest
-    cl.start_worker_env("w1", &[], &[("HAUL_FAULT_PAUSE_AFTER_LOAD_MS", "5000")]);
-    cl.wait_workers(1);
-    let job = unique("j");
-    let load = l.url();
-    cl.haul_ok(&strs(&submit_load(&src, &dest, &job, "25000", &load, &[])));
-    let t0 = Instant::now();
-    while ledger_rows(&tgt.client, &job).await < 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no chunk was loaded:\n{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (src, tgt, dest, mut cl, _loader, job) = paused_after_a_load_commit(5_000).await;
     cl.haul_ok(&["cancel", &job]);
     // the paused attempt wakes and commits its chunk after the job ended
     let manifests = dest.0.join(format!("_haul/jobs/{job}/chunks"));
