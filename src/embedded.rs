@@ -247,8 +247,9 @@ pub async fn run(
     workers.wait().await;
     driver.finish(&job, holder, &ending).await;
     if !matches!(ending, Ending::Committed(_)) {
-        // failed or interrupted: every attempt ran in this process, and all have stopped
-        if let Err(e) = dest.clear_staging(&job).await {
+        // failed or interrupted: every attempt ran in this process, and all have stopped;
+        // committed chunks' parts stay staged for a resume
+        if let Err(e) = dest.clear_uncommitted_staging(&job).await {
             warn!(job_id = %job, error = %e, "could not clean the staging area");
         }
     }

@@ -41,7 +41,7 @@ pub struct Prepared {
     /// The session holding the exported snapshot open (its transaction is already
     /// committed when the job reads without one).
     pub holder: pg::Session,
-    /// Chunks an earlier attempt committed, (re)published already.
+    /// Chunks an earlier attempt committed, their parts checked.
     pub committed: BTreeMap<ChunkId, ChunkManifest>,
     pub table_dir: String,
     pub started_at: String,
@@ -148,7 +148,12 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
     } else {
         None
     };
-    let table = pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
+    let mut table =
+        pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
+    if !spec.output.parquet && spec.load.is_some() {
+        // Postgres to Postgres: arrays travel as they are, bounds and dimensions kept
+        table.keep_arrays_verbatim();
+    }
     if table.columns.is_empty() {
         return Err(RunError::NoColumns {
             table: table.quoted(),
@@ -294,12 +299,12 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         return Err(RunError::AlreadyStarted { job });
     }
 
-    // Chunks committed by an earlier run are (re)published and skipped.
+    // Chunks committed by an earlier run are skipped (their parts stay staged until the
+    // job commits). A chunk manifest whose parts are gone (neither published nor staged)
+    // is not trusted: the chunk is extracted again.
     let mut committed = BTreeMap::new();
-    // A chunk manifest whose parts are gone (neither published nor staged) is not
-    // trusted: the chunk is extracted again.
     for m in dest.chunk_manifests(&job).await? {
-        match dest.publish(&m).await {
+        match dest.check_parts(&m).await {
             Ok(()) => {
                 committed.insert(m.chunk, m);
             }

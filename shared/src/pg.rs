@@ -299,17 +299,82 @@ pub enum PgKind {
     Interval,
     /// FixedSizeBinary(16) with the `arrow.uuid` extension.
     Uuid,
-    /// One-dimensional array of the element kind (a multi-dimensional value is an error
-    /// naming the column; `--cast col=text` exports such columns).
+    /// An array as a list of its elements: lists start at 1 and have one dimension, so a
+    /// value with other bounds or more dimensions is an error naming the column
+    /// (`--cast col=text` exports such columns, bounds and all).
     Array {
         element: Box<PgKind>,
     },
+    /// An array kept verbatim, in Postgres's binary form (dimensions, lower bounds and
+    /// elements; the element type as [`PgKind::array_binary`] names it): what a
+    /// load-only job streams, so that the target receives every array exactly.
+    ArrayBinary {
+        element: Box<PgKind>,
+    },
+}
+
+/// How a verbatim array's bytes are typed: the built-in array type they are a value of,
+/// its element type's oid (built-in oids are the same in every database) and the
+/// element's receive function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArrayBinary {
+    pub array_type: &'static str,
+    pub element_oid: u32,
+    pub element_recv: &'static str,
+}
+
+const fn ab(array_type: &'static str, element_oid: u32, element_recv: &'static str) -> ArrayBinary {
+    ArrayBinary {
+        array_type,
+        element_oid,
+        element_recv,
+    }
+}
+
+#[rustfmt::skip]
+const ARRAY_BINARIES: &[ArrayBinary] = &[
+    ab("boolean[]", 16, "boolrecv"),
+    ab("smallint[]", 21, "int2recv"),
+    ab("integer[]", 23, "int4recv"),
+    ab("bigint[]", 20, "int8recv"),
+    ab("oid[]", 26, "oidrecv"),
+    ab("real[]", 700, "float4recv"),
+    ab("double precision[]", 701, "float8recv"),
+    ab("numeric[]", 1700, "numeric_recv"),
+    ab("text[]", 25, "textrecv"),
+    ab("jsonb[]", 3802, "jsonb_recv"),
+    ab("bytea[]", 17, "bytearecv"),
+    ab("date[]", 1082, "date_recv"),
+    ab("time without time zone[]", 1083, "time_recv"),
+    ab("timestamp without time zone[]", 1114, "timestamp_recv"),
+    ab("timestamp with time zone[]", 1184, "timestamptz_recv"),
+    ab("interval[]", 1186, "interval_recv"),
+    ab("uuid[]", 2950, "uuid_recv"),
+];
+
+impl ArrayBinary {
+    /// The entry for a `haul.pg_array` field's metadata value.
+    pub fn by_type(array_type: &str) -> Option<ArrayBinary> {
+        ARRAY_BINARIES
+            .iter()
+            .find(|a| a.array_type == array_type)
+            .copied()
+    }
 }
 
 /// Microseconds between 1970-01-01 and Postgres's epoch, 2000-01-01.
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01.
 pub const PG_EPOCH_OFFSET_DAYS: i32 = 10_957;
+
+/// How haul holds `infinity` / `-infinity` dates and timestamps in Arrow: the maximum, and
+/// its negation (what DuckDB reads as ±infinity; Postgres itself uses the minimum for
+/// `-infinity`, which DuckDB takes for a date in 5877642 BC). No finite Postgres date or
+/// timestamp comes near either.
+pub const DATE_INFINITY: i32 = i32::MAX;
+pub const DATE_NEG_INFINITY: i32 = -i32::MAX;
+pub const TS_INFINITY: i64 = i64::MAX;
+pub const TS_NEG_INFINITY: i64 = -i64::MAX;
 
 impl PgKind {
     pub fn arrow_type(&self) -> DataType {
@@ -335,7 +400,38 @@ impl PgKind {
             PgKind::Array { element } => {
                 DataType::List(Arc::new(element.arrow_field("element", true)))
             }
+            PgKind::ArrayBinary { .. } => DataType::Binary,
         }
+    }
+
+    /// For a verbatim array, how its bytes are typed: the element kind's built-in array
+    /// type. Text-like elements (varchar, enums, `--cast`s to `text[]`) are UTF-8 text in
+    /// binary form, so they are typed `text[]`.
+    pub fn array_binary(&self) -> Option<ArrayBinary> {
+        let PgKind::ArrayBinary { element } = self else {
+            return None;
+        };
+        let array_type = match **element {
+            PgKind::Bool => "boolean[]",
+            PgKind::Int2 => "smallint[]",
+            PgKind::Int4 => "integer[]",
+            PgKind::Int8 => "bigint[]",
+            PgKind::Oid => "oid[]",
+            PgKind::Float4 => "real[]",
+            PgKind::Float8 => "double precision[]",
+            PgKind::Numeric { .. } => "numeric[]",
+            PgKind::Text => "text[]",
+            PgKind::Jsonb => "jsonb[]",
+            PgKind::Bytea => "bytea[]",
+            PgKind::Date => "date[]",
+            PgKind::Time => "time without time zone[]",
+            PgKind::Timestamp => "timestamp without time zone[]",
+            PgKind::Timestamptz => "timestamp with time zone[]",
+            PgKind::Interval => "interval[]",
+            PgKind::Uuid => "uuid[]",
+            PgKind::Array { .. } | PgKind::ArrayBinary { .. } => return None,
+        };
+        ArrayBinary::by_type(array_type)
     }
 
     pub fn arrow_field(&self, name: &str, nullable: bool) -> Field {
@@ -418,6 +514,9 @@ impl TableInfo {
                 let mut f = c.kind.arrow_field(&c.name, !c.not_null);
                 let mut md = f.metadata().clone();
                 md.insert(String::from("haul.pg_type"), c.pg_type.clone());
+                if let Some(a) = c.kind.array_binary() {
+                    md.insert(String::from("haul.pg_array"), a.array_type.to_owned());
+                }
                 f.set_metadata(md);
                 f
             })
@@ -428,6 +527,18 @@ impl TableInfo {
             format!("{}.{}", self.schema, self.name),
         );
         Schema::new_with_metadata(fields, md)
+    }
+
+    /// Streams every array column in Postgres's binary form ([`PgKind::ArrayBinary`])
+    /// instead of as a list, which holds neither lower bounds nor dimensions.
+    pub fn keep_arrays_verbatim(&mut self) {
+        for c in &mut self.columns {
+            if let PgKind::Array { element } = &c.kind {
+                c.kind = PgKind::ArrayBinary {
+                    element: element.clone(),
+                };
+            }
+        }
     }
 
     pub fn column(&self, name: &str) -> Option<&ColumnInfo> {

@@ -17,7 +17,8 @@ use arrow_buffer::{NullBufferBuilder, OffsetBuffer, i256};
 use arrow_schema::{DataType, FieldRef, SchemaRef};
 use bytes::{Buf, BytesMut};
 use haul_shared::pg::{
-    PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US, PgKind, SourceError, TableInfo, interval_fields,
+    DATE_INFINITY, DATE_NEG_INFINITY, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US, PgKind,
+    SourceError, TS_INFINITY, TS_NEG_INFINITY, TableInfo, interval_fields,
 };
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
@@ -210,14 +211,16 @@ fn bad_len(v: &[u8], want: usize) -> String {
 /// Postgres goes on to 294276 AD.
 const LAST_TS_FROM_2000: i64 = i64::MAX - 1 - PG_EPOCH_OFFSET_US;
 
-/// Timestamps: Postgres counts from 2000-01-01, Arrow from 1970-01-01. ±infinity are
-/// kept as i64::MAX / i64::MIN, the values Postgres itself uses for them. A finite value
-/// past [`LAST_TS_FROM_2000`] cannot be held (shifted, it would wrap or become the
-/// infinity marker): it is refused with the fix.
+/// Timestamps: Postgres counts from 2000-01-01, Arrow from 1970-01-01. ±infinity become
+/// haul's markers ([`TS_INFINITY`], [`TS_NEG_INFINITY`]). A finite value past
+/// [`LAST_TS_FROM_2000`] cannot be held (shifted, it would wrap or become the infinity
+/// marker): it is refused with the fix.
 fn pg_ts(v: &[u8]) -> Result<i64, String> {
     let t = be_i64(v)?;
-    if t == i64::MAX || t == i64::MIN {
-        return Ok(t);
+    match t {
+        i64::MAX => return Ok(TS_INFINITY),
+        i64::MIN => return Ok(TS_NEG_INFINITY),
+        _ => {}
     }
     if t > LAST_TS_FROM_2000 {
         return Err("a timestamp after 294247-01-10 04:00:54.775806 UTC, the latest an Arrow microsecond timestamp holds; pass --cast <column>=text to export its text form".into());
@@ -227,10 +230,10 @@ fn pg_ts(v: &[u8]) -> Result<i64, String> {
 
 fn pg_date(v: &[u8]) -> Result<i32, String> {
     let d = be_i32(v)?;
-    Ok(if d == i32::MAX || d == i32::MIN {
-        d
-    } else {
-        d + PG_EPOCH_OFFSET_DAYS
+    Ok(match d {
+        i32::MAX => DATE_INFINITY,
+        i32::MIN => DATE_NEG_INFINITY,
+        d => d + PG_EPOCH_OFFSET_DAYS,
     })
 }
 
@@ -273,6 +276,9 @@ fn pg_numeric(v: &[u8], scale: i8) -> Result<i256, String> {
         acc
     })
 }
+
+/// What to do about an array value a list cannot hold.
+const ARRAY_FIX: &str = "pass --cast <column>=text to export its text form, which keeps bounds and dimensions (a load without Parquet output copies arrays exactly)";
 
 /// One column's Arrow builder and how to append a binary value to it.
 // one per column, not per row: the size of the largest variant does not matter
@@ -340,7 +346,10 @@ impl Col {
             },
             PgKind::Text => Col::Text(BinaryBuilder::with_capacity(cap, bytes(16))),
             PgKind::Jsonb => Col::Jsonb(BinaryBuilder::with_capacity(cap, bytes(64))),
-            PgKind::Bytea => Col::Bytea(BinaryBuilder::with_capacity(cap, bytes(16))),
+            // a verbatim array is its binary form: Postgres's own, taken as it comes
+            PgKind::Bytea | PgKind::ArrayBinary { .. } => {
+                Col::Bytea(BinaryBuilder::with_capacity(cap, bytes(16)))
+            }
             PgKind::Date => Col::Date(Date32Builder::with_capacity(cap)),
             PgKind::Time => Col::Time(Time64MicrosecondBuilder::with_capacity(cap)),
             PgKind::Timestamp => Col::Ts(TimestampMicrosecondBuilder::with_capacity(cap)),
@@ -464,11 +473,18 @@ impl Col {
                             return Err(bad_len(v, 20));
                         }
                         n = be_i32(&v[12..16])? as usize;
+                        let lower = be_i32(&v[16..20])?;
+                        if lower != 1 {
+                            return Err(format!(
+                                "an array value with lower bound {lower} ([{lower}:{}]={{...}}): a list starts at 1, so the bounds would be lost; {ARRAY_FIX}",
+                                i64::from(lower) + n as i64 - 1
+                            ));
+                        }
                         p = 20;
                     }
                     _ => {
                         return Err(format!(
-                            "{ndim}-dimensional array value; haul maps one-dimensional arrays to lists, pass --cast <col>=text for this column"
+                            "a {ndim}-dimensional array value: a list has one dimension; {ARRAY_FIX}"
                         ));
                     }
                 }
@@ -561,7 +577,7 @@ mod tests {
         let enc = |t: i64| t.to_be_bytes().to_vec();
         assert_eq!(pg_ts(&enc(LAST_TS_FROM_2000)).unwrap(), i64::MAX - 1);
         assert_eq!(pg_ts(&enc(i64::MAX)).unwrap(), i64::MAX, "+infinity");
-        assert_eq!(pg_ts(&enc(i64::MIN)).unwrap(), i64::MIN, "-infinity");
+        assert_eq!(pg_ts(&enc(i64::MIN)).unwrap(), -i64::MAX, "-infinity");
         assert_eq!(pg_ts(&enc(0)).unwrap(), PG_EPOCH_OFFSET_US);
         for past in [LAST_TS_FROM_2000 + 1, LAST_TS_FROM_2000 + 2, i64::MAX - 1] {
             let e = pg_ts(&enc(past)).unwrap_err();

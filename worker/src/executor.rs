@@ -1,15 +1,15 @@
 //! Runs one chunk attempt end to end, under a lease, and commits it with the fencing
 //! protocol:
 //!
-//! 1. a chunk whose manifest already exists is only (re)published — redelivery of a
+//! 1. a chunk whose manifest already exists is not run again — redelivery of a
 //!    committed chunk is a cheap no-op;
 //! 2. the attempt imports the job's snapshot and streams
 //!    `COPY (SELECT ... WHERE <range>) TO STDOUT (FORMAT binary)` into Arrow batches and
 //!    Parquet parts under its own staging prefix (`.../<chunk>/<epoch>/`);
 //! 3. if its lease (epoch) is no longer current it stops without committing;
 //! 4. it creates the chunk manifest with create-if-absent: the first attempt to commit
-//!    wins, a late zombie finds it present and deletes its own staging files;
-//! 5. the winner publishes its parts to their final names.
+//!    wins, a late zombie finds it present and deletes its own staging files. The
+//!    winner's parts stay staged: they are published when the job commits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,7 +81,7 @@ impl Classify for ChunkError {
 pub enum ChunkOutcome {
     /// This attempt committed the chunk.
     Committed { rows: u64, bytes: u64, files: usize },
-    /// It was committed before (by this or an earlier attempt); (re)published.
+    /// It was committed before (by this or an earlier attempt).
     AlreadyCommitted { rows: u64, bytes: u64, files: usize },
 }
 

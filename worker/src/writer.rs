@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use haul_shared::lake::{Dest, PartFile};
+use haul_shared::pg::{DATE_INFINITY, DATE_NEG_INFINITY, TS_INFINITY, TS_NEG_INFINITY};
 
 /// Part files open at once per chunk (each holds a row group in memory).
 pub const MAX_OPEN_FILES: usize = 16;
@@ -200,24 +201,21 @@ impl Writers {
             return vec![(String::new(), batch.clone())];
         };
         let col = batch.column(*idx);
-        let key_of = |i: usize| -> Option<i64> {
+        let key_of = |i: usize| -> Option<Day> {
             if col.is_null(i) {
                 return None;
             }
             Some(match col.data_type() {
                 DataType::Date32 => match col.as_primitive::<Date32Type>().value(i) {
-                    i32::MAX => i64::MAX, // infinity
-                    i32::MIN => i64::MIN, // -infinity
-                    d => d as i64,
+                    DATE_INFINITY => Day::Infinity,
+                    DATE_NEG_INFINITY => Day::NegInfinity,
+                    d => Day::Finite(d.into()),
                 },
-                _ => {
-                    let t = col.as_primitive::<TimestampMicrosecondType>().value(i);
-                    if t == i64::MAX || t == i64::MIN {
-                        t
-                    } else {
-                        t.div_euclid(86_400_000_000)
-                    }
-                }
+                _ => match col.as_primitive::<TimestampMicrosecondType>().value(i) {
+                    TS_INFINITY => Day::Infinity,
+                    TS_NEG_INFINITY => Day::NegInfinity,
+                    t => Day::Finite(t.div_euclid(86_400_000_000)),
+                },
             })
         };
         // runs of equal directory; the directory is recomputed only when the day changes
@@ -354,25 +352,53 @@ impl Writers {
     }
 }
 
+/// The day a partition value falls on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Day {
+    /// Days since 1970-01-01.
+    Finite(i64),
+    Infinity,
+    NegInfinity,
+}
+
 /// `dt=2024-03-09` (day), `dt=2024-03` (month), `dt=2024` (year), with `field` for `dt`;
 /// NULL goes to Hive's default partition; ±infinity to `dt=infinity` / `dt=-infinity`.
-pub fn partition_dir(day: Option<i64>, gran: Granularity, field: &str) -> String {
-    let Some(day) = day else {
-        return format!("{field}=__HIVE_DEFAULT_PARTITION__");
+/// Every finite day has its own folder, Postgres's whole range included: years past 9999
+/// are written `+12345`, years before 1 AD as ISO 8601 counts them (1 BC is `0000`,
+/// 2 BC `-0001`).
+pub fn partition_dir(day: Option<Day>, gran: Granularity, field: &str) -> String {
+    let days = match day {
+        None => return format!("{field}=__HIVE_DEFAULT_PARTITION__"),
+        Some(Day::Infinity) => return format!("{field}=infinity"),
+        Some(Day::NegInfinity) => return format!("{field}=-infinity"),
+        Some(Day::Finite(d)) => d,
     };
-    let date = day
-        .checked_add(719_163)
-        .and_then(|d| i32::try_from(d).ok())
-        .and_then(chrono::NaiveDate::from_num_days_from_ce_opt);
-    let Some(date) = date else {
-        let sign = if day > 0 { "" } else { "-" };
-        return format!("{field}={sign}infinity");
+    let (y, m, d) = civil_from_days(days);
+    let year = match y {
+        0..=9999 => format!("{y:04}"),
+        10_000.. => format!("+{y}"),
+        _ => format!("-{:04}", -y),
     };
     match gran {
-        Granularity::Day => format!("{field}={}", date.format("%Y-%m-%d")),
-        Granularity::Month => format!("{field}={}", date.format("%Y-%m")),
-        Granularity::Year => format!("{field}={}", date.format("%Y")),
+        Granularity::Day => format!("{field}={year}-{m:02}-{d:02}"),
+        Granularity::Month => format!("{field}={year}-{m:02}"),
+        Granularity::Year => format!("{field}={year}"),
     }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01, for
+/// any count (Howard Hinnant's `civil_from_days`); chrono stops at year 262143.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11]
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 /// Values of a column's first batch looked at to choose its encoding.
@@ -485,16 +511,19 @@ mod tests {
     #[test]
     fn partition_dirs() {
         assert_eq!(
-            partition_dir(Some(0), Granularity::Day, "dt"),
+            partition_dir(Some(Day::Finite(0)), Granularity::Day, "dt"),
             "dt=1970-01-01"
         );
         assert_eq!(
-            partition_dir(Some(19_792), Granularity::Month, "dt"),
+            partition_dir(Some(Day::Finite(19_792)), Granularity::Month, "dt"),
             "dt=2024-03"
         );
-        assert_eq!(partition_dir(Some(-1), Granularity::Year, "dt"), "dt=1969");
         assert_eq!(
-            partition_dir(Some(0), Granularity::Day, "load_dt"),
+            partition_dir(Some(Day::Finite(-1)), Granularity::Year, "dt"),
+            "dt=1969"
+        );
+        assert_eq!(
+            partition_dir(Some(Day::Finite(0)), Granularity::Day, "load_dt"),
             "load_dt=1970-01-01"
         );
         assert_eq!(
@@ -502,13 +531,36 @@ mod tests {
             "dt=__HIVE_DEFAULT_PARTITION__"
         );
         assert_eq!(
-            partition_dir(Some(i64::MAX), Granularity::Day, "dt"),
+            partition_dir(Some(Day::Infinity), Granularity::Day, "dt"),
             "dt=infinity"
         );
         assert_eq!(
-            partition_dir(Some(i64::MIN), Granularity::Day, "dt"),
+            partition_dir(Some(Day::NegInfinity), Granularity::Day, "dt"),
             "dt=-infinity"
         );
+        // chrono's range ends at 262143; Postgres's dates go on to 5874897
+        let day = |d| partition_dir(Some(Day::Finite(d)), Granularity::Day, "dt");
+        // the day counts are Postgres's (`'5874897-12-31'::date - '1970-01-01'`)
+        assert_eq!(day(2_145_042_905), "dt=+5874897-12-31");
+        assert_eq!(day(95_026_602), "dt=+262144-01-01");
+        assert_eq!(day(-2_440_588), "dt=-4713-11-24"); // Postgres's first date, 4714 BC
+        assert_eq!(day(-719_529), "dt=-0001-12-31"); // 2 BC's last day
+        assert_eq!(day(2_932_896), "dt=9999-12-31");
+        assert_eq!(day(2_932_897), "dt=+10000-01-01");
+    }
+
+    #[test]
+    fn civil_dates_match_chrono_where_it_reaches() {
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+        for d in (-95_000_000_i64..95_000_000).step_by(9_973) {
+            let c = epoch + chrono::Days::new(0) + chrono::TimeDelta::days(d);
+            use chrono::Datelike;
+            assert_eq!(
+                civil_from_days(d),
+                (i64::from(c.year()), c.month(), c.day()),
+                "{d}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The commit protocol's object-store side: a chunk is committed by creating its manifest
-//! (create-if-absent: the first attempt wins), then its staged parts are published to
-//! their final names; a job is committed by writing its manifest after every chunk's, and
-//! the table's manifest (for an increment, that is the commit point, written first).
+//! (create-if-absent: the first attempt wins); its parts stay staged. A job is committed
+//! once every chunk is: its chunks' parts are published to their final names, then its
+//! manifest and the table's are written (for an increment, the table's manifest is the
+//! commit point, written before anything is published). Until then readers of the table's
+//! folder see nothing of the job, whether it later fails, is cancelled or succeeds.
 //!
 //! Every step here is safe to repeat: publishing skips parts already in place, and a job
 //! whose table manifest already names it only writes what is missing.
@@ -52,30 +54,24 @@ impl Classify for CommitError {
 pub enum ChunkCommit {
     /// This attempt's manifest was created: it committed the chunk.
     Won(ChunkManifest),
-    /// Another attempt had committed first; this one's staging files are gone and the
-    /// winner's parts are published.
+    /// Another attempt had committed first; this one's staging files are gone.
     Lost(ChunkManifest),
 }
 
-/// The chunk's manifest if it was committed before, its parts (re)published: a
-/// redelivered committed chunk is a cheap no-op.
+/// The chunk's manifest if it was committed before: a redelivered committed chunk is a
+/// cheap no-op.
 pub async fn committed_chunk(
     dest: &Dest,
     job: &JobId,
     chunk: ChunkId,
 ) -> Result<Option<ChunkManifest>, DestError> {
-    let Some(m) = dest
-        .get_json::<ChunkManifest>(&dest.chunk_manifest_path(job, chunk))
-        .await?
-    else {
-        return Ok(None);
-    };
-    dest.publish(&m).await?;
-    Ok(Some(m))
+    dest.get_json::<ChunkManifest>(&dest.chunk_manifest_path(job, chunk))
+        .await
 }
 
 /// Commits a chunk whose parts are staged under `staging`: creates its manifest if no
-/// attempt did, then publishes. The caller has checked that its lease is current.
+/// attempt did. The parts stay staged until the job commits. The caller has checked that
+/// its lease is current.
 pub async fn commit_chunk(
     dest: &Dest,
     manifest: ChunkManifest,
@@ -92,15 +88,23 @@ pub async fn commit_chunk(
                 path: path.to_string(),
                 reason: "vanished after an already-exists answer".into(),
             })?;
-        dest.publish(&winner).await?;
         return Ok(ChunkCommit::Lost(winner));
     }
-    dest.publish(&manifest).await?;
     Ok(ChunkCommit::Won(manifest))
 }
 
-/// Commits a job whose chunks are all committed: the job manifest is written last, then
-/// the table's manifest; parts of an export it replaces and the staging area are removed.
+/// Publishes every chunk's staged parts (see [`Dest::publish`]).
+async fn publish_all(dest: &Dest, chunks: &[ChunkManifest]) -> Result<(), DestError> {
+    for m in chunks {
+        dest.publish(m).await?;
+    }
+    Ok(())
+}
+
+/// Commits a job whose chunks are all committed: its parts are published, the job
+/// manifest is written, then the table's manifest (an increment's table manifest first:
+/// it is the commit point); parts of an export it replaces and the staging area are
+/// removed.
 pub async fn commit_job(
     dest: &Dest,
     job: &JobId,
@@ -119,6 +123,7 @@ pub async fn commit_job(
     let manifest = JobManifest::new(job, spec, plan, &chunks, started_at);
     if !spec.output.parquet {
         // a load-only job: its manifest records it as done; there is no export to name
+        publish_all(dest, &chunks).await?;
         dest.put_json(&dest.job_manifest_path(job), &manifest, true)
             .await?;
         dest.clear_staging(job).await?;
@@ -128,8 +133,9 @@ pub async fn commit_job(
     let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(&tdir)).await?;
     if let Some(w) = &plan.window {
         // The table's manifest is the increment's commit point, so it is written before
-        // the job's own manifest: a job manifest never exists for an increment the
-        // table's manifest does not list.
+        // anything is published (an increment that lost a race publishes nothing) and
+        // before the job's own manifest: a job manifest never exists for an increment
+        // the table's manifest does not list.
         match old {
             // recorded before the process stopped; only the job's own manifest is missing
             Some(o) if o.job == *job => {}
@@ -139,11 +145,13 @@ pub async fn commit_job(
                     .await?;
             }
         }
+        publish_all(dest, &chunks).await?;
         dest.put_json(&dest.job_manifest_path(job), &manifest, true)
             .await?;
         dest.clear_staging(job).await?;
         return Ok(manifest);
     }
+    publish_all(dest, &chunks).await?;
     dest.put_json(&dest.job_manifest_path(job), &manifest, true)
         .await?;
     dest.put_json(&dest.table_manifest_path(&tdir), &manifest, false)

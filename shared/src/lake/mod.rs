@@ -8,11 +8,13 @@
 //! <dest>/_haul/jobs/<job>/plan.json                             the job's plan (resume reads it)
 //! <dest>/_haul/jobs/<job>/chunks/<chunk>.json                   chunk manifests: the commit points
 //! <dest>/_haul/jobs/<job>/_manifest.json                        the job manifest, written last
-//! <dest>/_haul/staging/<job>/<chunk>/<epoch>/...                one attempt's parts before commit
+//! <dest>/_haul/staging/<job>/<chunk>/<epoch>/...                one attempt's parts until the job commits
 //! ```
 //!
-//! Architecture invariant: a part file appears under `<dest>/<table>/` only after its
-//! chunk manifest was created, and only parts named in that manifest are published.
+//! Architecture invariant: a part file appears under `<dest>/<table>/` only when its job
+//! commits: committed chunks' parts stay staged until every chunk is committed, so a job
+//! that fails or is cancelled publishes nothing (a resume finishes it from the staged
+//! parts). Only parts named in a chunk manifest are published.
 //!
 //! Architecture invariant: an attempt's parts are written under its own staging prefix
 //! (job, chunk, epoch); the chunk manifest is created with create-if-absent, so of two
@@ -279,22 +281,63 @@ impl Dest {
         Ok(out)
     }
 
-    /// Publishes a committed chunk's parts to their final names. Idempotent: a part
-    /// already in place is left alone, so a redelivered committed chunk just finishes
-    /// the job. Staged copies are removed afterwards.
+    /// Whether a part is at its final name already (published by an earlier try of
+    /// the job's commit).
+    async fn is_published(&self, f: &PartFile) -> Result<bool, DestError> {
+        let dst = self.path(&f.path);
+        match self.store.head(&dst).await {
+            Ok(meta) => Ok(meta.size == f.bytes),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(&dst)(e)),
+        }
+    }
+
+    /// Checks that every part a chunk manifest lists is still there, staged or
+    /// published: a resume trusts a committed chunk only then. A missing part is an
+    /// error for which [`DestError::is_missing_object`] holds.
+    pub async fn check_parts(&self, manifest: &ChunkManifest) -> Result<(), DestError> {
+        for f in &manifest.files {
+            if self.is_published(f).await? {
+                continue;
+            }
+            let src = self.path(&f.staged);
+            self.store.head(&src).await.map_err(store_err(&src))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a committed chunk's parts to their final names: a rename on a local
+    /// disk, a server-side copy on object stores (never a re-upload). Idempotent: a part
+    /// already in place is left alone, so a job commit cut short is finished by trying
+    /// it again.
     pub async fn publish(&self, manifest: &ChunkManifest) -> Result<(), DestError> {
         for f in &manifest.files {
-            let dst = self.path(&f.path);
-            let src = self.path(&f.staged);
-            match self.store.head(&dst).await {
-                Ok(meta) if meta.size == f.bytes => continue,
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_err(&dst)(e)),
+            if self.is_published(f).await? {
+                continue;
             }
-            self.store.copy(&src, &dst).await.map_err(store_err(&src))?;
+            let src = self.path(&f.staged);
+            self.store
+                .rename(&src, &self.path(&f.path))
+                .await
+                .map_err(store_err(&src))?;
         }
-        for f in &manifest.files {
-            self.delete_if_exists(&self.path(&f.staged)).await?;
+        Ok(())
+    }
+
+    /// Deletes the staged parts of a job's attempts that did not commit, keeping those
+    /// that committed chunks list (they are published when the job commits, or finish it
+    /// on resume). Only safe once no attempt of the job can still be running.
+    pub async fn clear_uncommitted_staging(&self, job: &JobId) -> Result<(), DestError> {
+        let keep: std::collections::HashSet<Path> = self
+            .chunk_manifests(job)
+            .await?
+            .iter()
+            .flat_map(|m| m.files.iter().map(|f| self.path(&f.staged)))
+            .collect();
+        for m in self.list(&self.path(&staging_root(job))).await? {
+            if !keep.contains(&m.location) {
+                self.delete_if_exists(&m.location).await?;
+            }
         }
         Ok(())
     }

@@ -11,7 +11,10 @@
 
 use std::fmt::Write as _;
 
-use crate::pg::{PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US};
+use crate::pg::{
+    DATE_INFINITY, DATE_NEG_INFINITY, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US, TS_INFINITY,
+    TS_NEG_INFINITY,
+};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Date32Type, Decimal128Type, Decimal256Type, Float32Type, Float64Type, Int16Type, Int32Type,
@@ -67,6 +70,13 @@ pub enum Enc {
         element_oid: u32,
         element: Box<Enc>,
     },
+    /// An array in Postgres's binary form (from a load-only job), written as it came
+    /// with its element type's oid set to `element_oid`: bounds and dimensions are kept.
+    /// `array_type` is the built-in type of the bytes (a staging column's type).
+    ArrayVerbatim {
+        element_oid: u32,
+        array_type: &'static str,
+    },
 }
 
 /// How one column goes into the target.
@@ -94,12 +104,52 @@ pub fn plan_column(
     field: &arrow_schema::Field,
     target: &TargetColumn,
 ) -> Result<ColumnPlan, String> {
-    let direct = direct_enc(field.data_type(), &target.recv, target.element.as_ref());
     let plan = |enc, cast_to| ColumnPlan {
         name: target.name.clone(),
         enc,
         cast_to,
     };
+    if let Some(bin) = field
+        .metadata()
+        .get("haul.pg_array")
+        .and_then(|t| crate::pg::ArrayBinary::by_type(t))
+    {
+        return match &target.element {
+            // the same binary form: straight in, under the target's element type
+            Some((oid, recv))
+                if recv == bin.element_recv || (text_like(recv) && text_like(bin.element_recv)) =>
+            {
+                Ok(plan(
+                    Enc::ArrayVerbatim {
+                        element_oid: *oid,
+                        array_type: bin.array_type,
+                    },
+                    None,
+                ))
+            }
+            // another element type (or text): staged as the source's array type and cast
+            // by Postgres, which keeps bounds and dimensions
+            Some(_) => Ok(plan(
+                Enc::ArrayVerbatim {
+                    element_oid: bin.element_oid,
+                    array_type: bin.array_type,
+                },
+                Some(target.pg_type.clone()),
+            )),
+            None if text_like(&target.recv) => Ok(plan(
+                Enc::ArrayVerbatim {
+                    element_oid: bin.element_oid,
+                    array_type: bin.array_type,
+                },
+                Some(target.pg_type.clone()),
+            )),
+            None => Err(format!(
+                "the stream has an array ({}) but the target column is {}",
+                bin.array_type, target.pg_type
+            )),
+        };
+    }
+    let direct = direct_enc(field.data_type(), &target.recv, target.element.as_ref());
     if let Some(enc) = direct {
         return Ok(plan(enc, None));
     }
@@ -280,7 +330,9 @@ fn put_value(
         Enc::Date => {
             let d = a.as_primitive::<Date32Type>().value(i);
             let pg = match d {
-                i32::MAX | i32::MIN => d,
+                DATE_INFINITY => i32::MAX,
+                // (and Postgres's own marker, which haul wrote before 0.1)
+                DATE_NEG_INFINITY | i32::MIN => i32::MIN,
                 d => d
                     .checked_sub(PG_EPOCH_OFFSET_DAYS)
                     .ok_or_else(|| format!("date {d} is out of Postgres's range"))?,
@@ -295,7 +347,8 @@ fn put_value(
         Enc::Timestamp => {
             let t = a.as_primitive::<TimestampMicrosecondType>().value(i);
             let pg = match t {
-                i64::MAX | i64::MIN => t,
+                TS_INFINITY => i64::MAX,
+                TS_NEG_INFINITY | i64::MIN => i64::MIN,
                 t => t
                     .checked_sub(PG_EPOCH_OFFSET_US)
                     .ok_or_else(|| format!("timestamp {t} is out of Postgres's range"))?,
@@ -317,6 +370,17 @@ fn put_value(
             let b = a.as_fixed_size_binary().value(i);
             buf.put_i32(16);
             buf.put_slice(b);
+        }
+        Enc::ArrayVerbatim { element_oid, .. } => {
+            // ndim, has-nulls flag, element oid, then dimensions and elements
+            let b = a.as_binary::<i32>().value(i);
+            if b.len() < 12 {
+                return Err(format!("a {}-byte array value", b.len()));
+            }
+            buf.put_i32(len32(b.len())?);
+            buf.put_slice(&b[..8]);
+            buf.put_u32(*element_oid);
+            buf.put_slice(&b[12..]);
         }
         Enc::Array {
             element_oid,

@@ -409,6 +409,9 @@ impl Loader {
                 .iter()
                 .map(|p| {
                     let t = match (&p.cast_to, &p.enc) {
+                        (Some(_), Enc::ArrayVerbatim { array_type, .. }) => {
+                            (*array_type).to_owned()
+                        }
                         (Some(_), Enc::Array { .. }) => "text[]".to_owned(),
                         (Some(_), _) => "text".to_owned(),
                         (None, _) => target_column(target, &p.name)

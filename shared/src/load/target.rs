@@ -146,7 +146,7 @@ pub(super) async fn create_table(
     let mut defs = Vec::new();
     for f in schema.fields() {
         let ty = source_type_if_usable(c, f).await?;
-        let ty = match ty {
+        let ty = match ty.or_else(|| f.metadata().get("haul.pg_array").cloned()) {
             Some(t) => t,
             None => pg_type_for(f.data_type()).ok_or_else(|| LoadError::Mismatch {
                 table: quoted.clone(),

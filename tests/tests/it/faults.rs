@@ -217,25 +217,18 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
     assert!(before < 150, "the run finished before the kill");
     assert!(!dest.0.join("big/_manifest.json").exists());
 
-    // glob readers never see an uncommitted part, even now: every visible file is named
-    // by a committed chunk manifest
-    let mut committed = std::collections::HashSet::new();
-    for e in std::fs::read_dir(dest.0.join("_haul/jobs/killed/chunks"))
-        .unwrap()
-        .flatten()
-        // a manifest being created is staged as `<chunk>.json#<n>` first; like
-        // `Dest::chunk_manifests`, read only the committed `.json` files
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-    {
-        let m: haul_shared::lake::ChunkManifest =
-            serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
-        committed.extend(m.files.into_iter().map(|f| dest.0.join(f.path)));
-    }
+    // glob readers see nothing of a job that has not committed, even now: the committed
+    // chunks' parts are staged, and published only when the job commits
     let visible = parquet_files(&dest.0.join("big"));
-    assert!(!visible.is_empty());
-    for f in &visible {
-        assert!(committed.contains(f), "{f:?} is visible but not committed");
-    }
+    assert!(
+        visible.is_empty(),
+        "parts visible before the commit: {visible:?}"
+    );
+    let staged = parquet_files(&dest.0.join("_haul/staging/killed"));
+    assert!(
+        staged.len() >= before,
+        "committed chunks' parts are kept staged"
+    );
 
     // the old snapshot died with the process: resuming needs consent to a fresh one
     let out = args(&["--resume", "killed"]).output().unwrap();
@@ -372,15 +365,19 @@ async fn a_fenced_off_attempt_cannot_commit() {
         ChunkOutcome::AlreadyCommitted { rows: 2000, .. }
     ));
     assert_eq!(parquet_files(&dest_dir.0), files);
-    let rows: usize = read_batches(&dest_dir.0.join("t"))
+    // the winner's parts stay staged until the job commits, and they are its only ones
+    let live_prefix = dest_dir
+        .0
+        .join(format!("_haul/staging/fence/000000/{}", live.epoch.0));
+    assert!(
+        files.iter().all(|f| f.starts_with(&live_prefix)),
+        "{files:?}"
+    );
+    let rows: usize = read_batches(&live_prefix)
         .iter()
         .map(|b| b.num_rows())
         .sum();
     assert_eq!(rows, 2000);
-    assert!(
-        parquet_files(&dest_dir.0.join("_haul")).is_empty(),
-        "staging was not cleaned up"
-    );
 }
 
 /// DuckDB (glob + hive partitioning) and pyarrow read the output unchanged. Needs the
@@ -621,7 +618,8 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
     assert!(recorded, "the committed chunk was never recorded");
     assert!(queue.drain_dead_letters().await.unwrap().is_empty());
     assert_eq!(queue.ready_count().await.unwrap(), 0);
-    let rows: usize = read_batches(&dest.0.join("t"))
+    // the chunk's parts are staged (the job commits them): one attempt's, once
+    let rows: usize = read_batches(&dest.0.join("_haul/staging/flaky"))
         .iter()
         .map(|b| b.num_rows())
         .sum();
@@ -787,6 +785,65 @@ print(d[0], d[1], d[2], t.num_rows, "dt" in t.column_names, "load_dt" in t.colum
     );
 }
 
+/// Regression (issue 12): finite dates past year 262143 (chrono's range) were filed under
+/// `dt=infinity`, and DuckDB read haul's -infinity marker (Postgres's i32::MIN) as a date
+/// in 5877642 BC. Every finite day now has its own folder, Postgres's whole range
+/// included, and DuckDB reads both infinities as such (date and timestamp).
+#[tokio::test]
+async fn far_dates_get_their_own_folders_and_readers_see_infinity() {
+    let python = crate::harness::test_python();
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE far (id int PRIMARY KEY, d date, ts timestamp);
+         INSERT INTO far VALUES (1, '262144-01-01', '2024-01-01'), (2, '5874897-12-31', 'infinity'),
+           (3, '4714-11-24 BC', '-infinity'), (4, 'infinity', '294247-01-10'),
+           (5, '-infinity', '4713-01-01 BC'), (6, '2024-02-29', NULL), (7, NULL, '1999-12-31 23:59:59');",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "far", &dest);
+    o.spec.output.partition_by = Some(haul_shared::jobs::PartitionBy::new(
+        "d",
+        haul_shared::jobs::Granularity::Day,
+    ));
+    run(o).await.unwrap();
+    assert_same(&db.client, "far", &dest.0.join("far")).await;
+    let mut dirs: Vec<String> = std::fs::read_dir(dest.0.join("far"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        [
+            "dt=+262144-01-01",
+            "dt=+5874897-12-31",
+            "dt=-4713-11-24",
+            "dt=-infinity",
+            "dt=2024-02-29",
+            "dt=__HIVE_DEFAULT_PARTITION__",
+            "dt=infinity",
+        ]
+    );
+    let script = format!(
+        r#"
+import duckdb
+rows = duckdb.sql("SELECT id, d::varchar, ts::varchar FROM read_parquet('{root}/far/**/*.parquet', hive_partitioning=false) WHERE id IN (2, 3, 4, 5) ORDER BY id").fetchall()
+print(rows)
+"#,
+        root = dest.0.display()
+    );
+    let out = Command::new(python).args(["-c", &script]).output().unwrap();
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[(2, '5874897-12-31', 'infinity'), (3, '4714-11-24 (BC)', '-infinity'), \
+         (4, 'infinity', '294247-01-10 00:00:00'), (5, '-infinity', '4713-01-01 (BC) 00:00:00')]"
+    );
+}
+
 /// Regression (issue 12): a resume trusted every chunk manifest. One whose parts are gone
 /// (neither published nor staged) now has its chunk extracted again, and the job ends
 /// with every row.
@@ -807,7 +864,7 @@ async fn a_resume_redoes_a_committed_chunk_whose_parts_are_gone() {
     let m: haul_shared::lake::ChunkManifest =
         serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     for f in &m.files {
-        std::fs::remove_file(dest.0.join(&f.path)).unwrap();
+        std::fs::remove_file(dest.0.join(&f.staged)).unwrap();
     }
 
     db.exec("DELETE FROM poison").await;

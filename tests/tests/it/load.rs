@@ -946,3 +946,125 @@ async fn cancelling_a_job_mid_commit_loses_no_rows() {
         cl.logs()
     );
 }
+
+/// The arrays of the test below: lower bounds other than 1, several dimensions, NULL
+/// elements, empty arrays, enum and text-rendered (inet) elements; and 3000 plain rows so
+/// that the job has several chunks.
+const ODD_ARRAYS: &str = "
+    CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE TABLE arr (id int PRIMARY KEY, a int[], t text[], e mood[], b int[], ips inet[]);
+    INSERT INTO arr VALUES
+      (1, '[0:2]={1,2,3}', '[-3:-2]={x,NULL}', '[5:5]={ok}', '{{1,2},{3,4}}', '[2:2]={10.0.0.1}'),
+      (2, '{}', '{\"a,b\",\"c\\\"d\"}', NULL, '[0:1][3:4]={{1,NULL},{3,4}}', '{}'),
+      (3, NULL, '{{a},{b}}', '{sad,happy}', '{1}', NULL);
+    INSERT INTO arr SELECT g, ARRAY[g, g + 1], ARRAY['v' || g], '{ok}', ARRAY[[g], [g]], '{10.0.0.2}'
+      FROM generate_series(4, 3000) g;
+    ANALYZE arr;";
+
+/// Each row of `arr` (or a table like it) as `id|a|t|e|b|ips`, the arrays as Postgres
+/// renders them (bounds and dimensions shown), in id order.
+async fn array_texts(c: &Client, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT id, a::text, t::text, e::text, b::text, ips::text FROM {table} ORDER BY id"
+    );
+    c.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (1..6)
+                .map(|i| r.get::<_, Option<String>>(i).unwrap_or_default())
+                .fold(r.get::<_, i32>(0).to_string(), |acc, v| acc + "|" + &v)
+        })
+        .collect()
+}
+
+/// Regression (issue 12): array lower bounds were dropped (`[0:2]={1,2,3}` arrived as
+/// `{1,2,3}`) and multi-dimensional arrays were refused. A load-only job now streams
+/// arrays in Postgres's binary form, so the target receives every value exactly: into a
+/// table the load creates, and into an existing one whose column has another element
+/// type (staged and cast by Postgres, which keeps bounds and dimensions). Parquet, whose
+/// lists hold neither, refuses such a value naming the column and the fix, and nothing is
+/// published; with that fix the text form keeps the bounds.
+#[tokio::test]
+async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
+    let src = TestDb::new().await;
+    src.exec(ODD_ARRAYS).await;
+    let tgt = TestDb::new().await;
+    tgt.exec(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE TABLE wide (id int PRIMARY KEY, a int[], t text[], e mood[], b bigint[], ips inet[]);",
+    )
+    .await;
+    let load_only = |target: &str, dest: &TempDest| {
+        let mut o = options(&src.dsn, "arr", dest);
+        o.spec.chunk_rows = 500;
+        o.spec.output.parquet = false;
+        o.spec.load = Some(haul_shared::jobs::LoadSpec {
+            endpoints: vec![],
+            target_table: target.into(),
+            create_table: target.is_empty(),
+            truncate_first: false,
+        });
+        o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+        o
+    };
+    let expected = array_texts(&src.client, "arr").await;
+    assert_eq!(expected.len(), 3000);
+    assert!(expected[0].contains("[0:2]={1,2,3}"), "{}", expected[0]);
+
+    let dest = TempDest::new();
+    let s = run(load_only("", &dest)).await.unwrap();
+    assert!(s.chunks > 1, "{} chunks", s.chunks);
+    assert_eq!(array_texts(&tgt.client, "public.arr").await, expected);
+    assert_eq!(
+        digest(&tgt.client, "public.arr").await,
+        digest(&src.client, "arr").await
+    );
+
+    let dest = TempDest::new();
+    run(load_only("public.wide", &dest)).await.unwrap();
+    assert_eq!(array_texts(&tgt.client, "public.wide").await, expected);
+
+    // Parquet: refused, naming the column and the fix; readers see nothing
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "arr", &dest);
+    o.spec.chunk_rows = 500;
+    let err = run(o).await.unwrap_err().to_string();
+    assert!(
+        err.contains("column \"a\"") && err.contains("lower bound 0") && err.contains("--cast"),
+        "{err}"
+    );
+    let visible: Vec<_> = parquet_files(&dest.0)
+        .into_iter()
+        .filter(|p| !p.starts_with(dest.0.join("_haul")))
+        .collect();
+    assert!(visible.is_empty(), "{visible:?}");
+
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "arr", &dest);
+    o.spec.casts = ["a", "t", "e", "b", "ips"]
+        .into_iter()
+        .map(|c| (c.to_string(), "text".to_string()))
+        .collect();
+    run(o).await.unwrap();
+    let mut texts = std::collections::BTreeMap::new();
+    for b in read_batches(&dest.0.join("arr")) {
+        use arrow_array::cast::AsArray;
+        let ids = b["id"].as_primitive::<arrow_array::types::Int32Type>();
+        let (a, bb) = (b["a"].as_string::<i32>(), b["b"].as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if ids.value(i) <= 2 {
+                texts.insert(
+                    ids.value(i),
+                    (a.value(i).to_owned(), bb.value(i).to_owned()),
+                );
+            }
+        }
+    }
+    assert_eq!(texts[&1], ("[0:2]={1,2,3}".into(), "{{1,2},{3,4}}".into()));
+    assert_eq!(
+        texts[&2],
+        ("{}".into(), "[0:1][3:4]={{1,NULL},{3,4}}".into())
+    );
+}

@@ -395,12 +395,13 @@ pub fn rust_canon(a: &dyn Array, i: usize) -> Option<String> {
         }
         DataType::Date32 => match a.as_primitive::<Date32Type>().value(i) {
             i32::MAX => "infinity".into(),
-            i32::MIN => "-infinity".into(),
+            // haul's -infinity marker (DuckDB's), not Postgres's i32::MIN
+            -2_147_483_647 => "-infinity".into(),
             d => d.to_string(),
         },
         DataType::Timestamp(..) => match a.as_primitive::<TimestampMicrosecondType>().value(i) {
             i64::MAX => "infinity".into(),
-            i64::MIN => "-infinity".into(),
+            -9_223_372_036_854_775_807 => "-infinity".into(),
             t => t.to_string(),
         },
         DataType::Time64(_) => a
@@ -497,6 +498,20 @@ pub fn assert_one_chunk_failed(err: &str, dest: &Path, job: &str) -> usize {
     assert!(
         err.contains(&format!("chunk {} failed", missing[0])),
         "{err}"
+    );
+    // the committed chunks' parts stay staged: a reader of the table's folder sees
+    // nothing of a job that failed (issue 12: they were published chunk by chunk)
+    let visible: Vec<_> = parquet_files(dest)
+        .into_iter()
+        .filter(|p| !p.starts_with(dest.join("_haul")))
+        .collect();
+    assert!(
+        visible.is_empty(),
+        "a failed job's parts are visible: {visible:?}"
+    );
+    assert!(
+        !parquet_files(&dest.join(format!("_haul/staging/{job}"))).is_empty(),
+        "the committed chunks' parts were not kept for a resume"
     );
     chunks
 }
