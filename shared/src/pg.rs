@@ -632,7 +632,8 @@ async fn resolve_kind(
             // scale is an 11-bit signed field (negative scales exist since Postgres 15)
             let raw = (typmod - 4) & 0x7ff;
             let scale = if raw & 0x400 != 0 { raw - 0x800 } else { raw };
-            if precision > 76 || !(-128..=127).contains(&scale) {
+            let (precision, scale) = decimal_for(precision, scale);
+            if precision > 76 {
                 return Ok(Some((PgKind::Text, text)));
             }
             PgKind::Numeric {
@@ -663,6 +664,19 @@ async fn resolve_kind(
         }
     };
     Ok(Some((kind, Select::Column)))
+}
+
+/// The decimal (precision, scale) that holds every value of `numeric(precision, scale)`
+/// exactly, with 0 ≤ scale ≤ precision as Arrow and Parquet require: a negative scale
+/// (`numeric(5,-2)`: integers, multiples of 100, below 10^7) is a scale-0 decimal of the
+/// wider precision; a scale above the precision (`numeric(3,5)`: |v| < 0.01, five
+/// fractional digits) a decimal whose precision is the scale.
+fn decimal_for(precision: i32, scale: i32) -> (i32, i32) {
+    if scale < 0 {
+        (precision - scale, 0)
+    } else {
+        (precision.max(scale), scale)
+    }
 }
 
 /// Resolves the user's table name (quoting allowed, search_path applies) and its columns.
@@ -801,6 +815,16 @@ pub async fn resolve_table(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_numeric_typmod_has_an_exact_decimal() {
+        use super::decimal_for;
+        assert_eq!(decimal_for(12, 2), (12, 2));
+        assert_eq!(decimal_for(5, -2), (7, 0));
+        assert_eq!(decimal_for(3, 5), (5, 5));
+        assert_eq!(decimal_for(1, -1000), (1001, 0)); // beyond Decimal256: text
+    }
+
     use super::*;
 
     #[test]

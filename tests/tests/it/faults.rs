@@ -844,6 +844,34 @@ print(rows)
     );
 }
 
+/// Regression (issue 12): `numeric(5,-2)` and `numeric(3,5)` failed after three attempts
+/// with `parquet: Invalid DECIMAL scale: -2`. They map to decimals that hold every value
+/// exactly (a scale-0 decimal of precision 7; a decimal(5,5)), and read back equal.
+#[tokio::test]
+async fn numerics_with_negative_or_large_scales_export_exactly() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE n (id int PRIMARY KEY, a numeric(5,-2), b numeric(3,5), c numeric(2,-3)[]);
+         INSERT INTO n VALUES (1, 9999900, 0.00999, '{99000,-1000}'), (2, -12345, -0.00001, NULL),
+           (3, 0, 0, '{}'), (4, NULL, NULL, '{NULL}');",
+    )
+    .await;
+    let dest = TempDest::new();
+    let s = run(options(&db.dsn, "n", &dest)).await.unwrap();
+    assert_eq!(s.rows, 4);
+    let types: Vec<String> = read_batches(&dest.0.join("n"))[0]
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.data_type().to_string())
+        .collect();
+    assert_eq!(
+        types[1..],
+        ["Decimal128(7, 0)", "Decimal128(5, 5)", "List(Decimal128(5, 0), field: 'element')"]
+    );
+    assert_same(&db.client, "n", &dest.0.join("n")).await;
+}
+
 /// Regression (issue 12): a resume trusted every chunk manifest. One whose parts are gone
 /// (neither published nor staged) now has its chunk extracted again, and the job ends
 /// with every row.
