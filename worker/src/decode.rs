@@ -527,7 +527,7 @@ impl Col {
             Col::Dec256(b, _) => Arc::new(b.finish()),
             Col::Text(b) | Col::Jsonb(b) => Arc::new(
                 StringArray::try_from_binary(b.finish())
-                    .map_err(|e| format!("invalid UTF-8 in text value: {e}"))?,
+                    .map_err(|e| format!("a value that is not valid UTF-8 ({e}); a SQL_ASCII database stores any bytes: pass --cast <column>=bytea to export them as they are"))?,
             ),
             Col::Bytea(b) => Arc::new(b.finish()),
             Col::Date(b) => Arc::new(b.finish()),

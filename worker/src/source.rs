@@ -77,6 +77,17 @@ impl ChunkSource {
                 .batch_execute(SESSION_SETUP)
                 .await
                 .map_err(|e| SourceError::query("session setup", e))?;
+            // A SQL_ASCII database holds any bytes, and converting them to UTF8 fails
+            // server-side without naming a column: take them as stored (the COPY is read
+            // here, not by the driver); the decoder checks text is UTF-8 and names the
+            // column whose value is not.
+            client
+                .batch_execute(
+                    "SELECT set_config('client_encoding', 'SQL_ASCII', false) \
+                     WHERE current_setting('server_encoding') = 'SQL_ASCII'",
+                )
+                .await
+                .map_err(|e| SourceError::query("session setup", e))?;
             client
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await

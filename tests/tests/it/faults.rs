@@ -872,6 +872,49 @@ async fn numerics_with_negative_or_large_scales_export_exactly() {
     assert_same(&db.client, "n", &dest.0.join("n")).await;
 }
 
+/// Regression (issue 12): bytes that are not UTF-8 in a SQL_ASCII database failed as
+/// `invalid byte sequence for encoding "UTF8": 0xe9`, naming neither table nor column.
+/// The job now fails naming the column and the fix, at once (it cannot succeed), and with
+/// that fix (`--cast note=bytea`) exports the bytes as stored; valid text is unchanged.
+#[tokio::test]
+async fn non_utf8_bytes_in_a_sql_ascii_database_name_the_column() {
+    let db = TestDb::with_options(
+        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await;
+    db.exec(
+        "CREATE TABLE latin (id int PRIMARY KEY, name text, note text);
+         INSERT INTO latin SELECT g, 'n' || g, 'plain' FROM generate_series(1, 3000) g;
+         UPDATE latin SET note = E'caf\\xe9' WHERE id = 2500;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "latin", &dest);
+    o.spec.chunk_rows = 1000;
+    let err = run(o.clone()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("column \"note\"") && msg.contains("--cast <column>=bytea"),
+        "{msg}"
+    );
+    use haul_shared::error::{Classify, ErrorClass};
+    assert_eq!(err.class(), ErrorClass::User, "{msg}");
+
+    o.spec.casts.insert("note".into(), "bytea".into());
+    run(o).await.unwrap();
+    let mut notes = BTreeMap::new();
+    for b in read_batches(&dest.0.join("latin")) {
+        let ids = b["id"].as_primitive::<arrow_array::types::Int32Type>();
+        let note = b["note"].as_binary::<i32>();
+        for i in 0..b.num_rows() {
+            notes.insert(ids.value(i), note.value(i).to_vec());
+        }
+    }
+    assert_eq!(notes.len(), 3000);
+    assert_eq!(notes[&2500], b"caf\xe9");
+    assert_eq!(notes[&1], b"plain");
+}
+
 /// Regression (issue 12): a resume trusted every chunk manifest. One whose parts are gone
 /// (neither published nor staged) now has its chunk extracted again, and the job ends
 /// with every row.

@@ -66,10 +66,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
+        Self::with_options("").await
+    }
+
+    /// A database created with `options` after its name (`ENCODING 'SQL_ASCII' ...`).
+    pub async fn with_options(options: &str) -> Self {
         let name = unique("haul_t");
         let admin = connect(&admin_dsn()).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .batch_execute(&format!("CREATE DATABASE {} {options}", quote_ident(&name)))
             .await
             .expect("create test database");
         let dsn = dsn_for(&name);
