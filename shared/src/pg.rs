@@ -93,6 +93,14 @@ pub enum SourceError {
     )]
     PermissionDenied { table: String },
     #[error(
+        "permission denied: {reason}; the source user needs USAGE on the table's schema (GRANT USAGE ON SCHEMA <schema> TO <user>)"
+    )]
+    SchemaPermissionDenied { reason: String },
+    #[error(
+        "permission denied: the source user cannot SELECT column(s) {columns} of {table}; pass --columns with the columns it can read, or GRANT SELECT ON {table} TO <user>"
+    )]
+    ColumnsNotReadable { table: String, columns: String },
+    #[error(
         "{relation} is a {kind}, not a table; haul extracts tables, partitioned tables and materialized views"
     )]
     NotATable { relation: String, kind: String },
@@ -696,6 +704,11 @@ pub async fn resolve_table(
         )
         .await
         .map_err(|e| match e.code() {
+            // to_regclass checks USAGE on a schema it is given (`permission denied for
+            // schema s`): the table may well exist
+            Some(c) if c.code() == "42501" => SourceError::SchemaPermissionDenied {
+                reason: pg_reason(&e),
+            },
             Some(c) if c.code().starts_with("42") || c.code().starts_with("22") => {
                 SourceError::TableNotFound {
                     table: table.to_owned(),
@@ -723,13 +736,11 @@ pub async fn resolve_table(
             kind: kind.into(),
         });
     }
-    if !can_select {
-        return Err(SourceError::PermissionDenied { table: display });
-    }
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull, \
-                    format_type(a.atttypid, a.atttypmod) \
+                    format_type(a.atttypid, a.atttypmod), \
+                    has_column_privilege(a.attrelid, a.attnum, 'SELECT') \
              FROM pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&oid],
@@ -745,6 +756,28 @@ pub async fn resolve_table(
             return Err(SourceError::ColumnNotFound {
                 table: display.clone(),
                 column: c.clone(),
+            });
+        }
+    }
+    if !can_select {
+        // column-level grants are enough for the columns actually read
+        let unreadable: Vec<String> = rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(5))
+            .map(|r| r.get::<_, String>(0))
+            .filter(|c| columns.is_empty() || columns.contains(c))
+            .collect();
+        if unreadable.len() == rows.len() {
+            return Err(SourceError::PermissionDenied { table: display });
+        }
+        if !unreadable.is_empty() {
+            return Err(SourceError::ColumnsNotReadable {
+                table: display,
+                columns: unreadable
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }

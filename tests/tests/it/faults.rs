@@ -867,7 +867,11 @@ async fn numerics_with_negative_or_large_scales_export_exactly() {
         .collect();
     assert_eq!(
         types[1..],
-        ["Decimal128(7, 0)", "Decimal128(5, 5)", "List(Decimal128(5, 0), field: 'element')"]
+        [
+            "Decimal128(7, 0)",
+            "Decimal128(5, 5)",
+            "List(Decimal128(5, 0), field: 'element')"
+        ]
     );
     assert_same(&db.client, "n", &dest.0.join("n")).await;
 }
@@ -878,10 +882,9 @@ async fn numerics_with_negative_or_large_scales_export_exactly() {
 /// that fix (`--cast note=bytea`) exports the bytes as stored; valid text is unchanged.
 #[tokio::test]
 async fn non_utf8_bytes_in_a_sql_ascii_database_name_the_column() {
-    let db = TestDb::with_options(
-        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    )
-    .await;
+    let db =
+        TestDb::with_options("ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .await;
     db.exec(
         "CREATE TABLE latin (id int PRIMARY KEY, name text, note text);
          INSERT INTO latin SELECT g, 'n' || g, 'plain' FROM generate_series(1, 3000) g;
@@ -913,6 +916,75 @@ async fn non_utf8_bytes_in_a_sql_ascii_database_name_the_column() {
     assert_eq!(notes.len(), 3000);
     assert_eq!(notes[&2500], b"caf\xe9");
     assert_eq!(notes[&1], b"plain");
+}
+
+/// A login role for one test, dropped after the databases that grant it anything (declare
+/// it before them).
+struct TestRole(String);
+
+impl TestRole {
+    async fn new(db: &TestDb) -> Self {
+        let role = unique("haul_role");
+        db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
+        TestRole(role)
+    }
+    fn dsn(&self, db: &TestDb) -> haul_shared::pg::Secret {
+        haul_shared::pg::Secret::new(db.dsn.replacen("postgres@", &format!("{}@", self.0), 1))
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .arg(admin_dsn())
+            .args(["-X", "-q", "-c"])
+            .arg(format!("DROP ROLE IF EXISTS {}", self.0))
+            .output();
+    }
+}
+
+/// Regression (issue 12): a table in a schema the role lacks USAGE on was reported as
+/// "does not exist", and a role with column-level SELECT grants was refused even with
+/// `--columns` limited to its columns. Now: the first names the missing USAGE; the second
+/// names the columns it cannot read and the fix, and with `--columns` it exports them.
+#[tokio::test]
+async fn permissions_are_named_and_column_grants_are_enough() {
+    let admin = TestDb::new().await;
+    let role = TestRole::new(&admin).await;
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE SCHEMA private; CREATE TABLE private.t (id int PRIMARY KEY);
+         CREATE TABLE c (id int PRIMARY KEY, v text, secret text);
+         INSERT INTO c SELECT g, 'v' || g, 's' || g FROM generate_series(1, 3000) g;
+         GRANT SELECT (id, v) ON c TO {r};",
+        r = role.0
+    ))
+    .await;
+    let dest = TempDest::new();
+    let as_role = |table: &str| {
+        let mut o = options(&db.dsn, table, &dest);
+        o.spec.source = role.dsn(&db);
+        o
+    };
+    expect_error(
+        as_role("private.t"),
+        &dest,
+        &["permission denied for schema private", "USAGE"],
+    )
+    .await;
+    expect_error(
+        as_role("c"),
+        &dest,
+        &["cannot SELECT column(s) \"secret\"", "--columns"],
+    )
+    .await;
+    let mut o = as_role("c");
+    o.spec.columns = vec!["id".into(), "v".into()];
+    o.spec.chunk_rows = 1000;
+    assert_eq!(run(o).await.unwrap().rows, 3000);
+    let batches = read_batches(&dest.0.join("c"));
+    assert_eq!(batches[0].num_columns(), 2);
+    assert_same_batches(&db.client, "c", &batches).await;
 }
 
 /// Regression (issue 12): a resume trusted every chunk manifest. One whose parts are gone
