@@ -54,6 +54,14 @@ pub enum DestError {
     },
     #[error("unreadable manifest {path}: {reason}")]
     BadManifest { path: String, reason: String },
+    #[error(
+        "no S3 credentials for {dest}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT and AWS_REGION for a server other than AWS), AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or run where an instance or pod role provides them (the instance metadata service at {endpoint}: {reason})"
+    )]
+    NoCredentials {
+        dest: String,
+        endpoint: String,
+        reason: String,
+    },
 }
 
 impl DestError {
@@ -72,7 +80,9 @@ impl DestError {
 impl Classify for DestError {
     fn class(&self) -> ErrorClass {
         match self {
-            DestError::Invalid { .. } | DestError::NotWritable { .. } => ErrorClass::User,
+            DestError::Invalid { .. }
+            | DestError::NotWritable { .. }
+            | DestError::NoCredentials { .. } => ErrorClass::User,
             DestError::Store { source, .. } => match source {
                 object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. } => ErrorClass::User,
@@ -97,7 +107,20 @@ pub struct Dest {
     pub root: Path,
     /// The URL as the user gave it (for messages).
     pub url: String,
+    /// An object store whose credentials can only come from the instance metadata
+    /// service: no credentials were given in the environment.
+    metadata_credentials: bool,
 }
+
+/// The environment variables through which object_store takes S3 credentials (or is told
+/// it needs none); without any, it asks the instance metadata service.
+const S3_CREDENTIAL_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_SKIP_SIGNATURE",
+];
 
 impl Dest {
     /// Opens `file://path`, a bare path (relative paths are taken from the current
@@ -137,6 +160,7 @@ impl Dest {
                 store: Arc::new(store),
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
+                metadata_credentials: false,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -154,6 +178,9 @@ impl Dest {
                     store: Arc::new(store),
                     root,
                     url: url.trim_end_matches('/').to_owned(),
+                    metadata_credentials: !S3_CREDENTIAL_VARS
+                        .iter()
+                        .any(|v| std::env::var_os(v).is_some()),
                 })
             }
             other => Err(invalid(format!(
@@ -171,16 +198,55 @@ impl Dest {
 
     /// Proves the destination is writable before any data moves.
     pub async fn check_writable(&self) -> Result<(), DestError> {
+        let metadata = std::env::var("AWS_METADATA_ENDPOINT")
+            .unwrap_or_else(|_| "http://169.254.169.254".into());
+        let metadata = metadata.trim_end_matches('/');
+        let no_credentials = |reason: String| DestError::NoCredentials {
+            dest: self.url.clone(),
+            endpoint: metadata.to_owned(),
+            reason,
+        };
+        if self.metadata_credentials {
+            // where no metadata service listens, object_store would retry it for long
+            let addr = url::Url::parse(metadata)
+                .ok()
+                .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+            if let Some(addr) = addr {
+                let connect = tokio::net::TcpStream::connect(addr);
+                match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(no_credentials(e.to_string())),
+                    Err(_) => return Err(no_credentials("no answer within 2 s".into())),
+                }
+            }
+        }
         let probe = self.path(&format!("_haul/probe-{}", probe_suffix()));
         self.store
             .put(&probe, PutPayload::from_static(b"ok"))
             .await
-            .map_err(|e| DestError::NotWritable {
-                dest: self.url.clone(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                let reason = e.to_string();
+                if self.metadata_credentials && reason.contains(metadata) {
+                    no_credentials(reason.rsplit(" - ").next().unwrap_or(&reason).to_owned())
+                } else {
+                    DestError::NotWritable {
+                        dest: self.url.clone(),
+                        reason,
+                    }
+                }
             })?;
         let _ = self.store.delete(&probe).await;
         Ok(())
+    }
+
+    /// A destination over a store opened elsewhere (credentials as that store has them).
+    pub fn from_store(store: Arc<dyn ObjectStore>, root: Path, url: String) -> Self {
+        Dest {
+            store,
+            root,
+            url,
+            metadata_credentials: false,
+        }
     }
 
     /// Where one attempt stages its parts before it commits.

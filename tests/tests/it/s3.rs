@@ -28,11 +28,8 @@ fn store(bucket: &str) -> Arc<dyn ObjectStore> {
     )
 }
 
-#[tokio::test]
-async fn exports_to_s3_and_commits_with_create_if_absent() {
-    // one shared bucket (each bucket costs the server volumes), a prefix of our own
-    let bucket = "haul-test";
-    let prefix = unique("bronze");
+/// Creates `bucket` on the test server unless it exists.
+fn ensure_bucket(bucket: &str) {
     let out = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
         .arg(format!("{ENDPOINT}/{bucket}"))
@@ -43,6 +40,14 @@ async fn exports_to_s3_and_commits_with_create_if_absent() {
         code == "200" || code == "409",
         "cannot create bucket {bucket} (HTTP {code}): is the S3 server up (scripts/services.sh)?"
     );
+}
+
+#[tokio::test]
+async fn exports_to_s3_and_commits_with_create_if_absent() {
+    // one shared bucket (each bucket costs the server volumes), a prefix of our own
+    let bucket = "haul-test";
+    let prefix = unique("bronze");
+    ensure_bucket(bucket);
 
     let db = TestDb::new().await;
     db.exec(
@@ -105,11 +110,7 @@ async fn exports_to_s3_and_commits_with_create_if_absent() {
 
     // the commit point really is create-if-absent on this server: a second commit of a
     // chunk is refused
-    let dest = Dest {
-        store: Arc::clone(&s),
-        root: Path::from(prefix.as_str()),
-        url: url.clone(),
-    };
+    let dest = Dest::from_store(Arc::clone(&s), Path::from(prefix.as_str()), url.clone());
     let job: String = serde_json::from_slice::<serde_json::Value>(
         &s.get(&Path::from(format!("{prefix}/orders/_manifest.json")))
             .await
@@ -144,4 +145,54 @@ async fn exports_to_s3_and_commits_with_create_if_absent() {
     for m in all {
         let _ = s.delete(&m.location).await;
     }
+}
+
+/// Regression (issue 12): `--dest s3://...` without credentials failed, after retries, as
+/// `Generic S3 error: ... 169.254.169.254`. It now fails at once, in one line, saying that
+/// no credentials were found and how to give them, and writes nothing.
+#[tokio::test]
+async fn an_s3_destination_without_credentials_says_how_to_give_them() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);")
+        .await;
+    ensure_bucket("haul-test");
+    let mut cmd = Command::new(haul_bin());
+    cmd.args([
+        "run",
+        "--source",
+        &db.dsn,
+        "--table",
+        "t",
+        "--dest",
+        "s3://haul-test/nocreds",
+        "--progress",
+        "none",
+    ]);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    // where no instance metadata service listens (as on most machines but a cloud VM)
+    let out = cmd
+        .env("AWS_ENDPOINT", ENDPOINT)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("haul: error: no S3 credentials for s3://haul-test/nocreds")
+            && last.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    let listed: Vec<_> = store("haul-test")
+        .list(Some(&Path::from("nocreds")))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
 }
