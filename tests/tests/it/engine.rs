@@ -178,6 +178,42 @@ async fn skewed_integer_keys_split_by_rows_not_key_width() {
     }
 }
 
+/// Regression (issue 12): chunk sizes followed the statistics, however stale: a table
+/// analyzed at 10 rows and then grown to 200k was cut as one chunk for `--chunk-rows
+/// 20000`, and one analyzed at 300k rows of which 90% were then deleted into 30 chunks of
+/// 1k. The planner checks the statistics against a page sample: chunks stay within 2× of
+/// the target either way.
+#[tokio::test]
+async fn chunk_sizes_hold_when_the_statistics_lie() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE grown (id bigint PRIMARY KEY, v text) WITH (autovacuum_enabled = false);
+         INSERT INTO grown SELECT g, 'v' || g FROM generate_series(1, 10) g;
+         ANALYZE grown;
+         INSERT INTO grown SELECT g, 'v' || g FROM generate_series(11, 200000) g;
+         CREATE TABLE shrunk (id bigint PRIMARY KEY, v text) WITH (autovacuum_enabled = false);
+         INSERT INTO shrunk SELECT g, 'v' || g FROM generate_series(1, 300000) g;
+         ANALYZE shrunk;
+         DELETE FROM shrunk WHERE id % 10 <> 0;",
+    )
+    .await;
+    for (table, rows, chunk_rows) in [("grown", 200_000u64, 20_000u64), ("shrunk", 30_000, 10_000)]
+    {
+        let m = export_and_check(&db, table, chunk_rows, &[], 1).await;
+        let sizes: Vec<u64> = m.iter().map(|m| m.rows).collect();
+        assert_eq!(sizes.iter().sum::<u64>(), rows, "{table}");
+        assert!(
+            sizes.iter().all(|&n| n <= 2 * chunk_rows),
+            "{table}: chunks of {sizes:?} rows for --chunk-rows {chunk_rows}"
+        );
+        assert!(
+            sizes.len() as u64 <= 2 * rows.div_ceil(chunk_rows) + 1,
+            "{table}: {} chunks of {sizes:?} rows for --chunk-rows {chunk_rows}",
+            sizes.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn uuid_text_and_composite_keys() {
     let db = TestDb::new().await;
