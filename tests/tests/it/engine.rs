@@ -56,6 +56,35 @@ SELECT g, g % 3 = 0, (g % 30000)::int2, g * 7, g::int8 * 1000003, g,
 FROM generate_series(5, 3000) g;
 "#;
 
+/// A table with inheritance children exports as `SELECT * FROM parent` reads it (the
+/// parent's rows and every child's, in the parent's columns), as the README says: split
+/// by key and by pages alike.
+#[tokio::test]
+async fn an_inheritance_parent_exports_its_children_too() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE parent (id int PRIMARY KEY, v text);
+         CREATE TABLE kid_a (extra int) INHERITS (parent);
+         CREATE TABLE kid_b () INHERITS (parent);
+         INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 2000) g;
+         INSERT INTO kid_a SELECT g, 'a' || g, g FROM generate_series(2001, 5000) g;
+         INSERT INTO kid_b SELECT g, 'b' || g FROM generate_series(5001, 6000) g;
+         ANALYZE;",
+    )
+    .await;
+    for split in [
+        haul_shared::jobs::Split::Key,
+        haul_shared::jobs::Split::Ctid,
+    ] {
+        let dest = TempDest::new();
+        let mut o = options(&db.dsn, "parent", &dest);
+        o.spec.chunk_rows = 1000;
+        o.spec.split = split;
+        assert_eq!(run(o).await.unwrap().rows, 6000, "{split:?}");
+        assert_same(&db.client, "parent", &dest.0.join("parent")).await;
+    }
+}
+
 #[tokio::test]
 async fn every_mapped_type_round_trips() {
     let db = TestDb::new().await;
