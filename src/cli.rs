@@ -58,6 +58,20 @@ pub enum Cmd {
     Drain(DrainArgs),
     /// Withdraw a drain order that the worker has not acted on yet.
     Undrain(WorkerCmdArgs),
+    /// A job's dead-lettered chunks: list them, queue them again, or forget them.
+    Dlq(DlqArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DlqArgs {
+    /// `list`, `requeue` (a running or paused job's; an ended job is finished with
+    /// `submit --resume`) or `purge`.
+    #[arg(value_enum)]
+    pub action: crate::client::DlqAction,
+    /// The job id.
+    pub job: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// How to reach the coordinator.
@@ -143,7 +157,9 @@ pub struct ClusterArgs {
     /// Prefix of every Redis key haul writes.
     #[arg(long, env = "HAUL_REDIS_PREFIX", default_value = "haul:")]
     pub redis_prefix: String,
-    /// Deliveries of a chunk before it is dead-lettered; the same on every role.
+    /// Deliveries of one chunk task that end without a verdict (its worker died) before
+    /// the task is dead-lettered as a poison chunk; the same on every role. (Failed
+    /// attempts are retried within the job's --retry-for instead.)
     #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 }
@@ -240,7 +256,8 @@ pub struct RunArgs {
     /// Progress display.
     #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
-    /// Attempts per chunk before the job fails.
+    /// Deliveries of one chunk task that end without a verdict before it is given up (failed
+    /// attempts are retried within --retry-for instead).
     #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
     /// Chunk lease time-to-live in seconds (renewed every third of it).
@@ -379,6 +396,34 @@ pub struct JobArgs {
         requires = "incremental"
     )]
     pub lag_secs: u64,
+    /// How long a chunk's transient failures (a source or target failover, a loader or
+    /// object store briefly down) are retried, with backoff from 1 s to 60 s, before the
+    /// chunk fails for good: `90s`, `10m`, `1h`.
+    #[arg(long, env = "HAUL_RETRY_FOR", default_value = "10m")]
+    pub retry_for: Secs,
+}
+
+/// A duration in whole seconds: `90`, `90s`, `10m`, `2h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Secs(pub u64);
+
+impl std::str::FromStr for Secs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+        let mult = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(format!("invalid duration {s:?}: use e.g. 90s, 10m or 2h")),
+        };
+        match n.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Secs(n * mult)),
+            _ => Err(format!("invalid duration {s:?}: use e.g. 90s, 10m or 2h")),
+        }
+    }
 }
 
 /// How a split is named on the command line.
@@ -597,6 +642,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     column,
                     lag_secs: a.lag_secs,
                 }),
+                retry_for_secs: a.retry_for.0,
             },
             job_id,
             resume: a.resume.is_some(),

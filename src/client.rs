@@ -1,5 +1,5 @@
 //! The operator CLI's side of the gRPC API: `haul submit|jobs|status|watch|cancel|pause|
-//! resume|workers|drain|undrain`.
+//! resume|workers|drain|undrain|dlq`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use haul_shared::jobs::Submission;
 use haul_shared::proto::wire::{
-    DrainRequest, JobRef, JobState, JobStatus, ListJobsRequest, ListWorkersRequest, WorkerInfo,
-    WorkerRef, admin_client::AdminClient, jobs_client::JobsClient,
+    DeadLetters, DrainRequest, JobRef, JobState, JobStatus, ListJobsRequest, ListWorkersRequest,
+    WorkerInfo, WorkerRef, admin_client::AdminClient, jobs_client::JobsClient,
 };
 use haul_shared::proto::{state_is_terminal, state_name, submission_to_wire};
 use haul_shared::rpc::{BearerToken, ClientOptions, RpcError};
@@ -142,8 +142,12 @@ async fn follow(
                 }
                 Err(e) => return Err(e.into()),
             };
+            let waiting = match s.chunks_waiting {
+                0 => String::new(),
+                n => format!(", {n} waiting to retry"),
+            };
             let msg = format!(
-                "{} rows, {:.1} MiB, {} running{}",
+                "{} rows, {:.1} MiB, {} running{waiting}{}",
                 s.rows_done,
                 s.bytes_done as f64 / (1024.0 * 1024.0),
                 s.chunks_running,
@@ -267,6 +271,57 @@ pub async fn undrain(o: &ClientOptions, worker: &str) -> Result<WorkerInfo, Clie
         .into_inner())
 }
 
+/// What `haul dlq` does with a job's dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DlqAction {
+    /// Show them.
+    List,
+    /// Queue their chunks again (the job must be running or paused), and forget them.
+    Requeue,
+    /// Forget them.
+    Purge,
+}
+
+pub async fn dead_letters(
+    o: &ClientOptions,
+    job: &str,
+    action: DlqAction,
+) -> Result<DeadLetters, ClientError> {
+    let mut c = admin_client(o).await?;
+    let r = match action {
+        DlqAction::List => c.list_dead_letters(job_ref(job)).await?,
+        DlqAction::Requeue => c.requeue_dead_letters(job_ref(job)).await?,
+        DlqAction::Purge => c.purge_dead_letters(job_ref(job)).await?,
+    };
+    Ok(r.into_inner())
+}
+
+/// `haul dlq` as a table: chunk, when, why.
+pub fn dead_letters_table(d: &DeadLetters, action: DlqAction) -> String {
+    let verb = match action {
+        DlqAction::List => "dead-lettered",
+        DlqAction::Requeue => "queued again",
+        DlqAction::Purge => "forgotten",
+    };
+    let mut out = format!(
+        "job {}: {} chunk(s) {verb}\n",
+        d.job_id,
+        d.dead_letters.len()
+    );
+    if !d.dead_letters.is_empty() {
+        out.push_str(&format!("{:<8} {:<10} {}\n", "CHUNK", "WHEN", "REASON"));
+    }
+    for x in &d.dead_letters {
+        out.push_str(&format!(
+            "{:<8} {:<10} {}\n",
+            format!("{:06}", x.chunk_id),
+            ago(x.at_ms),
+            x.reason
+        ));
+    }
+    out
+}
+
 fn ago(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
@@ -298,7 +353,7 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
 /// `haul status` as `key: value` lines.
 pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(
-        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} failed\nrows:      {} (~{} estimated)\nbytes:     {}\n",
+        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} waiting to retry, {} failed\nrows:      {} (~{} estimated)\nbytes:     {}\n",
         s.job_id,
         state_name(s.state()),
         s.table,
@@ -307,6 +362,7 @@ pub fn status_text(s: &JobStatus) -> String {
         s.chunks_done,
         s.chunks_total,
         s.chunks_running,
+        s.chunks_waiting,
         s.chunks_failed,
         s.rows_done,
         s.estimated_rows,

@@ -220,6 +220,12 @@ pub async fn run(
     }
     workers.close();
 
+    let watching = CancellationToken::new();
+    let watcher = tokio::spawn(haul_coordinator::dead_letters::watch(
+        Arc::clone(&queue) as _,
+        Arc::clone(&jobs) as _,
+        watching.clone(),
+    ));
     let driver = Driver {
         jobs: Arc::clone(&jobs) as _,
         queue: queue as _,
@@ -255,6 +261,8 @@ pub async fn run(
     }
     reporting.cancel();
     let _ = reporter.await;
+    watching.cancel();
+    let _ = watcher.await;
 
     let manifest = match ending {
         Ending::Committed(m) => m,

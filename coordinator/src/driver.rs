@@ -6,11 +6,14 @@
 //! What it does, every [`TICK`]:
 //! - reads the job's state (a paused job waits; a job ended elsewhere, e.g. cancelled,
 //!   ends the drive) and its chunks' states;
-//! - requeues chunks parked while the job was paused;
+//! - requeues chunks parked while the job was paused, and chunks waiting out a transient
+//!   failure once their backoff is over (no worker holds them meanwhile);
 //! - every [`RECONCILE_EVERY`] ticks: restores committed states lost from the job store
 //!   from the chunk manifests (the destination is the truth), and fails a chunk whose
 //!   worker died during its last allowed attempt (its task is dead-lettered, so nobody
 //!   else would);
+//! - restores a job the job store lost (Redis is a cache: the driver's record and the
+//!   destination's chunk manifests hold what is needed) and queues its open chunks again;
 //! - fails the job once every chunk has ended and one failed (the others settle first, so
 //!   a resume has only the failed ones left), or when the snapshot's session is lost;
 //! - commits the job once every chunk is committed (transient commit failures retried).
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, Retry};
 use haul_shared::lake::commit::commit_job;
 use haul_shared::lake::{Dest, JobManifest};
 use haul_shared::lease::LeaseStore;
@@ -165,7 +168,16 @@ impl Driver {
             }
             let now = match self.jobs.job_state(id).await {
                 Ok(Some(s)) => s,
-                Ok(None) => return Ending::Stopped,
+                Ok(None) => {
+                    // the job store lost the job (Redis flushed, or failed over to an
+                    // empty replica): it is a cache; this driver and the destination
+                    // hold what it needs to carry on
+                    warn!(job_id = %id, "the job vanished from the job store; restoring it from the destination");
+                    if let Err(e) = self.restore(rec, plan, dest).await {
+                        warn!(job_id = %id, error = %e, "restoring the job failed; retrying");
+                    }
+                    continue;
+                }
                 Err(e) => {
                     warn!(job_id = %id, error = %e, "job store unavailable; retrying");
                     continue;
@@ -204,9 +216,19 @@ impl Driver {
                     reason: reason.clone(),
                 });
             }
-            for (chunk, _) in states.iter().filter(|(_, s)| **s == ChunkState::Parked) {
-                if let Err(e) = self.requeue(id, *chunk, &plan.chunks).await {
-                    warn!(job_id = %id, chunk_id = %chunk, error = %e, "requeueing a parked chunk failed; retrying");
+            let now_ms = haul_shared::jobs::now_ms();
+            for (chunk, st) in &states {
+                let retry = match st {
+                    ChunkState::Parked => Retry::default(),
+                    ChunkState::Waiting {
+                        retry_at_ms, retry, ..
+                    } if *retry_at_ms <= now_ms => *retry,
+                    _ => continue,
+                };
+                if let Err(e) = self.requeue(id, *chunk, &plan.chunks, retry).await {
+                    warn!(job_id = %id, chunk_id = %chunk, error = %e, "queueing a chunk again failed; retrying");
+                    // its task may not exist: the state says so, and the next look tries again
+                    let _ = self.jobs.set_chunk_state(id, *chunk, st).await;
                 }
             }
             let done = states
@@ -295,11 +317,56 @@ impl Driver {
         *orphaned = seen;
     }
 
+    /// Puts back a job the job store lost: its record (running), its committed chunks
+    /// from their manifests, and a task for every other chunk (tasks delivered meanwhile
+    /// were dropped by workers that found no job; a duplicate is harmless).
+    async fn restore(
+        &self,
+        rec: &JobRecord,
+        plan: &haul_shared::jobs::JobPlan,
+        dest: &Dest,
+    ) -> Result<(), RunError> {
+        self.jobs
+            .put_job(&JobRecord {
+                state: JobState::Running,
+                ..rec.clone()
+            })
+            .await?;
+        let committed: BTreeMap<ChunkId, _> = dest
+            .chunk_manifests(&rec.id)
+            .await?
+            .into_iter()
+            .map(|m| (m.chunk, m))
+            .collect();
+        for i in 0..plan.chunks.len() {
+            let chunk = ChunkId(i as u32);
+            match committed.get(&chunk) {
+                Some(m) => {
+                    let st = ChunkState::Committed {
+                        rows: m.rows,
+                        bytes: m.bytes,
+                    };
+                    self.jobs.set_chunk_state(&rec.id, chunk, &st).await?;
+                }
+                None => {
+                    self.requeue(&rec.id, chunk, &plan.chunks, Retry::default())
+                        .await?
+                }
+            }
+        }
+        info!(job_id = %rec.id, committed = committed.len(), queued = plan.chunks.len() - committed.len(), "job restored in the job store");
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Queues a chunk's task again (its state `Pending` first: no task exists without
+    /// it), carrying its transient failures so far.
     async fn requeue(
         &self,
         id: &JobId,
         chunk: ChunkId,
         ranges: &[ChunkRange],
+        retry: Retry,
     ) -> Result<(), RunError> {
         let range = ranges
             .get(chunk.0 as usize)
@@ -311,6 +378,7 @@ impl Driver {
             job_id: id.clone(),
             chunk_id: chunk,
             range: range.clone(),
+            retry,
         };
         Ok(self.queue.publish(task.encode()).await?)
     }

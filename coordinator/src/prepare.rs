@@ -534,6 +534,7 @@ pub async fn queue_chunks(
         jobs.set_chunk_state(&record.id, chunk, &ChunkState::Pending)
             .await?;
         let task = Task {
+            retry: Default::default(),
             job_id: record.id.clone(),
             chunk_id: chunk,
             range: range.clone(),

@@ -77,6 +77,33 @@ where
     assert!(tokio::time::timeout(QUIET, sub.next()).await.is_err());
     drop(sub);
 
+    // The dead-letter queue can be consumed: a dead letter is delivered, a nack puts it
+    // back, an ack removes it.
+    let q = make(1).await;
+    q.publish(Bytes::from_static(b"gone")).await.unwrap();
+    let mut sub = q.subscribe(1).await.unwrap();
+    sub.next().await.unwrap().nack().await.unwrap(); // past the limit of 1
+    let mut dead = q.subscribe_dead_letters(1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a dead letter is delivered to its consumer")
+        .unwrap();
+    assert_eq!(&d.body[..], b"gone");
+    d.nack().await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a nacked dead letter comes back")
+        .unwrap();
+    assert_eq!(&d.body[..], b"gone");
+    d.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(QUIET, dead.next()).await.is_err(),
+        "an acked dead letter is gone"
+    );
+    assert!(q.drain_dead_letters().await.unwrap().is_empty());
+    drop(dead);
+    drop(sub);
+
     // Prefetch bounds unsettled deliveries; a consumer that goes away returns its messages.
     let q = make(5).await;
     q.publish(Bytes::from_static(b"a")).await.unwrap();
@@ -236,6 +263,7 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
             use_snapshot: true,
             load: None,
             incremental: None,
+            retry_for_secs: 600,
         },
         plan: None,
         state: JobState::Planning,
@@ -291,6 +319,42 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
         store.chunk_states(&id).await.unwrap()[&ChunkId(0)],
         ChunkState::Parked
     );
+
+    // a waiting chunk's backoff round-trips
+    let waiting = ChunkState::Waiting {
+        retry_at_ms: 1_700_000_000_000,
+        retry: crate::jobs::Retry {
+            failures: 2,
+            since_ms: 1_699_999_999_000,
+        },
+        reason: "loader unavailable".into(),
+    };
+    store
+        .set_chunk_state(&id, ChunkId(0), &waiting)
+        .await
+        .unwrap();
+    assert_eq!(store.chunk_states(&id).await.unwrap()[&ChunkId(0)], waiting);
+
+    // dead letters: one per chunk (the later replaces), listed by chunk, forgotten on
+    // request
+    assert!(store.dead_letters(&id).await.unwrap().is_empty());
+    let dead = |chunk, reason: &str| crate::jobs::DeadLetter {
+        chunk: ChunkId(chunk),
+        reason: reason.into(),
+        at_ms: 7,
+    };
+    for d in [dead(3, "first"), dead(0, "zero"), dead(3, "again")] {
+        store.add_dead_letter(&id, &d).await.unwrap();
+    }
+    assert_eq!(
+        store.dead_letters(&id).await.unwrap(),
+        [dead(0, "zero"), dead(3, "again")]
+    );
+    store
+        .remove_dead_letters(&id, &[ChunkId(3), ChunkId(9)])
+        .await
+        .unwrap();
+    assert_eq!(store.dead_letters(&id).await.unwrap(), [dead(0, "zero")]);
 
     let failed = JobState::Failed {
         reason: "boom".into(),

@@ -151,6 +151,18 @@ pub struct JobSpec {
     /// Extract only what changed since the destination's last increment (`--incremental`).
     #[serde(default)]
     pub incremental: Option<Incremental>,
+    /// How long a chunk's transient failures are retried (with backoff) before it fails
+    /// for good (`--retry-for`).
+    #[serde(default = "default_retry_for_secs")]
+    pub retry_for_secs: u64,
+}
+
+/// `--retry-for`'s default: ten minutes, enough to ride out a failover, a rescheduled pod
+/// or a broker restart.
+pub const DEFAULT_RETRY_FOR_SECS: u64 = 600;
+
+fn default_retry_for_secs() -> u64 {
+    DEFAULT_RETRY_FOR_SECS
 }
 
 impl JobSpec {
@@ -300,6 +312,58 @@ pub enum ChunkState {
     /// Its task arrived while the job was paused; the coordinator queues it again on
     /// resume.
     Parked,
+    /// Its last attempt failed transiently: the coordinator queues it again at
+    /// `retry_at_ms` (ms since the Unix epoch). No worker holds it meanwhile.
+    Waiting {
+        retry_at_ms: u64,
+        retry: Retry,
+        reason: String,
+    },
+}
+
+/// A chunk's transient failures so far: how many, and since when (ms since the Unix
+/// epoch). Carried by its task from one attempt to the next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    pub failures: u32,
+    pub since_ms: u64,
+}
+
+impl Retry {
+    /// After one more failure at `now_ms`.
+    pub fn after_failure(self, now_ms: u64) -> Retry {
+        Retry {
+            failures: self.failures + 1,
+            since_ms: if self.failures == 0 {
+                now_ms
+            } else {
+                self.since_ms
+            },
+        }
+    }
+
+    /// How long to wait before the next attempt: 1 s doubling to 60 s, plus a random
+    /// jitter of up to as much again, so that chunks failed by one outage do not all come
+    /// back at once.
+    pub fn delay(&self) -> std::time::Duration {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_secs(1))
+            .with_max_delay(std::time::Duration::from_secs(60))
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(self.failures.saturating_sub(1) as usize)
+            .unwrap_or(std::time::Duration::from_secs(60))
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -331,6 +395,23 @@ pub trait JobStore: Send + Sync + 'static {
         state: &ChunkState,
     ) -> Result<(), StoreError>;
     async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError>;
+    /// Records a chunk task the queue dead-lettered (one per chunk: a later one replaces
+    /// it), for operators (`haul dlq`).
+    async fn add_dead_letter(&self, id: &JobId, dead: &DeadLetter) -> Result<(), StoreError>;
+    /// The job's dead-lettered chunk tasks, by chunk.
+    async fn dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Forgets the dead letters of these chunks.
+    async fn remove_dead_letters(&self, id: &JobId, chunks: &[ChunkId]) -> Result<(), StoreError>;
+}
+
+/// A chunk task the queue dead-lettered: which chunk, why (the chunk's failure as its
+/// worker recorded it, or that its deliveries kept ending without a verdict), and when
+/// (ms since the Unix epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub chunk: ChunkId,
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 type JobEntry = (JobRecord, BTreeMap<ChunkId, ChunkState>);
@@ -339,6 +420,7 @@ type JobEntry = (JobRecord, BTreeMap<ChunkId, ChunkState>);
 #[derive(Clone, Default)]
 pub struct MemoryJobStore {
     inner: Arc<Mutex<HashMap<JobId, JobEntry>>>,
+    dead: Arc<Mutex<HashMap<JobId, BTreeMap<ChunkId, DeadLetter>>>>,
 }
 
 #[async_trait]
@@ -402,10 +484,61 @@ impl JobStore for MemoryJobStore {
         let g = self.inner.lock().expect("job store lock");
         Ok(g.get(id).map(|(_, c)| c.clone()).unwrap_or_default())
     }
+
+    async fn add_dead_letter(&self, id: &JobId, dead: &DeadLetter) -> Result<(), StoreError> {
+        let mut g = self.dead.lock().expect("job store lock");
+        g.entry(id.clone())
+            .or_default()
+            .insert(dead.chunk, dead.clone());
+        Ok(())
+    }
+
+    async fn dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, StoreError> {
+        let g = self.dead.lock().expect("job store lock");
+        Ok(g.get(id)
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn remove_dead_letters(&self, id: &JobId, chunks: &[ChunkId]) -> Result<(), StoreError> {
+        let mut g = self.dead.lock().expect("job store lock");
+        if let Some(d) = g.get_mut(id) {
+            for c in chunks {
+                d.remove(c);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn retries_back_off_from_one_second_to_a_minute_with_jitter() {
+        use super::Retry;
+        use std::time::Duration;
+        let first = Retry::default().after_failure(1_000);
+        assert_eq!((first.failures, first.since_ms), (1, 1_000));
+        let second = first.after_failure(5_000);
+        assert_eq!(
+            (second.failures, second.since_ms),
+            (2, 1_000),
+            "counted from the first"
+        );
+        let mut r = Retry::default();
+        for n in 1..=12u32 {
+            r = r.after_failure(0);
+            let base = Duration::from_secs(1 << (n - 1).min(6)).min(Duration::from_secs(60));
+            let d = r.delay();
+            // jitter adds up to the delay again
+            assert!(
+                d >= base && d <= base * 2,
+                "failure {n}: {d:?} for a base of {base:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn memory_job_store_conforms() {
         crate::conformance::job_store_suite(&super::MemoryJobStore::default()).await;

@@ -32,6 +32,8 @@ pub struct Task {
     pub job_id: JobId,
     pub chunk_id: ChunkId,
     pub range: ChunkRange,
+    /// The chunk's transient failures before this attempt.
+    pub retry: crate::jobs::Retry,
 }
 
 /// Why a message body is not a task this build can run. Always permanent: the message
@@ -96,6 +98,8 @@ impl Task {
             job_id: self.job_id.to_string(),
             chunk_id: self.chunk_id.0,
             range: Some(range_to_wire(&self.range)),
+            failures: self.retry.failures,
+            failing_since_ms: self.retry.since_ms,
         }
         .encode_to_vec()
         .into()
@@ -111,7 +115,26 @@ impl Task {
             job_id: JobId::parse(&t.job_id).map_err(DecodeError::BadJobId)?,
             chunk_id: ChunkId(t.chunk_id),
             range,
+            retry: crate::jobs::Retry {
+                failures: t.failures,
+                since_ms: t.failing_since_ms,
+            },
         })
+    }
+}
+
+/// A job's dead letters on the wire.
+pub fn dead_letters_to_wire(job: &JobId, dead: &[crate::jobs::DeadLetter]) -> wire::DeadLetters {
+    wire::DeadLetters {
+        job_id: job.to_string(),
+        dead_letters: dead
+            .iter()
+            .map(|d| wire::DeadLetter {
+                chunk_id: d.chunk.0,
+                reason: d.reason.clone(),
+                at_ms: d.at_ms as i64,
+            })
+            .collect(),
     }
 }
 
@@ -153,6 +176,7 @@ pub fn submission_to_wire(s: &Submission) -> wire::SubmitRequest {
             .map(|i| i.column.clone())
             .unwrap_or_default(),
         lag_secs: spec.incremental.as_ref().map_or(0, |i| i.lag_secs),
+        retry_for_secs: spec.retry_for_secs,
     }
 }
 
@@ -211,6 +235,11 @@ pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String
             column: r.incremental_column,
             lag_secs: r.lag_secs,
         }),
+        retry_for_secs: if r.retry_for_secs == 0 {
+            crate::jobs::DEFAULT_RETRY_FOR_SECS
+        } else {
+            r.retry_for_secs
+        },
     };
     spec.check_load()?;
     Ok(Submission {
@@ -370,6 +399,7 @@ pub fn job_status_to_wire(
             }
             ChunkState::Running { .. } => s.chunks_running += 1,
             ChunkState::Failed { .. } => s.chunks_failed += 1,
+            ChunkState::Waiting { .. } => s.chunks_waiting += 1,
             ChunkState::Pending | ChunkState::Parked => {}
         }
     }
@@ -464,6 +494,10 @@ mod tests {
                 job_id: JobId::parse("j-1").unwrap(),
                 chunk_id: ChunkId(3),
                 range,
+                retry: crate::jobs::Retry {
+                    failures: 2,
+                    since_ms: 1_700_000_000_000,
+                },
             };
             assert_eq!(Task::decode(&t.encode()).unwrap(), t);
         }
@@ -480,6 +514,7 @@ mod tests {
             job_id: "j".into(),
             chunk_id: 0,
             range: None,
+            ..Default::default()
         }
         .encode_to_vec();
         assert!(matches!(
@@ -520,6 +555,7 @@ mod tests {
                 column: "updated_at".into(),
                 lag_secs: 3,
             }),
+            retry_for_secs: 90,
         };
         let s = Submission {
             spec: spec.clone(),

@@ -43,6 +43,13 @@ pub trait ChunkQueue: Send + Sync + 'static {
     async fn publish(&self, body: Bytes) -> Result<(), QueueError>;
     /// Starts consuming with at most `prefetch` unsettled deliveries.
     async fn subscribe(&self, prefetch: u16) -> Result<Box<dyn Subscription>, QueueError>;
+    /// Consumes the dead-letter queue, the same way: an ack removes a dead letter, a nack
+    /// (or a drop) puts it back. The coordinator consumes it, so that every chunk task
+    /// the queue gave up on is seen and its job ends.
+    async fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, QueueError>;
     /// Messages ready for delivery (not counting unsettled ones).
     async fn ready_count(&self) -> Result<usize, QueueError>;
     /// Takes the dead-lettered messages out of the dead-letter queue.
@@ -122,7 +129,7 @@ struct Shared {
 #[derive(Default)]
 struct State {
     ready: VecDeque<Msg>,
-    dead: Vec<Bytes>,
+    dead: VecDeque<Bytes>,
 }
 
 struct Msg {
@@ -152,10 +159,15 @@ impl Shared {
     fn fail(&self, mut msg: Msg) {
         msg.failed_attempts += 1;
         if msg.failed_attempts >= self.max_deliveries {
-            self.state.lock().expect("queue lock").dead.push(msg.body);
+            self.bury(msg.body);
         } else {
             self.push(msg);
         }
+    }
+
+    fn bury(&self, body: Bytes) {
+        self.state.lock().expect("queue lock").dead.push_back(body);
+        self.notify.notify_waiters();
     }
 }
 
@@ -173,6 +185,18 @@ impl ChunkQueue for MemoryQueue {
         Ok(Box::new(MemorySubscription {
             shared: Arc::clone(&self.shared),
             slots: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
+            dead: false,
+        }))
+    }
+
+    async fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
+        Ok(Box::new(MemorySubscription {
+            shared: Arc::clone(&self.shared),
+            slots: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
+            dead: true,
         }))
     }
 
@@ -182,15 +206,15 @@ impl ChunkQueue for MemoryQueue {
 
     #[cfg(any(test, feature = "testsuite"))]
     async fn drain_dead_letters(&self) -> Result<Vec<Bytes>, QueueError> {
-        Ok(std::mem::take(
-            &mut self.shared.state.lock().expect("queue lock").dead,
-        ))
+        Ok(std::mem::take(&mut self.shared.state.lock().expect("queue lock").dead).into())
     }
 }
 
 struct MemorySubscription {
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    /// Consumes the dead letters instead of the ready messages.
+    dead: bool,
 }
 
 #[async_trait]
@@ -204,19 +228,24 @@ impl Subscription for MemorySubscription {
             let notified = self.shared.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let msg = self
-                .shared
-                .state
-                .lock()
-                .expect("queue lock")
-                .ready
-                .pop_front();
+            let msg = {
+                let mut st = self.shared.state.lock().expect("queue lock");
+                if self.dead {
+                    st.dead.pop_front().map(|body| Msg {
+                        body,
+                        failed_attempts: 0,
+                    })
+                } else {
+                    st.ready.pop_front()
+                }
+            };
             if let Some(msg) = msg {
                 let attempt = msg.failed_attempts + 1;
                 let body = msg.body.clone();
                 let settle = MemorySettle {
                     shared: Arc::clone(&self.shared),
                     msg: Some(msg),
+                    dead: self.dead,
                     _permit: permit,
                 };
                 return Ok(Delivery::new(body, attempt, Box::new(settle)));
@@ -235,7 +264,21 @@ impl Subscription for MemorySubscription {
 struct MemorySettle {
     shared: Arc<Shared>,
     msg: Option<Msg>,
+    /// A dead letter: a nack or a drop puts it back among the dead.
+    dead: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl MemorySettle {
+    fn give_back(&mut self) {
+        if let Some(msg) = self.msg.take() {
+            if self.dead {
+                self.shared.bury(msg.body);
+            } else {
+                self.shared.fail(msg);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -245,19 +288,14 @@ impl Settle for MemorySettle {
         Ok(())
     }
     async fn nack(mut self: Box<Self>) -> Result<(), QueueError> {
-        if let Some(msg) = self.msg.take() {
-            self.shared.fail(msg);
-        }
+        self.give_back();
         Ok(())
     }
     async fn reject(mut self: Box<Self>) -> Result<(), QueueError> {
-        if let Some(msg) = self.msg.take() {
-            self.shared
-                .state
-                .lock()
-                .expect("queue lock")
-                .dead
-                .push(msg.body);
+        if let Some(msg) = self.msg.take()
+            && !self.dead
+        {
+            self.shared.bury(msg.body);
         }
         Ok(())
     }
@@ -267,9 +305,7 @@ impl Drop for MemorySettle {
     /// Dropped unsettled = the consumer went away: the message returns, as on a closed
     /// AMQP channel, and the attempt counts as failed.
     fn drop(&mut self) {
-        if let Some(msg) = self.msg.take() {
-            self.shared.fail(msg);
-        }
+        self.give_back();
     }
 }
 

@@ -111,6 +111,36 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+impl RabbitQueue {
+    /// A consumer of `queue` on a channel of its own.
+    async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
+        let channel = self.conn.create_channel().await.map_err(unavailable)?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let tag = format!("haul-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::new(RabbitSubscription {
+            channel,
+            consumer,
+            tag,
+        }))
+    }
+}
+
 #[async_trait]
 impl ChunkQueue for RabbitQueue {
     async fn publish(&self, body: Bytes) -> Result<(), QueueError> {
@@ -138,26 +168,14 @@ impl ChunkQueue for RabbitQueue {
     }
 
     async fn subscribe(&self, prefetch: u16) -> Result<Box<dyn Subscription>, QueueError> {
-        let channel = self.conn.create_channel().await.map_err(unavailable)?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await
-            .map_err(unavailable)?;
-        let tag = format!("haul-{}", uuid::Uuid::new_v4().simple());
-        let consumer = channel
-            .basic_consume(
-                self.name.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(Box::new(RabbitSubscription {
-            channel,
-            consumer,
-            tag,
-        }))
+        self.consume(&self.name, prefetch).await
+    }
+
+    async fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
+        self.consume(&self.dlq, prefetch).await
     }
 
     async fn ready_count(&self) -> Result<usize, QueueError> {

@@ -6,10 +6,12 @@
 //! | --- | --- | --- |
 //! | `<p>lease:<key>` | string, with TTL | `<holder>\|<epoch>` of the current lease |
 //! | `<p>epoch:<key>` | counter | the last epoch handed out for `<key>` (never expires) |
+//! | `<p>epoch-floor` | integer | every epoch is above it: the server's clock (µs) when it was set, so a Redis that lost its data hands out later epochs than before |
 //! | `<p>jobs` | set | job ids |
 //! | `<p>job:<id>` | string | the job record (JSON), without its state |
 //! | `<p>job:<id>:state` | string | the job's state (JSON) |
 //! | `<p>job:<id>:chunks` | hash | chunk id → chunk state (JSON) |
+//! | `<p>job:<id>:dlq` | hash | chunk id → its dead letter ([`DeadLetter`], JSON) |
 //! | `<p>workers` | hash | worker id → its last heartbeat ([`WorkerRecord`], JSON) |
 //! | `<p>drains` | hash | worker id → the drain order left for it ([`DrainOrder`], JSON) |
 //!
@@ -25,15 +27,31 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use crate::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use crate::jobs::{ChunkState, DeadLetter, JobRecord, JobState, JobStore};
 use crate::lease::{Lease, LeaseStore, StoreError};
 use crate::workers::{DrainOrder, WorkerRecord};
 use crate::{ChunkId, Epoch, JobId, WorkerId};
 
+// The epoch is the key's counter's next value, above the prefix's epoch floor: the
+// server's clock in µs when the floor was first needed. A Redis that lost its data
+// (FLUSHALL, a failover to an empty replica) sets a new, later floor, so it never hands
+// out an epoch older than one already fenced with (a key's epochs stay below the µs that
+// pass between two floors).
 const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local floor = redis.call('GET', KEYS[3])
+if not floor then
+  local t = redis.call('TIME')
+  floor = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[3], floor)
+end
+floor = tonumber(floor)
 local e = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+if e <= floor then
+  e = floor + 1
+  redis.call('SET', KEYS[2], string.format('%d', e))
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. string.format('%d', e), 'PX', ARGV[2])
 return e";
 
 const RENEW: &str = r"
@@ -208,6 +226,7 @@ impl LeaseStore for RedisStore {
         let epoch: Option<u64> = Script::new(ACQUIRE)
             .key(self.k(&format!("lease:{key}")))
             .key(self.k(&format!("epoch:{key}")))
+            .key(self.k("epoch-floor"))
             .arg(holder.to_string())
             .arg(ttl.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -365,5 +384,39 @@ impl JobStore for RedisStore {
                     .map_err(|e| corrupt(&key, e))
             })
             .collect()
+    }
+
+    async fn add_dead_letter(&self, id: &JobId, dead: &DeadLetter) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:dlq"));
+        let v = serde_json::to_string(dead).map_err(|e| corrupt(&key, e))?;
+        let _: i64 = conn
+            .hset(&key, dead.chunk.0, v)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:dlq"));
+        let all: Vec<(u32, String)> = conn.hgetall(&key).await.map_err(unavailable)?;
+        let mut out = all
+            .into_iter()
+            .map(|(_, s)| serde_json::from_str::<DeadLetter>(&s).map_err(|e| corrupt(&key, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|d| d.chunk);
+        Ok(out)
+    }
+
+    async fn remove_dead_letters(&self, id: &JobId, chunks: &[ChunkId]) -> Result<(), StoreError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let key = self.k(&format!("job:{id}:dlq"));
+        let fields: Vec<u32> = chunks.iter().map(|c| c.0).collect();
+        let _: i64 = conn.hdel(&key, fields).await.map_err(unavailable)?;
+        Ok(())
     }
 }

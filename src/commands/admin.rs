@@ -1,6 +1,7 @@
-//! The operator's commands: jobs, status, watch, cancel/pause/resume, workers, drain.
+//! The operator's commands: jobs, status, watch, cancel/pause/resume, workers, drain,
+//! dead letters.
 
-use haul::cli::{ClientArgs, DrainArgs, JobCmdArgs, WorkerCmdArgs};
+use haul::cli::{ClientArgs, DlqArgs, DrainArgs, JobCmdArgs, WorkerCmdArgs};
 use haul::client;
 use haul::progress::ProgressMode;
 
@@ -42,6 +43,12 @@ pub(super) async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", client::workers_table(&[w]));
     }
+    Ok(())
+}
+
+pub(super) async fn dlq(a: DlqArgs) -> anyhow::Result<()> {
+    let d = client::dead_letters(&a.client.options(), &a.job, a.action).await?;
+    print!("{}", client::dead_letters_table(&d, a.action));
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Workers(c) => admin::workers(c).await,
         Cmd::Drain(a) => admin::drain(a).await,
         Cmd::Undrain(a) => admin::undrain(a).await,
+        Cmd::Dlq(a) => admin::dlq(a).await,
     }
 }
 

@@ -181,6 +181,8 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
             files: m.files.len(),
         });
     }
+    // a slower extraction, so that a test can act while a job runs
+    fault_pause("HAUL_FAULT_CHUNK_DELAY_MS").await;
     let epoch = c.lease.epoch;
     let staging = dest.staging_prefix(c.job_id, c.chunk, epoch);
     // `extract` watches `c.cancel` itself, so that it can stop its writer first

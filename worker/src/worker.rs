@@ -2,9 +2,14 @@
 //! settles the delivery by the outcome's error class.
 //!
 //! Architecture invariant: a delivery is acked only after its chunk is committed (or was
-//! found committed); a transient failure is nacked (redelivered, dead-lettered past the
-//! delivery limit); a permanent one is rejected to the dead-letter queue at once and the
-//! chunk marked failed.
+//! found committed), or after its transient failure was recorded as `Waiting` (the
+//! coordinator queues it again after a backoff, within the job's `--retry-for`); a
+//! permanent failure, or a transient one past that budget, marks the chunk failed and
+//! rejects the delivery to the dead-letter queue. A delivery dropped unsettled (its worker
+//! died) returns to the queue and counts against the delivery limit, past which the broker
+//! dead-letters it (a poison chunk). A task whose job the store does not know is dropped
+//! (its coordinator queues its chunks again if the job still runs); an unreachable store
+//! is waited out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
+use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, now_ms};
 use haul_shared::lease::LeaseStore;
 use haul_shared::proto::Task;
 use haul_shared::queue::{ChunkQueue, Delivery, QueueError};
@@ -145,18 +150,17 @@ async fn handle(
     };
     let span = info_span!("chunk", job_id = %task.job_id, chunk_id = %task.chunk_id, worker_id = %cfg.id, attempt = d.attempt);
     async move {
-        let job = match svc.jobs.get_job(&task.job_id).await {
-            Ok(Some(j)) => j,
-            Ok(None) => {
-                warn!("task for an unknown job; dead-lettering");
-                settle(d.reject().await);
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "job store unavailable; requeueing");
-                settle(d.nack().await);
-                return;
-            }
+        let Some(job) = job_record(svc, &task.job_id, &abort).await else {
+            // drained while the job store was unreachable: back to the queue
+            settle(d.nack().await);
+            return;
+        };
+        let Some(job) = job else {
+            // a job the store does not know: deleted, or lost with the store's data, in
+            // which case its coordinator restores it and queues its chunks again
+            warn!("task for an unknown job; dropping it");
+            settle(d.ack().await);
+            return;
         };
         if job.state.is_terminal() {
             info!(state = ?job.state, "job already ended; dropping task");
@@ -225,37 +229,72 @@ async fn handle(
             }
             Err(e) => {
                 let class = e.class();
-                let reason = e.to_string();
-                let last = attempt >= cfg.max_attempts;
-                if class.is_retryable() && !last {
-                    warn!(error = %reason, "chunk attempt failed; requeueing");
-                    let _ = svc
-                        .jobs
-                        .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Pending)
-                        .await;
-                    settle(d.nack().await);
-                } else {
-                    warn!(error = %reason, ?class, "chunk failed for good");
-                    let reason = if class.is_retryable() {
-                        format!("{reason} (attempt {attempt} of {})", cfg.max_attempts)
-                    } else {
-                        reason
-                    };
-                    let _ = svc
-                        .jobs
-                        .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Failed { reason })
-                        .await;
-                    if class.is_retryable() {
-                        settle(d.nack().await); // past the limit: the queue dead-letters it
-                    } else {
-                        settle(d.reject().await);
+                let mut reason = e.to_string();
+                if class.is_retryable() {
+                    let now = now_ms();
+                    let retry = task.retry.after_failure(now);
+                    let failing_for = Duration::from_millis(now.saturating_sub(retry.since_ms));
+                    if failing_for < Duration::from_secs(job.spec.retry_for_secs) {
+                        // backed off by the coordinator, which queues the chunk again when
+                        // the wait is over: no slot is held meanwhile
+                        let delay = retry.delay();
+                        warn!(error = %reason, failures = retry.failures, retry_in_ms = delay.as_millis() as u64, "chunk attempt failed; trying again after a backoff");
+                        let waiting = ChunkState::Waiting {
+                            retry_at_ms: now + delay.as_millis() as u64,
+                            retry,
+                            reason,
+                        };
+                        match svc.jobs.set_chunk_state(&job.id, task.chunk_id, &waiting).await {
+                            Ok(()) => settle(d.ack().await),
+                            Err(e) => {
+                                warn!(error = %e, "could not record the backoff; requeueing at once");
+                                settle(d.nack().await);
+                            }
+                        }
+                        return;
                     }
+                    reason = format!(
+                        "{reason} (failing for {}s, {} attempts; --retry-for {}s)",
+                        failing_for.as_secs(),
+                        retry.failures,
+                        job.spec.retry_for_secs
+                    );
                 }
+                warn!(error = %reason, ?class, "chunk failed for good");
+                let _ = svc
+                    .jobs
+                    .set_chunk_state(&job.id, task.chunk_id, &ChunkState::Failed { reason })
+                    .await;
+                settle(d.reject().await);
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// The task's job record, waiting out an unreachable job store (backing off from 1 s to
+/// 30 s) rather than handing the task back at once, which would spend its deliveries in
+/// milliseconds; `None` if `stop` fires first.
+async fn job_record(
+    svc: &Services,
+    job: &JobId,
+    stop: &CancellationToken,
+) -> Option<Option<JobRecord>> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match svc.jobs.get_job(job).await {
+            Ok(j) => return Some(j),
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "job store unavailable; waiting for it")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -290,9 +329,14 @@ async fn attempt_chunk(
     let key = format!("{}/{}", job.id, task.chunk_id);
     // another holder (a duplicate delivery): wait for it to commit or let go
     let deadline = tokio::time::Instant::now() + cfg.lease_ttl * 2;
+    let mut waiting = false;
     let lease = loop {
         if let Some(l) = svc.leases.acquire(&key, &cfg.id, cfg.lease_ttl).await? {
             break l;
+        }
+        if !waiting {
+            info!("another attempt holds the chunk's lease; waiting for it to commit or let go");
+            waiting = true;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(crate::executor::ChunkError::LeaseBusy {

@@ -51,6 +51,7 @@ pub(super) async fn lead(
     let lost = CancellationToken::new();
     let (store, shutdown, on_loss) = (store.clone(), shutdown.clone(), lost.clone());
     tokio::spawn(async move {
+        let mut lease = lease;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -62,10 +63,27 @@ pub(super) async fn lead(
             match store.renew(&lease, LEADER_TTL).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::error!("lost the coordinator lease to another coordinator; stopping");
-                    on_loss.cancel();
-                    shutdown.cancel();
-                    return;
+                    // Nobody holds it: Redis lost it (flushed, failed over to an empty
+                    // replica, or unreachable past its TTL). Take it again and carry on;
+                    // the jobs' drivers restore what Redis lost. Another holder means
+                    // another active coordinator: two must never drive the same jobs.
+                    match store.acquire(LEADER_KEY, &me, LEADER_TTL).await {
+                        Ok(Some(l)) => {
+                            warn!(epoch = %l.epoch, "Redis lost the coordinator lease; took it again");
+                            lease = l;
+                        }
+                        Ok(None) => {
+                            tracing::error!(
+                                "lost the coordinator lease to another coordinator; stopping"
+                            );
+                            on_loss.cancel();
+                            shutdown.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "taking the coordinator lease again failed; retrying")
+                        }
+                    }
                 }
                 Err(e) => warn!(error = %e, "renewing the coordinator lease failed; retrying"),
             }

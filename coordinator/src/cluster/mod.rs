@@ -24,13 +24,15 @@ use std::sync::Arc;
 
 use haul_shared::JobId;
 use haul_shared::error::to_status;
-use haul_shared::jobs::{JobRecord, JobState, JobStore};
+use haul_shared::jobs::{ChunkState, DeadLetter, JobRecord, JobState, JobStore};
 use haul_shared::lake::Dest;
 use haul_shared::lease::StoreError;
 use haul_shared::load::LoadAuth;
 use haul_shared::pg::{self, Secret};
+use haul_shared::proto::Task;
 use haul_shared::proto::job_status_to_wire;
 use haul_shared::proto::wire::{JobStatus, SubmitRequest};
+use haul_shared::queue::ChunkQueue;
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
@@ -124,6 +126,11 @@ impl Coordinator {
             dead_letters: format!("{}.dlq", opts.queue),
             changed: Arc::default(),
         };
+        tokio::spawn(crate::dead_letters::watch(
+            Arc::clone(&queue) as _,
+            Arc::new(store.clone()),
+            shutdown.child_token(),
+        ));
         let c = Arc::new(Self {
             store,
             queue,
@@ -241,6 +248,69 @@ impl Coordinator {
             .ok_or_else(|| Status::not_found(format!("no job {id}; `haul jobs` lists them")))?;
         let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
         Ok(job_status_to_wire(&rec, &chunks))
+    }
+
+    /// The job's dead-lettered chunk tasks.
+    async fn dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, Status> {
+        self.status(id).await?;
+        self.store.dead_letters(id).await.map_err(store_status)
+    }
+
+    /// Queues a paused or running job's dead-lettered chunks again (their failed state
+    /// back to pending, a fresh task each, with a fresh delivery count and retry budget)
+    /// and forgets them.
+    async fn requeue_dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, Status> {
+        let status = self.status(id).await?;
+        let state = haul_shared::proto::state_name(status.state());
+        if !matches!(state, "running" | "paused") {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {state}: its dead-lettered chunks are redone by `haul submit --resume {id} --fresh-snapshot` (`haul dlq purge {id}` forgets them)"
+            )));
+        }
+        let rec = self
+            .store
+            .get_job(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let ranges = rec.plan.map(|p| p.chunks).unwrap_or_default();
+        let dead = self.store.dead_letters(id).await.map_err(store_status)?;
+        for d in &dead {
+            let range = ranges.get(d.chunk.0 as usize).cloned().ok_or_else(|| {
+                Status::internal(format!("chunk {} is not in job {id}'s plan", d.chunk))
+            })?;
+            self.store
+                .set_chunk_state(id, d.chunk, &ChunkState::Pending)
+                .await
+                .map_err(store_status)?;
+            let task = Task {
+                job_id: id.clone(),
+                chunk_id: d.chunk,
+                range,
+                retry: Default::default(),
+            };
+            self.queue
+                .publish(task.encode())
+                .await
+                .map_err(|e| to_status(&RunError::Queue(e)))?;
+            self.store
+                .remove_dead_letters(id, &[d.chunk])
+                .await
+                .map_err(store_status)?;
+            info!(job_id = %id, chunk_id = %d.chunk, "dead-lettered chunk queued again by request");
+        }
+        Ok(dead)
+    }
+
+    /// Forgets the job's dead letters.
+    async fn purge_dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, Status> {
+        let dead = self.dead_letters(id).await?;
+        let chunks: Vec<_> = dead.iter().map(|d| d.chunk).collect();
+        self.store
+            .remove_dead_letters(id, &chunks)
+            .await
+            .map_err(store_status)?;
+        Ok(dead)
     }
 
     async fn set_state(

@@ -10,13 +10,13 @@ use futures::Stream;
 use haul_shared::WorkerId;
 use haul_shared::jobs::{JobSpec, JobState, JobStore};
 use haul_shared::proto::wire::{
-    DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
-    ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest, WorkerInfo, WorkerRef,
-    admin_server::Admin, jobs_server::Jobs, membership_server::Membership,
+    DeadLetters, DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus,
+    ListJobsReply, ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest,
+    WorkerInfo, WorkerRef, admin_server::Admin, jobs_server::Jobs, membership_server::Membership,
 };
 use haul_shared::proto::{
-    drain_order_to_wire, state_is_terminal, submission_from_wire, worker_from_heartbeat,
-    worker_to_wire,
+    dead_letters_to_wire, drain_order_to_wire, state_is_terminal, submission_from_wire,
+    worker_from_heartbeat, worker_to_wire,
 };
 use haul_shared::workers::DrainOrder;
 use tonic::{Request, Response, Status};
@@ -28,6 +28,8 @@ use crate::prepare::PrepareOptions;
 /// How often `Watch` looks for a change to stream (progress; a job's end is streamed
 /// as soon as this coordinator records it).
 const WATCH_TICK: Duration = Duration::from_millis(250);
+/// How long `Watch` waits out a job store that fails or no longer knows the job.
+const WATCH_PATIENCE: Duration = Duration::from_secs(120);
 
 fn parse_job_id(s: &str) -> Result<haul_shared::JobId, Status> {
     haul_shared::JobId::parse(s).map_err(Status::invalid_argument)
@@ -85,10 +87,13 @@ impl Jobs for Api {
         let id = parse_job_id(&req.into_inner().job_id)?;
         let first = self.0.status(&id).await?;
         let c = Arc::clone(&self.0);
-        // one event now, then one whenever something changed, until the job ends
+        // one event now, then one whenever something changed, until the job ends; the job
+        // store unreachable, or the job missing from it (Redis lost its data: the job's
+        // driver restores it), is waited out for a while
         let stream = futures::stream::unfold(
             (c, id, Some(first), None::<JobStatus>),
             |(c, id, mut next, last)| async move {
+                let mut failing_since: Option<tokio::time::Instant> = None;
                 loop {
                     // the last event sent was terminal: the stream ends
                     if last.as_ref().is_some_and(|l| state_is_terminal(l.state())) {
@@ -104,7 +109,18 @@ impl Jobs for Api {
                         _ = c.driver.changed.notified() => {}
                     }
                     match c.status(&id).await {
-                        Ok(s) => next = Some(s),
+                        Ok(s) => {
+                            failing_since = None;
+                            next = Some(s);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.code(),
+                                tonic::Code::NotFound | tonic::Code::Unavailable
+                            ) && failing_since
+                                .get_or_insert_with(tokio::time::Instant::now)
+                                .elapsed()
+                                < WATCH_PATIENCE => {}
                         Err(e) => return Some((Err(e), (c, id, None, last))),
                     }
                 }
@@ -194,6 +210,33 @@ impl Admin for Api {
         }
         info!(worker_id = %id, ?order, "drain requested");
         self.worker(&r.worker_id).await.map(Response::new)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<DeadLetters>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        let dead = self.0.dead_letters(&id).await?;
+        Ok(Response::new(dead_letters_to_wire(&id, &dead)))
+    }
+
+    async fn requeue_dead_letters(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<DeadLetters>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        let dead = self.0.requeue_dead_letters(&id).await?;
+        Ok(Response::new(dead_letters_to_wire(&id, &dead)))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<DeadLetters>, Status> {
+        let id = parse_job_id(&req.into_inner().job_id)?;
+        let dead = self.0.purge_dead_letters(&id).await?;
+        Ok(Response::new(dead_letters_to_wire(&id, &dead)))
     }
 
     async fn undrain_worker(

@@ -545,6 +545,26 @@ impl haul_shared::jobs::JobStore for FlakyJobStore {
     > {
         self.inner.chunk_states(id).await
     }
+    async fn add_dead_letter(
+        &self,
+        id: &JobId,
+        dead: &haul_shared::jobs::DeadLetter,
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        self.inner.add_dead_letter(id, dead).await
+    }
+    async fn dead_letters(
+        &self,
+        id: &JobId,
+    ) -> Result<Vec<haul_shared::jobs::DeadLetter>, haul_shared::lease::StoreError> {
+        self.inner.dead_letters(id).await
+    }
+    async fn remove_dead_letters(
+        &self,
+        id: &JobId,
+        chunks: &[ChunkId],
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        self.inner.remove_dead_letters(id, chunks).await
+    }
 }
 
 /// Regression: a chunk whose "committed" state could not be recorded used to be acked
@@ -579,6 +599,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         job_id: job.clone(),
         chunk_id: ChunkId(0),
         range: ChunkRange::All,
+        retry: Default::default(),
     };
     queue.publish(task.encode()).await.unwrap();
     let ctl = Control::default();

@@ -98,7 +98,11 @@ impl LoaderProc {
     }
 
     fn start_with(cl: &Cluster, name: &str, target: &str, extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(cl, name, target, free_port(), extra)
+    }
+
+    /// A loader listening on `port` (a restarted loader comes back where it was).
+    fn start_on(cl: &Cluster, name: &str, target: &str, port: u16, extra: &[&str]) -> Self {
         let metrics_port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
@@ -1066,5 +1070,132 @@ async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
     assert_eq!(
         texts[&2],
         ("{}".into(), "[0:1][3:4]={{1,NULL},{3,4}}".into())
+    );
+}
+
+/// Waits until at least `n` chunks of `job` are committed in the local destination.
+async fn wait_for_chunk_manifests(dest: &TempDest, job: &str, n: usize, logs: impl Fn() -> String) {
+    let dir = dest.0.join(format!("_haul/jobs/{job}/chunks"));
+    let t0 = Instant::now();
+    loop {
+        let found = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if found >= n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no {n} chunks committed:\n{}",
+            logs()
+        );
+        // (a test's forwarders run on its runtime: never block it)
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Regression (issue 12): a transient failure was nacked and redelivered at once, so a
+/// loader down for a second burnt a chunk's three attempts in 70 ms and failed the job.
+/// Transient failures now back off (1 s doubling, with jitter) within `--retry-for`,
+/// without holding a worker slot: the only loader is killed -9 mid-job and comes back on
+/// its port 20 s later; the job succeeds and the target equals the source.
+#[tokio::test]
+async fn a_job_rides_out_its_loader_down_for_20_seconds() {
+    let _broker = BROKER.read().await;
+    let src = TestDb::new().await;
+    skewed(&src, 20_000).await;
+    let tgt = TestDb::new().await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    let loader = LoaderProc::start(&cl, "loader", &tgt.dsn);
+    let slow = [("HAUL_FAULT_CHUNK_DELAY_MS", "400")];
+    cl.start_worker_env("w1", &[], &slow);
+    cl.start_worker_env("w2", &[], &slow);
+    cl.wait_workers(2);
+    let args = submit_load(&src, &dest, "ride", "1000", &loader.url(), &["--wait"]);
+    let mut submit = cl.command(&strs(&args)).spawn().unwrap();
+    wait_for_chunk_manifests(&dest, "ride", 2, || cl.logs()).await;
+
+    let port = loader.port;
+    loader.signal("KILL");
+    drop(loader);
+    std::thread::sleep(Duration::from_secs(20));
+    let _loader = LoaderProc::start_on(&cl, "loader-again", &tgt.dsn, port, &[]);
+
+    let status = submit.wait().unwrap();
+    assert!(status.success(), "the job failed:\n{}", cl.logs());
+    assert_eq!(
+        digest(&tgt.client, "public.t").await,
+        digest(&src.client, "t").await
+    );
+    let backed_off = ["w1", "w2"]
+        .iter()
+        .map(|w| cl.log_of(w).matches("trying again after a backoff").count())
+        .sum::<usize>();
+    assert!(
+        backed_off > 0,
+        "no attempt failed while the loader was down:\n{}",
+        cl.logs()
+    );
+}
+
+/// Issue 12: the target Postgres goes away for 20 s mid-job (its port refuses connections
+/// and the open ones are cut, as when it is stopped): `haul run --load-target` backs off
+/// and retries, the job succeeds, and the target equals the source.
+#[tokio::test]
+async fn a_job_rides_out_its_target_postgres_down_for_20_seconds() {
+    let src = TestDb::new().await;
+    skewed(&src, 20_000).await;
+    let tgt = TestDb::new().await;
+    let pg = Outage::start("127.0.0.1:5432");
+    let target = tgt.dsn.replacen("127.0.0.1:5432", &pg.addr(), 1);
+    assert_ne!(target, tgt.dsn, "the target DSN goes through the forwarder");
+    let dest = TempDest::new();
+    let run = Command::new(haul_bin())
+        .args([
+            "run",
+            "--source",
+            &src.dsn,
+            "--table",
+            "public.t",
+            "--dest",
+            dest.0.to_str().unwrap(),
+            "--job-id",
+            "pgdown",
+            "--chunk-rows",
+            "1000",
+            "--workers",
+            "2",
+            "--load-target",
+            &target,
+            "--create-table",
+            "--progress",
+            "none",
+        ])
+        .env("HAUL_FAULT_CHUNK_DELAY_MS", "400")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_chunk_manifests(&dest, "pgdown", 2, String::new).await;
+    pg.down();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    pg.up();
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("trying again after a backoff"),
+        "nothing failed while the target was down:\n{log}"
+    );
+    assert_eq!(
+        digest(&tgt.client, "public.t").await,
+        digest(&src.client, "t").await
     );
 }

@@ -196,3 +196,92 @@ async fn an_s3_destination_without_credentials_says_how_to_give_them() {
         .unwrap();
     assert!(listed.is_empty(), "{listed:?}");
 }
+
+/// Issue 12: the S3 server goes away for 20 s mid-job (its port refuses connections and
+/// the open ones are cut): the job rides it out and the objects read back equal the source.
+#[tokio::test]
+async fn a_job_rides_out_its_s3_server_down_for_20_seconds() {
+    let bucket = "haul-test";
+    ensure_bucket(bucket);
+    let prefix = unique("s3down");
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, note text);
+         INSERT INTO t SELECT g, repeat('n', g % 40) FROM generate_series(1, 20000) g; ANALYZE t;",
+    )
+    .await;
+    let s3 = Outage::start(ENDPOINT.trim_start_matches("http://"));
+    let url = format!("s3://{bucket}/{prefix}");
+    let run = Command::new(haul_bin())
+        .args([
+            "run",
+            "--source",
+            &db.dsn,
+            "--table",
+            "t",
+            "--dest",
+            &url,
+            "--job-id",
+            "s3down",
+            "--chunk-rows",
+            "1000",
+            "--workers",
+            "2",
+            "--progress",
+            "none",
+        ])
+        .env("AWS_ENDPOINT", format!("http://{}", s3.addr()))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "haul")
+        .env("AWS_SECRET_ACCESS_KEY", "haul")
+        .env("HAUL_FAULT_CHUNK_DELAY_MS", "400")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = store(bucket);
+    let chunks = Path::from(format!("{prefix}/_haul/jobs/s3down/chunks"));
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = s
+            .list(Some(&chunks))
+            .try_collect::<Vec<_>>()
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no chunk committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s3.down();
+    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+    s3.up();
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut parts = Vec::new();
+    let metas: Vec<_> = s
+        .list(Some(&Path::from(format!("{prefix}/t"))))
+        .try_collect()
+        .await
+        .unwrap();
+    for m in metas
+        .iter()
+        .filter(|m| m.location.as_ref().ends_with(".parquet"))
+    {
+        parts.push(s.get(&m.location).await.unwrap().bytes().await.unwrap());
+    }
+    assert_same_batches(&db.client, "t", &batches_from_bytes(parts)).await;
+}

@@ -53,3 +53,52 @@ async fn rabbitmq_queue_conforms_to_the_queue_contract() {
     })
     .await;
 }
+
+/// Regression (issue 12): the epoch counters live in Redis, so a Redis that lost its data
+/// (FLUSHALL, a failover to an empty replica) handed out epoch 1 again, below epochs
+/// already fenced with (a loader refuses an attempt older than one it committed). Epochs
+/// now keep growing across such a loss, and the old lease is still fenced off.
+#[tokio::test]
+async fn lease_epochs_keep_growing_after_redis_loses_its_data() {
+    use haul_shared::WorkerId;
+    use haul_shared::lease::LeaseStore;
+    use std::time::Duration;
+    let prefix = format!("{}:", unique("haul_test"));
+    let _guard = KeysGuard(prefix.clone());
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    let mut last = None;
+    for _ in 0..3 {
+        let l = store
+            .acquire("j/000001", &WorkerId("w".into()), ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        store.release(&l).await.unwrap();
+        last = Some(l);
+    }
+    let before = last.unwrap();
+    let held = store
+        .acquire("j/000001", &WorkerId("old".into()), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(held.epoch > before.epoch);
+    store.delete_all().await.unwrap(); // the data is lost
+    let after = store
+        .acquire("j/000001", &WorkerId("new".into()), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        after.epoch > held.epoch,
+        "{:?} after {:?}",
+        after.epoch,
+        held.epoch
+    );
+    assert!(
+        !store.is_current(&held).await.unwrap(),
+        "the old lease is fenced off"
+    );
+    assert!(store.is_current(&after).await.unwrap());
+}

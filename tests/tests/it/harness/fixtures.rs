@@ -150,6 +150,7 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
             use_snapshot: true,
             load: None,
             incremental: None,
+            retry_for_secs: haul_shared::jobs::DEFAULT_RETRY_FOR_SECS,
         },
         job_id: None,
         resume: false,
