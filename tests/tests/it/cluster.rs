@@ -919,28 +919,29 @@ async fn dlq_requeue_gives_a_running_jobs_dead_letters_another_go() {
     assert!(cl.haul_ok(&["dlq", "list", "again"]).contains("0 chunk(s)"));
 }
 
-/// Waits (without blocking the runtime) until `n` chunks of `job` are committed in `dest`.
-async fn chunk_manifests_at_least(cl: &Cluster, dest: &TempDest, job: &str, n: usize) {
-    let dir = dest.0.join(format!("_haul/jobs/{job}/chunks"));
-    let t0 = Instant::now();
-    loop {
-        let found = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .count()
-            })
-            .unwrap_or(0);
-        if found >= n {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no {n} chunks committed:\n{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Starts two workers whose chunks take 300 ms more, submits job `job` over `skewed`
+/// table `t` in 1000-row chunks with `--wait`, and returns once 3 chunks are committed,
+/// with the submit's exit status to come.
+async fn slow_job_under_way(
+    cl: &mut Cluster,
+    db: &TestDb,
+    dest: &TempDest,
+    job: &str,
+) -> tokio::task::JoinHandle<std::process::ExitStatus> {
+    let slow = [("HAUL_FAULT_CHUNK_DELAY_MS", "300")];
+    cl.start_worker_env("w1", &[], &slow);
+    cl.start_worker_env("w2", &[], &slow);
+    cl.wait_workers(2);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), job, "1000");
+    args.push("--wait");
+    let mut submit = cl
+        .command(&args)
+        .stdout(cl.log_file("submit"))
+        .stderr(cl.log_file("submit"))
+        .spawn()
+        .unwrap();
+    wait_for_committed_chunks(dest, job, 3, || cl.logs()).await;
+    tokio::task::spawn_blocking(move || submit.wait().unwrap())
 }
 
 /// Deletes every key of the cluster's prefix: what a FLUSHALL (or a failover to an empty
@@ -982,24 +983,13 @@ async fn a_job_survives_redis_losing_its_data() {
     skewed(&db, 20_000).await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(None);
-    let slow = [("HAUL_FAULT_CHUNK_DELAY_MS", "300")];
-    cl.start_worker_env("w1", &[], &slow);
-    cl.start_worker_env("w2", &[], &slow);
-    cl.wait_workers(2);
-    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "flushed", "1000");
-    args.push("--wait");
-    let mut submit = cl
-        .command(&args)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    chunk_manifests_at_least(&cl, &dest, "flushed", 3).await;
+    let submit = slow_job_under_way(&mut cl, &db, &dest, "flushed").await;
     lose_redis_data(&cl);
-
-    let status = tokio::task::spawn_blocking(move || submit.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "the job did not survive:\n{}", cl.logs());
+    assert!(
+        submit.await.unwrap().success(),
+        "the job did not survive:\n{}",
+        cl.logs()
+    );
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     assert!(
         cl.log_of("coordinator").contains("took it again"),
@@ -1031,27 +1021,12 @@ async fn a_job_rides_out_redis_down_for_20_seconds() {
     );
     let via = format!("redis://{}/", redis.addr());
     let mut cl = Cluster::with(None, None, &[("HAUL_REDIS", via.as_str())]);
-    let slow = [("HAUL_FAULT_CHUNK_DELAY_MS", "300")];
-    cl.start_worker_env("w1", &[], &slow);
-    cl.start_worker_env("w2", &[], &slow);
-    cl.wait_workers(2);
-    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "redisdown", "1000");
-    args.push("--wait");
-    let mut submit = cl
-        .command(&args)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    chunk_manifests_at_least(&cl, &dest, "redisdown", 3).await;
+    let submit = slow_job_under_way(&mut cl, &db, &dest, "redisdown").await;
     redis.down();
     tokio::time::sleep(Duration::from_secs(20)).await;
     redis.up();
-
-    let status = tokio::task::spawn_blocking(move || submit.wait().unwrap())
-        .await
-        .unwrap();
     assert!(
-        status.success(),
+        submit.await.unwrap().success(),
         "the job did not ride the outage out:\n{}",
         cl.logs()
     );

@@ -154,16 +154,6 @@ async fn copy_fails_midway(dest: &TempDest) {
     expect_error(o, dest, &["invalid input syntax for type integer", "\"x\""]).await;
 }
 
-fn committed_chunks(dest: &TempDest, job: &str) -> usize {
-    std::fs::read_dir(dest.0.join(format!("_haul/jobs/{job}/chunks")))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_killed_run_resumes_without_loss_or_duplicates() {
     let db = TestDb::new().await;

@@ -1073,31 +1073,6 @@ async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
     );
 }
 
-/// Waits until at least `n` chunks of `job` are committed in the local destination.
-async fn wait_for_chunk_manifests(dest: &TempDest, job: &str, n: usize, logs: impl Fn() -> String) {
-    let dir = dest.0.join(format!("_haul/jobs/{job}/chunks"));
-    let t0 = Instant::now();
-    loop {
-        let found = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .count()
-            })
-            .unwrap_or(0);
-        if found >= n {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no {n} chunks committed:\n{}",
-            logs()
-        );
-        // (a test's forwarders run on its runtime: never block it)
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Regression (issue 12): a transient failure was nacked and redelivered at once, so a
 /// loader down for a second burnt a chunk's three attempts in 70 ms and failed the job.
 /// Transient failures now back off (1 s doubling, with jitter) within `--retry-for`,
@@ -1117,8 +1092,13 @@ async fn a_job_rides_out_its_loader_down_for_20_seconds() {
     cl.start_worker_env("w2", &[], &slow);
     cl.wait_workers(2);
     let args = submit_load(&src, &dest, "ride", "1000", &loader.url(), &["--wait"]);
-    let mut submit = cl.command(&strs(&args)).spawn().unwrap();
-    wait_for_chunk_manifests(&dest, "ride", 2, || cl.logs()).await;
+    let mut submit = cl
+        .command(&strs(&args))
+        .stdout(cl.log_file("submit"))
+        .stderr(cl.log_file("submit"))
+        .spawn()
+        .unwrap();
+    wait_for_committed_chunks(&dest, "ride", 2, || cl.logs()).await;
 
     let port = loader.port;
     loader.signal("KILL");
@@ -1181,7 +1161,7 @@ async fn a_job_rides_out_its_target_postgres_down_for_20_seconds() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_chunk_manifests(&dest, "pgdown", 2, String::new).await;
+    wait_for_committed_chunks(&dest, "pgdown", 2, String::new).await;
     pg.down();
     tokio::time::sleep(Duration::from_secs(20)).await;
     pg.up();

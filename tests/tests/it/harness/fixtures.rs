@@ -178,6 +178,37 @@ pub async fn run(opts: RunOptions) -> Result<JobSummary, RunError> {
     haul::embedded::run(opts, CancellationToken::new()).await
 }
 
+/// How many chunks of `job` are committed in a local destination (a chunk manifest being
+/// created is staged as `<chunk>.json#<n>` first: only `.json` files count).
+pub fn committed_chunks(dest: &TempDest, job: &str) -> usize {
+    std::fs::read_dir(dest.0.join(format!("_haul/jobs/{job}/chunks")))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until at least `n` chunks of `job` are committed in `dest`, without blocking the
+/// runtime (a test's own forwarders may run on it); `logs` says why on a timeout.
+pub async fn wait_for_committed_chunks(
+    dest: &TempDest,
+    job: &str,
+    n: usize,
+    logs: impl Fn() -> String,
+) {
+    let t0 = std::time::Instant::now();
+    while committed_chunks(dest, job) < n {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no {n} chunks of {job} committed:\n{}",
+            logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Every `.parquet` file under `dir`, recursively (what a glob reader sees).
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
