@@ -20,6 +20,16 @@ pub enum RunError {
         "job {job} was already started in this destination; pass --resume {job} to finish it, or choose another --job-id"
     )]
     AlreadyStarted { job: JobId },
+    #[error(
+        "job id {job} is taken in {dest}: it exported {what} {was}, not {now}; pick another --job-id (the same id again is a no-op only for the same job)"
+    )]
+    JobIdTaken {
+        job: JobId,
+        dest: String,
+        what: &'static str,
+        was: String,
+        now: String,
+    },
     #[error("no job {job} in {dest} (no plan at _haul/jobs/{job}/plan.json)")]
     NoSuchJob { job: JobId, dest: String },
     #[error(
@@ -123,6 +133,7 @@ impl Classify for RunError {
             RunError::Queue(e) => e.class(),
             RunError::Internal(_) => ErrorClass::Internal,
             RunError::AlreadyStarted { .. }
+            | RunError::JobIdTaken { .. }
             | RunError::NoSuchJob { .. }
             | RunError::NeedsFreshSnapshot { .. }
             | RunError::CannotResumeCtid { .. }
@@ -147,9 +158,9 @@ impl Classify for RunError {
 
     fn code(&self) -> tonic::Code {
         match self {
-            RunError::AlreadyStarted { .. } | RunError::DestinationTaken { .. } => {
-                tonic::Code::AlreadyExists
-            }
+            RunError::AlreadyStarted { .. }
+            | RunError::JobIdTaken { .. }
+            | RunError::DestinationTaken { .. } => tonic::Code::AlreadyExists,
             RunError::NoSuchJob { .. } => tonic::Code::NotFound,
             RunError::NoLoaders | RunError::NoWorkers => tonic::Code::InvalidArgument,
             e => e.class().code(),

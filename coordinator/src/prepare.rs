@@ -73,6 +73,19 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         .get_json::<JobManifest>(&dest.job_manifest_path(&job))
         .await?
     {
+        if !opts.resume
+            && let Some(p) = dest.get_json::<PlanFile>(&dest.plan_path(&job)).await?
+            && let Some((what, was, now)) = spec_difference(&p, &m, &spec)
+        {
+            // the same id for another job: a no-op here would silently skip it
+            return Err(RunError::JobIdTaken {
+                job,
+                dest: dest.url.clone(),
+                what,
+                was,
+                now,
+            });
+        }
         return Ok(Preparation::AlreadyDone(Box::new(m)));
     }
     let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
@@ -328,6 +341,54 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         started_at,
         planned_now: previous.is_none(),
     })))
+}
+
+/// How `spec` differs from the finished job recorded under the same id (`plan`, `done`),
+/// if it asks for something else: another source, table, columns, casts, partitioning,
+/// watermark or load target. `(what, recorded, asked)`.
+fn spec_difference(
+    plan: &PlanFile,
+    done: &JobManifest,
+    spec: &JobSpec,
+) -> Option<(&'static str, String, String)> {
+    let shown = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    let pairs: [(&'static str, String, String); 7] = [
+        ("source", done.source.clone(), spec.source.to_string()),
+        ("table", plan.table.clone(), spec.table.clone()),
+        ("columns", shown(&plan.columns), shown(&spec.columns)),
+        ("casts", shown(&plan.casts), shown(&spec.casts)),
+        (
+            "partitioning",
+            shown(&plan.output.partition_by),
+            shown(&spec.output.partition_by),
+        ),
+        (
+            "incremental column",
+            shown(&plan.incremental.as_ref().map(|i| &i.column)),
+            shown(&spec.incremental.as_ref().map(|i| &i.column)),
+        ),
+        (
+            "load target",
+            shown(&plan.load.as_ref().map(|l| &l.target_table)),
+            shown(&spec.load.as_ref().map(|l| &l.target_table)),
+        ),
+    ];
+    // the table as named then or now (`t` and `public.t` name the same table)
+    let same_table = |now: &str| {
+        now == plan.table
+            || now == done.table
+            || (!now.contains('.')
+                && done
+                    .table
+                    .strip_suffix(now)
+                    .is_some_and(|s| s.ends_with('.')))
+    };
+    pairs.into_iter().find(|(what, was, now)| match *what {
+        "table" => !same_table(now),
+        // a load target left empty means the source table's name, as recorded
+        "load target" => was != now && !now.contains("Some(\"\")"),
+        _ => was != now,
+    })
 }
 
 /// A resumed job's load: the one its plan records, so a resume finishes the load too.

@@ -492,6 +492,23 @@ async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
         files,
         "a no-op writes nothing"
     );
+    // the same id for another table, or other columns, is refused: a no-op would skip it
+    // (issue 16); the same table named with its schema is the same job
+    db.exec("CREATE TABLE other (id int PRIMARY KEY)").await;
+    let mut reused = options(&db.dsn, "other", &dest);
+    reused.job_id = Some(job.clone());
+    let err = run(reused).await.unwrap_err().to_string();
+    assert!(
+        err.contains("job id nightly-1 is taken") && err.contains("table t, not other"),
+        "{err}"
+    );
+    let mut narrower = o.clone();
+    narrower.spec.columns = vec!["id".into()];
+    let err = run(narrower).await.unwrap_err().to_string();
+    assert!(err.contains("exported columns"), "{err}");
+    let mut qualified = o.clone();
+    qualified.spec.table = "public.t".into();
+    assert!(run(qualified).await.unwrap().already_done);
 
     // a different job into the same table folder must not mix with the first
     let mut other = options(&db.dsn, "t", &dest);
