@@ -584,6 +584,26 @@ pub struct JobRequest {
 /// The destination when none is given.
 pub const DEFAULT_DEST: &str = "file://./lake";
 
+/// A local destination (a path, or `file://` with a relative path) as an absolute
+/// `file://` URL, resolved in this process's working directory; any other URL as it is.
+/// `haul submit` sends this, since the coordinator and workers run elsewhere.
+pub fn absolute_dest(dest: &str) -> Result<String, String> {
+    let Some(path) = dest
+        .strip_prefix("file://")
+        .or_else(|| (!dest.contains("://")).then_some(dest))
+    else {
+        return Ok(dest.to_owned());
+    };
+    let path = std::path::Path::new(path);
+    if path.is_absolute() {
+        return Ok(format!("file://{}", path.display()));
+    }
+    let cwd = std::env::current_dir()
+        .map_err(|e| format!("--dest {dest}: cannot resolve it here: {e}"))?;
+    let abs: std::path::PathBuf = cwd.join(path).components().collect();
+    Ok(format!("file://{}", abs.display()))
+}
+
 impl TryFrom<JobArgs> for JobRequest {
     type Error = String;
 
@@ -708,6 +728,21 @@ mod tests {
             Cmd::Run(a) => RunOptions::try_from(a),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn relative_destinations_resolve_where_they_were_typed() {
+        let cwd = std::env::current_dir().unwrap();
+        let here = |p: &str| format!("file://{}", cwd.join(p).display());
+        assert_eq!(absolute_dest("./lake").unwrap(), here("lake"));
+        assert_eq!(absolute_dest("file://./lake").unwrap(), here("lake"));
+        assert_eq!(absolute_dest("lake/x").unwrap(), here("lake/x"));
+        assert_eq!(absolute_dest("/data/lake").unwrap(), "file:///data/lake");
+        assert_eq!(
+            absolute_dest("file:///data/lake").unwrap(),
+            "file:///data/lake"
+        );
+        assert_eq!(absolute_dest("s3://b/p").unwrap(), "s3://b/p");
     }
 
     #[test]

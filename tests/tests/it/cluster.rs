@@ -1032,3 +1032,32 @@ async fn a_job_rides_out_redis_down_for_20_seconds() {
     );
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
+
+/// Regression (issue 16): a relative `--dest` on `haul submit` was resolved in the
+/// coordinator's and workers' working directories. It now means the directory where the
+/// user typed it: the export lands there, and status shows the absolute path.
+#[tokio::test]
+async fn a_relative_dest_on_submit_means_where_it_was_typed() {
+    let _broker = BROKER.read().await;
+    let db = TestDb::new().await;
+    skewed(&db, 20_000).await;
+    let here = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let out = cl
+        .command(&[
+            "submit", "--source", &db.dsn, "--table", "public.t", "--dest", "./lake", "--job-id",
+            "rel", "--wait",
+        ])
+        .current_dir(&here.0)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("file://{}/lake", here.0.display())),
+        "{status}"
+    );
+    assert_same(&db.client, "t", &here.0.join("lake/t")).await;
+}
