@@ -239,6 +239,28 @@ pub async fn lease_suite<S: LeaseStore>(store: &S, prefix: &str) {
         .expect("released lease is free");
     assert!(l3.epoch > l2.epoch);
 
+    // Evicting a holder (a dead worker) frees its lease at once, only if it holds it; the
+    // next epoch is larger and the evicted lease is no longer current.
+    assert!(
+        !store.evict(&key, &w2).await.unwrap(),
+        "w2 does not hold it"
+    );
+    assert!(store.is_current(&l3).await.unwrap());
+    assert!(store.evict(&key, &w1).await.unwrap());
+    assert!(!store.is_current(&l3).await.unwrap());
+    let l4 = store
+        .acquire(&key, &w2, ttl)
+        .await
+        .unwrap()
+        .expect("an evicted lease is free");
+    assert!(l4.epoch > l3.epoch);
+    store.release(&l4).await.unwrap();
+    let l3 = store
+        .acquire(&key, &w1, ttl)
+        .await
+        .unwrap()
+        .expect("a released lease is free");
+
     // An expired lease is not revived by renew, even if nobody took it.
     tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     assert!(!store.renew(&l3, ttl).await.unwrap());

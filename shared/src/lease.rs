@@ -63,6 +63,10 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
     /// Who holds an unexpired lease on `key`, if anyone.
     async fn holder(&self, key: &str) -> Result<Option<WorkerId>, StoreError>;
+    /// Ends `holder`'s lease on `key` (a worker known to be dead), so the next attempt
+    /// need not wait out its TTL; `false` if `holder` does not hold it. Safe even if the
+    /// holder lives on: its lease is no longer current, so it cannot commit.
+    async fn evict(&self, key: &str, holder: &WorkerId) -> Result<bool, StoreError>;
 }
 
 /// The in-process lease store used by `haul run`.
@@ -133,6 +137,16 @@ impl LeaseStore for MemoryLeaseStore {
             g.held.remove(&lease.key);
         }
         Ok(())
+    }
+
+    async fn evict(&self, key: &str, holder: &WorkerId) -> Result<bool, StoreError> {
+        let mut g = self.inner.lock().expect("lease lock");
+        let held =
+            matches!(g.held.get(key), Some((h, _, exp)) if h == holder && *exp > Instant::now());
+        if held {
+            g.held.remove(key);
+        }
+        Ok(held)
     }
 
     async fn holder(&self, key: &str) -> Result<Option<WorkerId>, StoreError> {

@@ -71,6 +71,14 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1"#;
 
+// Deletes the lease if `<holder>|` starts its value.
+const EVICT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
@@ -279,6 +287,17 @@ impl LeaseStore for RedisStore {
             .map_err(unavailable)?;
         // `<holder>|<epoch>`; holder ids may contain `|`, the epoch never does
         Ok(v.and_then(|t| t.rsplit_once('|').map(|(h, _)| WorkerId(h.to_owned()))))
+    }
+
+    async fn evict(&self, key: &str, holder: &WorkerId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = Script::new(EVICT)
+            .key(self.k(&format!("lease:{key}")))
+            .arg(holder.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
     }
 }
 

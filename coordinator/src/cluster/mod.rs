@@ -140,7 +140,76 @@ impl Coordinator {
             lease_lost,
         });
         c.recover().await?;
+        tokio::spawn(Arc::clone(&c).reap_gone_workers());
         Ok(c)
+    }
+
+    /// Releases the chunk leases of workers whose heartbeats stopped, as soon as they
+    /// count as gone, so that their chunks' redeliveries start at once instead of waiting
+    /// out the lease TTL; the chunks go back to pending. (A worker that is only cut off
+    /// loses its lease and cannot commit: fencing.)
+    async fn reap_gone_workers(self: Arc<Self>) {
+        let mut reaped: std::collections::HashSet<haul_shared::WorkerId> = Default::default();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(
+                    haul_shared::workers::HEARTBEAT_INTERVAL_MS as u64,
+                )) => {}
+            }
+            if let Err(e) = self.reap_once(&mut reaped).await {
+                warn!(error = %e, "checking for gone workers failed; retrying");
+            }
+        }
+    }
+
+    async fn reap_once(
+        &self,
+        reaped: &mut std::collections::HashSet<haul_shared::WorkerId>,
+    ) -> Result<(), StoreError> {
+        use haul_shared::lease::LeaseStore;
+        let now = now_ms();
+        let mut gone = Vec::new();
+        for (w, order) in self.store.workers().await? {
+            if haul_shared::workers::worker_state(&w, order, now) != "gone" {
+                reaped.remove(&w.id);
+            } else if !reaped.contains(&w.id) {
+                gone.push(w);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for job in self.store.list_jobs().await? {
+            if !matches!(
+                self.store.job_state(&job).await?,
+                Some(JobState::Running | JobState::Paused)
+            ) {
+                continue;
+            }
+            for (chunk, st) in self.store.chunk_states(&job).await? {
+                let ChunkState::Running { worker, .. } = st else {
+                    continue;
+                };
+                let Some(w) = gone.iter().find(|w| w.id == worker) else {
+                    continue;
+                };
+                if self.store.evict(&format!("{job}/{chunk}"), &worker).await? {
+                    warn!(
+                        job_id = %job,
+                        chunk_id = %chunk,
+                        worker_id = %worker,
+                        silent_ms = now - w.last_heartbeat_ms,
+                        "worker stopped heartbeating; released its lease so the chunk's next attempt starts at once"
+                    );
+                    self.store
+                        .set_chunk_state(&job, chunk, &ChunkState::Pending)
+                        .await?;
+                }
+            }
+        }
+        reaped.extend(gone.into_iter().map(|w| w.id));
+        Ok(())
     }
 
     fn spawn_driver(self: &Arc<Self>, rec: JobRecord, dest: Dest, holder: Option<pg::Session>) {

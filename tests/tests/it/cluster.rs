@@ -1061,3 +1061,53 @@ async fn a_relative_dest_on_submit_means_where_it_was_typed() {
     );
     assert_same(&db.client, "t", &here.0.join("lake/t")).await;
 }
+
+/// Regression (issue 16): a killed worker's chunk waited out its lease TTL, silently,
+/// before another worker could take it. The coordinator now releases the leases of a
+/// worker whose heartbeats stopped as soon as it counts as gone, and logs it: with a
+/// 10-minute lease TTL, the job still finishes within a couple of minutes.
+#[tokio::test]
+async fn a_gone_workers_leases_are_released_without_waiting_out_the_ttl() {
+    let _broker = BROKER.read().await;
+    let db = TestDb::new().await;
+    skewed(&db, 200_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &["--lease-ttl-secs", "600"]);
+    cl.start_worker("w2", &["--lease-ttl-secs", "600"]);
+    cl.wait_workers(2);
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "reap",
+        "20000",
+    ));
+    let chunk = cl
+        .wait_chunks("reap", "a chunk on w1", running_on("w1"))
+        .await;
+    cl.worker("w1").kill().unwrap(); // SIGKILL, mid-chunk: no deregistration
+    cl.worker("w1").wait().unwrap();
+
+    let t0 = Instant::now();
+    loop {
+        let status = cl.haul_ok(&["status", "reap"]);
+        if status.contains("succeeded") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the chunk waited for the dead worker's lease:\n{status}\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        cl.log_of("coordinator")
+            .contains("worker stopped heartbeating; released its lease"),
+        "{}",
+        cl.logs()
+    );
+    let m = chunk_manifests(&dest, "reap");
+    assert_eq!(m.iter().find(|m| m.chunk == chunk).unwrap().worker.0, "w2");
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}

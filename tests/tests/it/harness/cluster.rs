@@ -161,7 +161,10 @@ impl Cluster {
 
     /// A worker with environment of its own (e.g. a fault injection).
     pub(crate) fn start_worker_env(&mut self, id: &str, extra: &[&str], env: &[(&str, &str)]) {
-        let mut args = vec!["worker", "--id", id, "--lease-ttl-secs", "3"];
+        let mut args = vec!["worker", "--id", id];
+        if !extra.contains(&"--lease-ttl-secs") {
+            args.extend(["--lease-ttl-secs", "3"]);
+        }
         if !extra.contains(&"--slots") {
             args.extend(["--slots", "1"]);
         }
