@@ -13,7 +13,8 @@ if ! psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL" | gre
   PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
 fi
 cargo build --release --bin haul
-rm -rf ./lake/orders ./lake/_haul
+# a rerun replaces the demo's earlier export once it commits (--overwrite); nothing of the
+# lake's records is deleted
 ./target/release/haul run --source "$PGURL" --table public.orders \
-  --dest file://./lake --partition-by created_at:day --workers 2 "$@"
+  --dest file://./lake --partition-by created_at:day --workers 2 --overwrite "$@"
 echo "demo: try  python3 -c \"import duckdb; print(duckdb.sql(\\\"SELECT dt, count(*) FROM read_parquet('./lake/orders/**/*.parquet', hive_partitioning=true) GROUP BY dt ORDER BY dt LIMIT 5\\\"))\"" >&2

@@ -110,6 +110,9 @@ pub struct Dest {
     /// An object store whose credentials can only come from the instance metadata
     /// service: no credentials were given in the environment.
     metadata_credentials: bool,
+    /// A local destination's directory: its empty directories are removed after
+    /// cleanups (object stores have no directories).
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// The environment variables through which object_store takes S3 credentials (or is told
@@ -161,6 +164,7 @@ impl Dest {
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
                 metadata_credentials: false,
+                local_root: Some(abs),
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -181,6 +185,7 @@ impl Dest {
                     metadata_credentials: !S3_CREDENTIAL_VARS
                         .iter()
                         .any(|v| std::env::var_os(v).is_some()),
+                    local_root: None,
                 })
             }
             other => Err(invalid(format!(
@@ -236,7 +241,42 @@ impl Dest {
                 }
             })?;
         let _ = self.store.delete(&probe).await;
+        // (a destination haul never wrote to keeps no `_haul/` of the probe's)
+        self.prune_empty_dirs("_haul").await;
         Ok(())
+    }
+
+    /// Removes the empty directories at and under `rel` of a local destination, deepest
+    /// first (deleting files leaves their directories behind); a no-op elsewhere.
+    async fn prune_empty_dirs(&self, rel: &str) {
+        let Some(root) = self.local_root.clone() else {
+            return;
+        };
+        fn prune(dir: &std::path::Path) {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        prune(&e.path());
+                    }
+                }
+            }
+            // fails, as it should, while the directory holds anything
+            let _ = std::fs::remove_dir(dir);
+        }
+        let dir = root.join(rel);
+        let _ = tokio::task::spawn_blocking(move || {
+            prune(&dir);
+            // and its parents up to the root, where they are left empty
+            for parent in dir.ancestors().skip(1) {
+                if !parent.starts_with(&root)
+                    || parent == root
+                    || std::fs::remove_dir(parent).is_err()
+                {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// A destination over a store opened elsewhere (credentials as that store has them).
@@ -246,6 +286,7 @@ impl Dest {
             root,
             url,
             metadata_credentials: false,
+            local_root: None,
         }
     }
 
@@ -255,7 +296,9 @@ impl Dest {
     }
     /// Removes every attempt's staged parts of a job.
     pub async fn clear_staging(&self, job: &JobId) -> Result<(), DestError> {
-        self.delete_prefix(&staging_root(job)).await
+        self.delete_prefix(&staging_root(job)).await?;
+        self.prune_empty_dirs(&staging_root(job)).await;
+        Ok(())
     }
     pub fn chunk_manifest_path(&self, job: &JobId, chunk: ChunkId) -> Path {
         self.path(&format!("_haul/jobs/{job}/chunks/{chunk}.json"))
@@ -405,6 +448,7 @@ impl Dest {
                 self.delete_if_exists(&m.location).await?;
             }
         }
+        self.prune_empty_dirs(&staging_root(job)).await;
         Ok(())
     }
 

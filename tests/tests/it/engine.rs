@@ -482,6 +482,8 @@ async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
     o.job_id = Some(job.clone());
     let first = run(o.clone()).await.unwrap();
     assert!(!first.already_done);
+    // a committed job leaves no staging behind, not even empty directories (issue 16)
+    assert!(!dest.0.join("_haul/staging").exists());
     let files = parquet_files(&dest.0.join("t"));
     db.exec("INSERT INTO t VALUES (999999)").await;
     let again = run(o.clone()).await.unwrap();

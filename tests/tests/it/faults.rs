@@ -43,6 +43,13 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 
     expect_error(o("public.nope"), &dest, &["public.nope", "does not exist"]).await;
     expect_error(o("t"), &dest, &["\"p\"", "point", "--cast p=text"]).await;
+    // refused before planning: nothing of haul's is left in the destination (issue 16)
+    let left: Vec<_> = std::fs::read_dir(&dest.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     let mut bad_col = o("ok");
     bad_col.spec.columns = vec!["id".into(), "missing".into()];
