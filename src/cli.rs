@@ -90,6 +90,10 @@ pub struct ClientArgs {
     /// CA certificate (PEM) to trust for an https:// coordinator.
     #[arg(long, env = "HAUL_TLS_CA")]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Print JSON (one object, or an array for lists) instead of text, for scripts and
+    /// orchestrators.
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
 }
 
 impl ClientArgs {
@@ -274,6 +278,9 @@ pub struct RunArgs {
     /// Schema of haul's load ledger tables in the target.
     #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
     pub ledger_schema: String,
+    /// Print the summary as JSON, for scripts and orchestrators.
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

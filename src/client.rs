@@ -350,6 +350,61 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
     out
 }
 
+/// A job's status as JSON (what `--json` prints): states by name, times in Unix ms.
+pub fn status_json(s: &JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": s.job_id,
+        "state": state_name(s.state()),
+        "reason": s.reason,
+        "table": s.table,
+        "source": s.source,
+        "dest": s.dest,
+        "chunks": {
+            "total": s.chunks_total,
+            "done": s.chunks_done,
+            "running": s.chunks_running,
+            "waiting": s.chunks_waiting,
+            "failed": s.chunks_failed,
+        },
+        "rows_done": s.rows_done,
+        "bytes_done": s.bytes_done,
+        "estimated_rows": s.estimated_rows,
+        "snapshot": s.snapshot,
+        "submitted_at_ms": s.submitted_at_ms,
+        "finished_at_ms": s.finished_at_ms,
+        "manifest": s.manifest,
+        "load_target": s.load_target,
+        "loaders": s.loaders,
+    })
+}
+
+/// A worker as JSON (what `haul workers --json` prints).
+pub fn worker_json(w: &WorkerInfo) -> serde_json::Value {
+    serde_json::json!({
+        "worker_id": w.worker_id,
+        "host": w.host,
+        "pid": w.pid,
+        "slots": w.slots,
+        "in_flight": w.in_flight,
+        "chunks_done": w.chunks_done,
+        "rows_done": w.rows_done,
+        "last_heartbeat_ms": w.last_heartbeat_ms,
+        "state": w.state,
+    })
+}
+
+/// A job's dead letters as JSON (what `haul dlq --json` prints).
+pub fn dead_letters_json(d: &DeadLetters) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": d.job_id,
+        "dead_letters": d.dead_letters.iter().map(|x| serde_json::json!({
+            "chunk_id": x.chunk_id,
+            "reason": x.reason,
+            "at_ms": x.at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// `haul status` as `key: value` lines.
 pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(

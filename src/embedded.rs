@@ -65,6 +65,24 @@ pub struct JobSummary {
     pub loaded_into: Option<String>,
 }
 
+impl JobSummary {
+    /// The summary as JSON (what `haul run --json` prints).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "job_id": self.job.to_string(),
+            "state": "succeeded",
+            "already_done": self.already_done,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "files": self.files,
+            "chunks": self.chunks,
+            "wall_ms": self.wall.as_millis() as u64,
+            "manifest": self.manifest,
+            "loaded_into": self.loaded_into,
+        })
+    }
+}
+
 impl std::fmt::Display for JobSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.already_done {

@@ -73,14 +73,14 @@ impl Reporter {
         let rows = self.base_rows + p.rows.load(Ordering::Relaxed);
         let bytes = p.source_bytes.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let mbps = bytes as f64 / secs / (1024.0 * 1024.0);
+        let mibps = bytes as f64 / secs / (1024.0 * 1024.0);
         if let Some(b) = &self.bar {
             if rows > b.length().unwrap_or(0) {
                 b.set_length(rows);
             }
             b.set_position(rows);
             b.set_message(format!(
-                "chunks {chunks_done}/{}  {mbps:.1} MB/s",
+                "chunks {chunks_done}/{}  {mibps:.1} MiB/s",
                 self.chunks
             ));
         }
@@ -96,7 +96,7 @@ impl Reporter {
                 estimated_rows = self.estimated_rows,
                 chunks_done,
                 chunks = self.chunks,
-                mb_per_s = format!("{mbps:.1}"),
+                mib_per_s = format!("{mibps:.1}"),
                 eta_s = eta,
                 "progress"
             );

@@ -4,10 +4,15 @@ use haul::cli::RunArgs;
 use haul::embedded::{RunOptions, run as run_job};
 
 pub(super) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let json = args.json;
     let opts = RunOptions::try_from(args).map_err(anyhow::Error::msg)?;
     // Ctrl-C or SIGTERM ends the job with what is committed kept, and says how to finish it
     let interrupt = super::stop_on_signal("interrupted; stopping the job")?;
     let summary = run_job(opts, interrupt).await?;
-    println!("{summary}");
+    if json {
+        println!("{}", summary.to_json());
+    } else {
+        println!("{summary}");
+    }
     Ok(())
 }

@@ -9,8 +9,8 @@ pub(super) async fn run(a: SubmitArgs) -> anyhow::Result<()> {
     // the coordinator and workers run elsewhere: a relative path means here
     j.spec.dest = absolute_dest(&j.spec.dest).map_err(anyhow::Error::msg)?;
     let s = client::submit(&a.client.options(), j, a.wait, a.progress).await?;
-    if a.wait {
-        print!("{}", client::status_text(&s));
+    if a.wait || a.client.json {
+        super::admin::print_status(&s, a.client.json);
     } else {
         println!("{}", s.job_id);
     }

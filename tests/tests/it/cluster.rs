@@ -1111,3 +1111,41 @@ async fn a_gone_workers_leases_are_released_without_waiting_out_the_ttl() {
     assert_eq!(m.iter().find(|m| m.chunk == chunk).unwrap().worker.0, "w2");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
+
+/// `--json` (issue 16): `submit --wait`, `status`, `jobs` and `workers` print JSON that
+/// scripts and orchestrators parse, with the same figures as the text.
+#[tokio::test]
+async fn clients_print_json_for_scripts() {
+    let _broker = BROKER.read().await;
+    let db = TestDb::new().await;
+    skewed(&db, 20_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "js", "5000");
+    args.extend(["--wait", "--json"]);
+    let parse = |out: String| -> serde_json::Value {
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let done = parse(cl.haul_ok(&args));
+    assert_eq!(done["state"], "succeeded");
+    assert_eq!(done["rows_done"], 20_000);
+    assert_eq!(done["chunks"]["done"], done["chunks"]["total"]);
+    assert_eq!(parse(cl.haul_ok(&["status", "js", "--json"])), done);
+    let jobs = parse(cl.haul_ok(&["jobs", "--json"]));
+    assert!(
+        jobs.as_array().unwrap().iter().any(|j| j["job_id"] == "js"),
+        "{jobs}"
+    );
+    let workers = parse(cl.haul_ok(&["workers", "--json"]));
+    let w1 = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker_id"] == "w1")
+        .unwrap_or_else(|| panic!("{workers}"));
+    assert_eq!(w1["state"], "active");
+    assert_eq!(w1["slots"], 1);
+    assert!(w1["pid"].as_u64().is_some_and(|p| p > 0), "{w1}");
+}

@@ -484,6 +484,29 @@ async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
     assert!(!first.already_done);
     // a committed job leaves no staging behind, not even empty directories (issue 16)
     assert!(!dest.0.join("_haul/staging").exists());
+    // `haul run --json` prints the summary as JSON: here, the no-op rerun's (issue 16)
+    let out = std::process::Command::new(haul_bin())
+        .args([
+            "run",
+            "--source",
+            &db.dsn,
+            "--table",
+            "t",
+            "--dest",
+            &dest.url(),
+            "--job-id",
+            "nightly-1",
+            "--json",
+            "--progress",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["job_id"], "nightly-1");
+    assert_eq!(summary["already_done"], true);
+    assert_eq!(summary["rows"], 2500);
     let files = parquet_files(&dest.0.join("t"));
     db.exec("INSERT INTO t VALUES (999999)").await;
     let again = run(o.clone()).await.unwrap();
