@@ -331,7 +331,7 @@ fn put_value(
             let d = a.as_primitive::<Date32Type>().value(i);
             let pg = match d {
                 DATE_INFINITY => i32::MAX,
-                // (and Postgres's own marker, which haul wrote before 0.1)
+                // (and Postgres's own marker, which earlier builds of haul wrote)
                 DATE_NEG_INFINITY | i32::MIN => i32::MIN,
                 d => d
                     .checked_sub(PG_EPOCH_OFFSET_DAYS)
