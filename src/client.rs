@@ -371,7 +371,6 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         "estimated_rows": s.estimated_rows,
         "snapshot": s.snapshot,
         "submitted_at_ms": s.submitted_at_ms,
-        "finished_at_ms": s.finished_at_ms,
         "manifest": s.manifest,
         "load_target": s.load_target,
         "loaders": s.loaders,
@@ -408,7 +407,7 @@ pub fn dead_letters_json(d: &DeadLetters) -> serde_json::Value {
 /// `haul status` as `key: value` lines.
 pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(
-        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} waiting to retry, {} failed\nrows:      {} (~{} estimated)\nbytes:     {}\n",
+        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} waiting to retry, {} failed\nrows:      {} (~{} estimated)\nbytes:     {:.1} MiB ({})\n",
         s.job_id,
         state_name(s.state()),
         s.table,
@@ -421,6 +420,7 @@ pub fn status_text(s: &JobStatus) -> String {
         s.chunks_failed,
         s.rows_done,
         s.estimated_rows,
+        s.bytes_done as f64 / (1024.0 * 1024.0),
         s.bytes_done
     );
     if !s.snapshot.is_empty() {

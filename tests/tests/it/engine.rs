@@ -380,13 +380,7 @@ async fn hive_partitioning_by_day() {
         .await
         .unwrap()
         .get(0);
-    let mut dirs: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    dirs.sort();
+    let dirs = subdir_names(&out);
     assert_eq!(dirs.len() as i64, days + 1, "{dirs:?}");
     assert!(dirs.contains(&"dt=2024-03-01".to_string()));
     assert!(dirs.contains(&"dt=__HIVE_DEFAULT_PARTITION__".to_string()));

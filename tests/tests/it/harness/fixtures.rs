@@ -209,6 +209,18 @@ pub async fn wait_for_committed_chunks(
     }
 }
 
+/// The names of the directories right under `dir` (partition folders), sorted.
+pub fn subdir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Every `.parquet` file under `dir`, recursively (what a glob reader sees).
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
