@@ -595,19 +595,11 @@ pub const DEFAULT_DEST: &str = "file://./lake";
 /// `file://` URL, resolved in this process's working directory; any other URL as it is.
 /// `haul submit` sends this, since the coordinator and workers run elsewhere.
 pub fn absolute_dest(dest: &str) -> Result<String, String> {
-    let Some(path) = dest
-        .strip_prefix("file://")
-        .or_else(|| (!dest.contains("://")).then_some(dest))
-    else {
+    let Some(path) = haul_shared::lake::local_path(dest) else {
         return Ok(dest.to_owned());
     };
-    let path = std::path::Path::new(path);
-    if path.is_absolute() {
-        return Ok(format!("file://{}", path.display()));
-    }
-    let cwd = std::env::current_dir()
+    let abs = haul_shared::lake::absolute_path(std::path::Path::new(path))
         .map_err(|e| format!("--dest {dest}: cannot resolve it here: {e}"))?;
-    let abs: std::path::PathBuf = cwd.join(path).components().collect();
     Ok(format!("file://{}", abs.display()))
 }
 

@@ -107,9 +107,9 @@ pub struct Dest {
     pub root: Path,
     /// The URL as the user gave it (for messages).
     pub url: String,
-    /// An object store whose credentials can only come from the instance metadata
-    /// service: no credentials were given in the environment.
-    metadata_credentials: bool,
+    /// For an object store given no credentials in the environment: the instance
+    /// metadata service it will ask for them.
+    metadata_endpoint: Option<String>,
     /// A local destination's directory: its empty directories are removed after
     /// cleanups (object stores have no directories).
     local_root: Option<std::path::PathBuf>,
@@ -135,23 +135,11 @@ impl Dest {
             dest: url.to_owned(),
             reason,
         };
-        let local = url
-            .strip_prefix("file://")
-            .or_else(|| (!url.contains("://")).then_some(url));
-        if let Some(p) = local {
+        if let Some(p) = local_path(url) {
             if p.is_empty() {
                 return Err(invalid("empty path".into()));
             }
-            let p = std::path::Path::new(p);
-            let abs: std::path::PathBuf = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                std::env::current_dir()
-                    .map_err(|e| invalid(e.to_string()))?
-                    .join(p)
-            }
-            .components()
-            .collect(); // drops `.` segments
+            let abs = absolute_path(std::path::Path::new(p)).map_err(|e| invalid(e.to_string()))?;
             std::fs::create_dir_all(&abs).map_err(|e| DestError::NotWritable {
                 dest: abs.display().to_string(),
                 reason: e.to_string(),
@@ -163,7 +151,7 @@ impl Dest {
                 store: Arc::new(store),
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
-                metadata_credentials: false,
+                metadata_endpoint: None,
                 local_root: Some(abs),
             });
         }
@@ -182,9 +170,15 @@ impl Dest {
                     store: Arc::new(store),
                     root,
                     url: url.trim_end_matches('/').to_owned(),
-                    metadata_credentials: !S3_CREDENTIAL_VARS
+                    metadata_endpoint: (!S3_CREDENTIAL_VARS
                         .iter()
-                        .any(|v| std::env::var_os(v).is_some()),
+                        .any(|v| std::env::var_os(v).is_some()))
+                    .then(|| {
+                        std::env::var("AWS_METADATA_ENDPOINT")
+                            .unwrap_or_else(|_| "http://169.254.169.254".into())
+                            .trim_end_matches('/')
+                            .to_owned()
+                    }),
                     local_root: None,
                 })
             }
@@ -203,15 +197,12 @@ impl Dest {
 
     /// Proves the destination is writable before any data moves.
     pub async fn check_writable(&self) -> Result<(), DestError> {
-        let metadata = std::env::var("AWS_METADATA_ENDPOINT")
-            .unwrap_or_else(|_| "http://169.254.169.254".into());
-        let metadata = metadata.trim_end_matches('/');
-        let no_credentials = |reason: String| DestError::NoCredentials {
+        let no_credentials = |endpoint: &str, reason: String| DestError::NoCredentials {
             dest: self.url.clone(),
-            endpoint: metadata.to_owned(),
+            endpoint: endpoint.to_owned(),
             reason,
         };
-        if self.metadata_credentials {
+        if let Some(metadata) = &self.metadata_endpoint {
             // where no metadata service listens, object_store would retry it for long
             let addr = url::Url::parse(metadata)
                 .ok()
@@ -220,8 +211,8 @@ impl Dest {
                 let connect = tokio::net::TcpStream::connect(addr);
                 match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(no_credentials(e.to_string())),
-                    Err(_) => return Err(no_credentials("no answer within 2 s".into())),
+                    Ok(Err(e)) => return Err(no_credentials(metadata, e.to_string())),
+                    Err(_) => return Err(no_credentials(metadata, "no answer within 2 s".into())),
                 }
             }
         }
@@ -231,8 +222,15 @@ impl Dest {
             .await
             .map_err(|e| {
                 let reason = e.to_string();
-                if self.metadata_credentials && reason.contains(metadata) {
-                    no_credentials(reason.rsplit(" - ").next().unwrap_or(&reason).to_owned())
+                if let Some(metadata) = self
+                    .metadata_endpoint
+                    .as_deref()
+                    .filter(|m| reason.contains(m))
+                {
+                    no_credentials(
+                        metadata,
+                        reason.rsplit(" - ").next().unwrap_or(&reason).to_owned(),
+                    )
                 } else {
                     DestError::NotWritable {
                         dest: self.url.clone(),
@@ -241,8 +239,11 @@ impl Dest {
                 }
             })?;
         let _ = self.store.delete(&probe).await;
-        // (a destination haul never wrote to keeps no `_haul/` of the probe's)
-        self.prune_empty_dirs("_haul").await;
+        // a destination haul never wrote to keeps no `_haul/` of the probe's (removing a
+        // directory fails, as it should, while it holds anything)
+        if let Some(root) = &self.local_root {
+            let _ = tokio::fs::remove_dir(root.join("_haul")).await;
+        }
         Ok(())
     }
 
@@ -285,7 +286,7 @@ impl Dest {
             store,
             root,
             url,
-            metadata_credentials: false,
+            metadata_endpoint: None,
             local_root: None,
         }
     }
@@ -459,6 +460,23 @@ impl Dest {
         }
         Ok(())
     }
+}
+
+/// The path of a local destination (`file://<path>`, or a bare path), `None` for any other
+/// URL.
+pub fn local_path(url: &str) -> Option<&str> {
+    url.strip_prefix("file://")
+        .or_else(|| (!url.contains("://")).then_some(url))
+}
+
+/// `p` made absolute against the working directory, with its `.` segments dropped.
+pub fn absolute_path(p: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(abs.components().collect())
 }
 
 /// A name unlikely to clash with another process's probe.
