@@ -352,43 +352,60 @@ fn spec_difference(
     spec: &JobSpec,
 ) -> Option<(&'static str, String, String)> {
     let shown = |v: &dyn std::fmt::Debug| format!("{v:?}");
-    let pairs: [(&'static str, String, String); 7] = [
-        ("source", done.source.clone(), spec.source.to_string()),
-        ("table", plan.table.clone(), spec.table.clone()),
-        ("columns", shown(&plan.columns), shown(&spec.columns)),
-        ("casts", shown(&plan.casts), shown(&spec.casts)),
+    // the table as named then or now (`t` and `public.t` name the same table)
+    let now = spec.table.as_str();
+    let same_table = now == plan.table
+        || now == done.table
+        || (!now.contains('.')
+            && done
+                .table
+                .strip_suffix(now)
+                .is_some_and(|s| s.ends_with('.')));
+    let watermark =
+        |i: &Option<haul_shared::jobs::Incremental>| i.as_ref().map(|i| i.column.clone());
+    let target =
+        |l: &Option<haul_shared::jobs::LoadSpec>| l.as_ref().map(|l| l.target_table.clone());
+    // a load target left empty means the source table's name, as recorded
+    let same_target = target(&plan.load) == target(&spec.load)
+        || target(&spec.load).is_some_and(|t| t.is_empty());
+    let source = spec.source.to_string();
+    [
+        ("source", done.source == source, done.source.clone(), source),
+        ("table", same_table, plan.table.clone(), spec.table.clone()),
+        (
+            "columns",
+            plan.columns == spec.columns,
+            shown(&plan.columns),
+            shown(&spec.columns),
+        ),
+        (
+            "casts",
+            plan.casts == spec.casts,
+            shown(&plan.casts),
+            shown(&spec.casts),
+        ),
         (
             "partitioning",
+            plan.output.partition_by == spec.output.partition_by,
             shown(&plan.output.partition_by),
             shown(&spec.output.partition_by),
         ),
         (
             "incremental column",
-            shown(&plan.incremental.as_ref().map(|i| &i.column)),
-            shown(&spec.incremental.as_ref().map(|i| &i.column)),
+            watermark(&plan.incremental) == watermark(&spec.incremental),
+            shown(&watermark(&plan.incremental)),
+            shown(&watermark(&spec.incremental)),
         ),
         (
             "load target",
-            shown(&plan.load.as_ref().map(|l| &l.target_table)),
-            shown(&spec.load.as_ref().map(|l| &l.target_table)),
+            same_target,
+            shown(&target(&plan.load)),
+            shown(&target(&spec.load)),
         ),
-    ];
-    // the table as named then or now (`t` and `public.t` name the same table)
-    let same_table = |now: &str| {
-        now == plan.table
-            || now == done.table
-            || (!now.contains('.')
-                && done
-                    .table
-                    .strip_suffix(now)
-                    .is_some_and(|s| s.ends_with('.')))
-    };
-    pairs.into_iter().find(|(what, was, now)| match *what {
-        "table" => !same_table(now),
-        // a load target left empty means the source table's name, as recorded
-        "load target" => was != now && !now.contains("Some(\"\")"),
-        _ => was != now,
-    })
+    ]
+    .into_iter()
+    .find(|(_, same, _, _)| !same)
+    .map(|(what, _, was, now)| (what, was, now))
 }
 
 /// A resumed job's load: the one its plan records, so a resume finishes the load too.
