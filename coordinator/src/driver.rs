@@ -361,7 +361,7 @@ impl Driver {
 
     /// Queues a chunk's task again (its state `Pending` first: no task exists without
     /// it), carrying its transient failures so far.
-    async fn requeue(
+    pub(crate) async fn requeue(
         &self,
         id: &JobId,
         chunk: ChunkId,

@@ -29,10 +29,8 @@ use haul_shared::lake::Dest;
 use haul_shared::lease::StoreError;
 use haul_shared::load::LoadAuth;
 use haul_shared::pg::{self, Secret};
-use haul_shared::proto::Task;
 use haul_shared::proto::job_status_to_wire;
 use haul_shared::proto::wire::{JobStatus, SubmitRequest};
-use haul_shared::queue::ChunkQueue;
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
@@ -308,20 +306,24 @@ impl Coordinator {
         }
     }
 
-    async fn status(&self, id: &JobId) -> Result<JobStatus, Status> {
-        let rec = self
-            .store
+    /// The job's record, or NOT_FOUND.
+    async fn job(&self, id: &JobId) -> Result<JobRecord, Status> {
+        self.store
             .get_job(id)
             .await
             .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no job {id}; `haul jobs` lists them")))?;
+            .ok_or_else(|| Status::not_found(format!("no job {id}; `haul jobs` lists them")))
+    }
+
+    async fn status(&self, id: &JobId) -> Result<JobStatus, Status> {
+        let rec = self.job(id).await?;
         let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
         Ok(job_status_to_wire(&rec, &chunks))
     }
 
     /// The job's dead-lettered chunk tasks.
     async fn dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, Status> {
-        self.status(id).await?;
+        self.job(id).await?;
         self.store.dead_letters(id).await.map_err(store_status)
     }
 
@@ -329,39 +331,21 @@ impl Coordinator {
     /// back to pending, a fresh task each, with a fresh delivery count and retry budget)
     /// and forgets them.
     async fn requeue_dead_letters(&self, id: &JobId) -> Result<Vec<DeadLetter>, Status> {
-        let status = self.status(id).await?;
-        let state = haul_shared::proto::state_name(status.state());
-        if !matches!(state, "running" | "paused") {
+        let rec = self.job(id).await?;
+        if !matches!(rec.state, JobState::Running | JobState::Paused) {
             return Err(Status::failed_precondition(format!(
-                "job {id} is {state}: its dead-lettered chunks are redone by `haul submit --resume {id} --fresh-snapshot` (`haul dlq purge {id}` forgets them)"
+                "job {id} is {}: its dead-lettered chunks are redone by `haul submit --resume {id} --fresh-snapshot` (`haul dlq purge {id}` forgets them)",
+                rec.state.name()
             )));
         }
-        let rec = self
-            .store
-            .get_job(id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         let ranges = rec.plan.map(|p| p.chunks).unwrap_or_default();
         let dead = self.store.dead_letters(id).await.map_err(store_status)?;
         for d in &dead {
-            let range = ranges.get(d.chunk.0 as usize).cloned().ok_or_else(|| {
-                Status::internal(format!("chunk {} is not in job {id}'s plan", d.chunk))
-            })?;
-            self.store
-                .set_chunk_state(id, d.chunk, &ChunkState::Pending)
+            // as the driver queues a chunk again: pending first, then a fresh task
+            self.driver
+                .requeue(id, d.chunk, &ranges, Default::default())
                 .await
-                .map_err(store_status)?;
-            let task = Task {
-                job_id: id.clone(),
-                chunk_id: d.chunk,
-                range,
-                retry: Default::default(),
-            };
-            self.queue
-                .publish(task.encode())
-                .await
-                .map_err(|e| to_status(&RunError::Queue(e)))?;
+                .map_err(|e| to_status(&e))?;
             self.store
                 .remove_dead_letters(id, &[d.chunk])
                 .await
