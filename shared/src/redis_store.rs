@@ -71,10 +71,11 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1"#;
 
-// Deletes the lease if `<holder>|` starts its value.
+// Deletes the lease if ARGV[1] holds it: the value is `<holder>|<epoch>`, and holder ids
+// may contain `|` (the epoch never does), as `holder` reads it.
 const EVICT: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
+if v and string.match(v, '^(.*)|%d+$') == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0";
