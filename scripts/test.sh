@@ -18,6 +18,9 @@ if ! command -v openssl >/dev/null; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
+# the TLS-only Postgres (own CA, SCRAM passwords, client certificates) the TLS tests read
+bash scripts/test-postgres.sh
+export HAUL_PGTLS_DIR="${HAUL_PGTLS_DIR:-/var/tmp/haul-pgtls}" HAUL_PGTLS_PORT="${HAUL_PGTLS_PORT:-5442}"
 # the binary the tests spawn, with its test-only hooks (fault injection)
 cargo build --bin haul --features testsuite
 cargo test --workspace "$@"

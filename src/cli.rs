@@ -9,7 +9,7 @@ use haul_shared::JobId;
 use haul_shared::jobs::{
     Compression, Granularity, Incremental, JobSpec, LoadSpec, OutputOptions, PartitionBy, Split,
 };
-use haul_shared::pg::Secret;
+use haul_shared::pg::{ConnInfo, Credentials, Database, Secret};
 
 use crate::embedded::RunOptions;
 use crate::progress::ProgressMode;
@@ -168,6 +168,23 @@ pub struct ClusterArgs {
     pub max_attempts: u32,
 }
 
+/// How a role that reads jobs' sources (run, coordinator, worker) finds their password:
+/// this flag, then `PGPASSWORD`, then the pgpass file (`PGPASSFILE`, `~/.pgpass`). Jobs
+/// never carry one.
+#[derive(Args, Debug, Clone)]
+pub struct SourceLogin {
+    /// File holding the source's password, read again at every connection (a rotated
+    /// secret or a short-lived token keeps working).
+    #[arg(long, env = "HAUL_SOURCE_PASSWORD_FILE")]
+    pub source_password_file: Option<std::path::PathBuf>,
+}
+
+impl SourceLogin {
+    pub fn credentials(&self) -> haul_shared::pg::Credentials {
+        haul_shared::pg::Credentials::from_file(self.source_password_file.clone())
+    }
+}
+
 /// How a server role (coordinator, loader) authenticates its callers.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -201,6 +218,8 @@ pub struct CoordinatorArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
+    #[command(flatten)]
+    pub login: SourceLogin,
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
     #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4, value_parser = at_least_one)]
     pub parallelism: usize,
@@ -219,6 +238,8 @@ pub struct WorkerArgs {
     pub client: ClientArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub login: SourceLogin,
     /// Chunks this worker extracts at once (and its queue prefetch).
     #[arg(long, env = "HAUL_SLOTS", default_value_t = 2, value_parser = at_least_one)]
     pub slots: usize,
@@ -267,6 +288,11 @@ pub struct RunArgs {
     /// Chunk lease time-to-live in seconds (renewed every third of it).
     #[arg(long, env = "HAUL_LEASE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_ttl_secs: u64,
+    #[command(flatten)]
+    pub login: SourceLogin,
+    /// File holding --load-target's password, read again at every connection.
+    #[arg(long, env = "HAUL_TARGET_PASSWORD_FILE", requires = "load_target")]
+    pub target_password_file: Option<std::path::PathBuf>,
     /// Also load the rows into this Postgres (an in-process loader), e.g. postgresql://host/warehouse.
     #[arg(
         long,
@@ -288,9 +314,14 @@ pub struct LoaderArgs {
     /// Address to serve Arrow Flight on.
     #[arg(long, env = "HAUL_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: std::net::SocketAddr,
-    /// Target Postgres DSN (the password is never logged).
+    /// Target Postgres: a postgresql:// URL or key=value connection string, libpq's PG*
+    /// variables filling the rest (the password is never logged).
     #[arg(long, env = "HAUL_TARGET", hide_env_values = true)]
     pub target: String,
+    /// File holding the target's password, read again at every connection (else
+    /// PGPASSWORD, then ~/.pgpass).
+    #[arg(long, env = "HAUL_TARGET_PASSWORD_FILE")]
+    pub target_password_file: Option<std::path::PathBuf>,
     /// Schema of haul's load ledger tables in the target.
     #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
     pub ledger_schema: String,
@@ -304,8 +335,11 @@ pub struct LoaderArgs {
 /// What to extract and how: the flags `run` and `submit` share.
 #[derive(Args, Debug)]
 pub struct JobArgs {
-    /// Source Postgres DSN, e.g. postgresql://user:pass@host:5432/db (the password is never logged).
-    #[arg(long, env = "HAUL_SOURCE")]
+    /// Source Postgres: a postgresql:// URL or key=value connection string with libpq's
+    /// options (sslmode, sslrootcert, …); libpq's PG* variables fill what it leaves out.
+    /// The password comes from PGPASSWORD, ~/.pgpass or --source-password-file; `haul run`
+    /// also takes one in the URL (never logged or stored), `haul submit` refuses it.
+    #[arg(long, env = "HAUL_SOURCE", hide_env_values = true)]
     pub source: String,
     /// Table to extract: `schema.table` (quote mixed-case names: '"Sales"."Orders"').
     #[arg(long, env = "HAUL_TABLE", required_unless_present = "resume")]
@@ -586,6 +620,9 @@ pub struct JobRequest {
     pub overwrite: bool,
     /// `--dest` was given (without it, a loading job writes no Parquet).
     pub dest_given: bool,
+    /// A password given in `--source`: `haul run` keeps it in its process, `haul submit`
+    /// refuses it.
+    pub source_password: Option<Secret>,
 }
 
 /// The destination when none is given.
@@ -614,7 +651,8 @@ impl TryFrom<JobArgs> for JobRequest {
             .or(a.job_id.as_deref())
             .map(JobId::parse)
             .transpose()?;
-        haul_shared::pg::parse_dsn(&Secret::new(a.source.clone())).map_err(|e| e.to_string())?;
+        let (source, source_password) =
+            ConnInfo::from_user(&a.source).map_err(|e| format!("--source: {e}"))?;
         let endpoints = a
             .load
             .iter()
@@ -637,7 +675,7 @@ impl TryFrom<JobArgs> for JobRequest {
             });
         Ok(JobRequest {
             spec: JobSpec {
-                source: Secret::new(a.source),
+                source,
                 table: a.table.unwrap_or_default(),
                 columns: a.columns,
                 key: a.key,
@@ -668,6 +706,7 @@ impl TryFrom<JobArgs> for JobRequest {
             fresh_snapshot: a.fresh_snapshot,
             overwrite: a.overwrite,
             dest_given,
+            source_password,
         })
     }
 }
@@ -677,9 +716,13 @@ impl TryFrom<RunArgs> for RunOptions {
 
     fn try_from(a: RunArgs) -> Result<Self, String> {
         let mut j = JobRequest::try_from(a.job)?;
-        if let Some(t) = &a.load_target {
-            haul_shared::pg::parse_dsn(&Secret::new(t.clone()))
-                .map_err(|e| format!("--load-target: {e}"))?;
+        let load_target = a
+            .load_target
+            .as_deref()
+            .map(|t| Database::from_user(t, a.target_password_file.clone()))
+            .transpose()
+            .map_err(|e| format!("--load-target: {e}"))?;
+        if load_target.is_some() {
             j.spec.load.get_or_insert_with(|| LoadSpec {
                 endpoints: Vec::new(),
                 target_table: String::new(),
@@ -703,7 +746,11 @@ impl TryFrom<RunArgs> for RunOptions {
             max_attempts: a.max_attempts,
             lease_ttl: Duration::from_secs(a.lease_ttl_secs),
             progress: a.progress,
-            load_target: a.load_target.map(Secret::new),
+            source_credentials: Credentials {
+                password: j.source_password,
+                password_file: a.login.source_password_file,
+            },
+            load_target,
             ledger_schema: a.ledger_schema,
         })
     }

@@ -43,8 +43,10 @@ pub struct RunOptions {
     pub max_attempts: u32,
     pub lease_ttl: Duration,
     pub progress: ProgressMode,
+    /// How this process logs in to the source (a password given in `--source` stays here).
+    pub source_credentials: pg::Credentials,
     /// Load into this Postgres through an in-process loader (`--load-target`).
-    pub load_target: Option<pg::Secret>,
+    pub load_target: Option<pg::Database>,
     /// Schema of the in-process loader's ledger tables.
     pub ledger_schema: String,
 }
@@ -151,6 +153,7 @@ pub async fn run(
         fresh_snapshot: opts.fresh_snapshot,
         overwrite: opts.overwrite,
         parallelism: opts.workers,
+        source_credentials: opts.source_credentials.clone(),
     };
     let mut p = match prepare(&opts.spec, &prepare_opts).await? {
         Preparation::AlreadyDone(m) => {
@@ -228,6 +231,7 @@ pub async fn run(
             lease_ttl: opts.lease_ttl,
             max_attempts: opts.max_attempts,
             load_auth: LoadAuth::default(),
+            source_credentials: opts.source_credentials.clone(),
         };
         let (svc, progress, ctl) = (svc.clone(), Arc::clone(&progress), ctl.clone());
         workers.spawn(async move {
@@ -347,7 +351,7 @@ async fn report(
 /// Starts an in-process loader on a loopback port (`haul run --load-target`); it serves
 /// until `stop` fires. Returns its address.
 async fn start_local_loader(
-    target: &pg::Secret,
+    target: &pg::Database,
     ledger_schema: &str,
     stop: CancellationToken,
 ) -> Result<String, RunError> {

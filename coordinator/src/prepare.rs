@@ -29,6 +29,8 @@ pub struct PrepareOptions {
     /// Workers (times slots) expected to extract at once; the planner makes at least
     /// twice as many chunks when the table is big enough.
     pub parallelism: usize,
+    /// How this process logs in to the source (the job carries no password).
+    pub source_credentials: pg::Credentials,
 }
 
 /// A planned job, ready for its chunks to be queued.
@@ -126,7 +128,11 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
 
     // The planning session holds the snapshot open until the job ends. A source that is
     // restarting or briefly unreachable gets a few tries; a wrong DSN fails at once.
-    let holder = (|| pg::connect(&spec.source))
+    let source = pg::Database {
+        info: spec.source.clone(),
+        creds: opts.source_credentials.clone(),
+    };
+    let holder = (|| pg::connect(&source))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))

@@ -10,7 +10,6 @@ use bytes::Bytes;
 
 use crate::jobs::{ChunkState, JobRecord, JobSpec, JobState, JobStore, OutputOptions};
 use crate::lease::LeaseStore;
-use crate::pg::Secret;
 use crate::queue::ChunkQueue;
 use crate::{ChunkId, JobId, WorkerId};
 
@@ -273,7 +272,9 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
     let mut job = JobRecord {
         id: id.clone(),
         spec: JobSpec {
-            source: Secret::new("postgresql://u:hunter2@h/db"),
+            source: "host=h dbname=db user=u sslmode=verify-full"
+                .parse()
+                .unwrap(),
             table: "public.t".into(),
             columns: vec![],
             key: vec![],
@@ -295,7 +296,10 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
     store.put_job(&job).await.unwrap();
     assert!(store.list_jobs().await.unwrap().contains(&id));
     let back = store.get_job(&id).await.unwrap().unwrap();
-    assert_eq!(back.spec.source.expose(), "postgresql://u:hunter2@h/db");
+    assert_eq!(
+        back.spec.source.to_string(),
+        "host=h dbname=db user=u sslmode=verify-full"
+    );
     assert_eq!(back.state, JobState::Planning);
 
     store

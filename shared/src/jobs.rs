@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::lease::StoreError;
-use crate::pg::{Secret, TableInfo};
+use crate::pg::{ConnInfo, TableInfo};
 pub use crate::range::KeyColumn;
 use crate::{ChunkId, ChunkRange, JobId, WorkerId};
 
@@ -126,7 +126,9 @@ pub enum Split {
 /// What the user asked for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobSpec {
-    pub source: Secret,
+    /// The source's connection options, never a password (each process that connects
+    /// has its own credentials).
+    pub source: ConnInfo,
     /// The table as the user named it (`schema.table`, quoting allowed).
     pub table: String,
     /// Columns to extract; all when empty.

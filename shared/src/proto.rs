@@ -7,7 +7,7 @@ use crate::jobs::{
     ChunkState, Compression, Granularity, Incremental, JobRecord, JobSpec, JobState, LoadSpec,
     OutputOptions, PartitionBy, Split, Submission,
 };
-use crate::pg::Secret;
+use crate::pg::ConnInfo;
 use crate::workers::{DrainOrder, WorkerRecord};
 use crate::{ChunkId, ChunkRange, JobId};
 
@@ -138,13 +138,13 @@ pub fn dead_letters_to_wire(job: &JobId, dead: &[crate::jobs::DeadLetter]) -> wi
     }
 }
 
-/// A submitted job on the wire. The source DSN travels whole (the coordinator plans with
-/// it); the API never returns it unmasked.
+/// A submitted job on the wire. The source's connection string travels without a password:
+/// the coordinator and workers log in with their own credentials.
 pub fn submission_to_wire(s: &Submission) -> wire::SubmitRequest {
     let spec = &s.spec;
     let load = spec.load.as_ref();
     wire::SubmitRequest {
-        source: spec.source.expose().to_owned(),
+        source: spec.source.to_string(),
         table: spec.table.clone(),
         dest: spec.dest.clone(),
         columns: spec.columns.clone(),
@@ -180,11 +180,17 @@ pub fn submission_to_wire(s: &Submission) -> wire::SubmitRequest {
     }
 }
 
+/// Why `haul submit` refuses a connection string with a password in it.
+pub const PASSWORD_NOT_CARRIED: &str = "--source holds a password, and the cluster never carries one (it would be stored with the job): give it to the coordinator and the workers (PGPASSWORD, ~/.pgpass, or --source-password-file) and submit the connection string without it";
+
 /// A submitted job from the wire, checked: what is wrong with it, in one line naming the
 /// flag to fix.
 pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String> {
-    let source = Secret::new(r.source);
-    crate::pg::parse_dsn(&source).map_err(|e| e.to_string())?;
+    let source = match ConnInfo::parse(&r.source) {
+        Ok((info, None)) => info,
+        Ok((_, Some(_))) => return Err(PASSWORD_NOT_CARRIED.into()),
+        Err(e) => return Err(format!("--source: {e}")),
+    };
     if r.table.is_empty() && !r.resume {
         return Err("a table is required (--table schema.table)".into());
     }
@@ -526,7 +532,7 @@ mod tests {
     #[test]
     fn submissions_round_trip() {
         let mut spec = JobSpec {
-            source: Secret::new("postgresql://u:pw@h/db"),
+            source: "host=h dbname=db user=u sslmode=require".parse().unwrap(),
             table: "public.t".into(),
             columns: vec!["a".into()],
             key: vec!["a".into(), "b".into()],
@@ -565,6 +571,7 @@ mod tests {
             overwrite: true,
         };
         let back = submission_from_wire(submission_to_wire(&s)).unwrap();
+        assert_eq!(back.spec.source, spec.source);
         assert_eq!(back.spec.output, spec.output);
         assert_eq!(back.spec.load, spec.load);
         assert_eq!(back.spec.incremental, spec.incremental);
@@ -586,5 +593,22 @@ mod tests {
         spec.output.parquet = false;
         let err = submission_from_wire(submission_to_wire(&Submission { spec, ..s })).unwrap_err();
         assert!(err.contains("need loaders"), "{err}");
+    }
+
+    #[test]
+    fn a_submitted_password_is_refused_not_stored() {
+        for source in [
+            "postgresql://u:pw@h/db",
+            "postgresql://u@h/db?password=pw",
+            "host=h password = 'p w'",
+        ] {
+            let req = wire::SubmitRequest {
+                source: source.into(),
+                table: "t".into(),
+                dest: "file:///x".into(),
+                ..Default::default()
+            };
+            assert_eq!(submission_from_wire(req).unwrap_err(), PASSWORD_NOT_CARRIED);
+        }
     }
 }

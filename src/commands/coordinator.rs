@@ -17,6 +17,7 @@ pub(super) async fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         parallelism: a.parallelism,
         loader_tls_ca: a.loader_tls_ca,
         metrics_listen: a.metrics_listen,
+        source_credentials: a.login.credentials(),
     };
     let shutdown =
         super::stop_on_signal("stopping; unfinished jobs stay recorded for the next coordinator")?;

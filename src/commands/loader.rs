@@ -2,14 +2,15 @@
 
 use haul::cli::LoaderArgs;
 use haul_shared::load::{LoaderOptions, serve};
-use haul_shared::pg::Secret;
+use haul_shared::pg::Database;
 
 pub(super) async fn run(a: LoaderArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
     let opts = LoaderOptions {
-        target: Secret::new(a.target),
+        target: Database::from_user(&a.target, a.target_password_file)
+            .map_err(|e| anyhow::anyhow!("--target: {e}"))?,
         ledger_schema: a.ledger_schema,
         token: a.serve.token(),
         tls: a.serve.tls(),

@@ -6,6 +6,9 @@ use haul::client;
 
 pub(super) async fn run(a: SubmitArgs) -> anyhow::Result<()> {
     let mut j = JobRequest::try_from(a.job).map_err(anyhow::Error::msg)?;
+    if j.source_password.is_some() {
+        anyhow::bail!(haul_shared::proto::PASSWORD_NOT_CARRIED);
+    }
     // the coordinator and workers run elsewhere: a relative path means here
     j.spec.dest = absolute_dest(&j.spec.dest).map_err(anyhow::Error::msg)?;
     let s = client::submit(&a.client.options(), j, a.wait, a.progress).await?;

@@ -19,6 +19,7 @@ pub(super) async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         max_attempts: a.cluster.max_attempts,
         drain_grace: a.drain_grace_secs.map(Duration::from_secs),
         metrics_listen: a.metrics_listen,
+        source_credentials: a.login.credentials(),
     };
     run_node(opts).await?;
     Ok(())

@@ -18,7 +18,7 @@ use arrow_array::RecordBatch;
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::jobs::{JobPlan, JobSpec};
 use haul_shared::lease::{Lease, LeaseStore, StoreError};
-use haul_shared::pg::SourceError;
+use haul_shared::pg::{Database, SourceError};
 use haul_shared::{ChunkId, ChunkRange, JobId};
 use tokio_util::sync::CancellationToken;
 
@@ -101,6 +101,8 @@ pub struct Progress {
 pub struct ChunkJob<'a> {
     pub job_id: &'a JobId,
     pub spec: &'a JobSpec,
+    /// The job's source, with this worker's credentials.
+    pub source: &'a Database,
     pub plan: &'a JobPlan,
     pub chunk: ChunkId,
     pub range: &'a ChunkRange,
@@ -230,7 +232,7 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
 }
 
 async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64), ChunkError> {
-    let mut source = ChunkSource::open(&c.spec.source, c.plan.snapshot.as_deref()).await?;
+    let mut source = ChunkSource::open(c.source, c.plan.snapshot.as_deref()).await?;
     let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
     let writer = if c.spec.output.parquet {
         Some(ChunkWriter::start(

@@ -45,6 +45,8 @@ pub struct NodeOptions {
     pub drain_grace: Option<Duration>,
     /// Serve Prometheus metrics on this address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How this worker logs in to jobs' sources.
+    pub source_credentials: haul_shared::pg::Credentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
             token: opts.coordinator.token.clone(),
             tls_ca: opts.coordinator.tls_ca.clone(),
         },
+        source_credentials: opts.source_credentials.clone(),
     };
     let progress = Arc::new(Progress::default());
     let ctl = Control::default();

@@ -27,13 +27,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use haul_shared::error::ErrorClass;
-use haul_shared::pg::Secret;
-use haul_shared::pg::{self, SESSION_SETUP, SourceError, quote_literal};
+use haul_shared::pg::{self, Database, PgStream, SESSION_SETUP, SourceError, quote_literal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::NoTls;
-use tokio_postgres::config::Host;
-use tokio_util::either::Either;
 
 /// Socket reads are this large (a row bigger than this grows the buffer).
 pub const READ_BUFFER: usize = 256 * 1024;
@@ -44,7 +39,7 @@ const WAKE_AT: i32 = 64 * 1024;
 /// the stream, or a scan that finds few rows).
 const WAKE_WAIT: Duration = Duration::from_millis(3);
 
-type Socket = Either<TcpStream, UnixStream>;
+type Socket = PgStream;
 
 /// A chunk's session: in a `REPEATABLE READ READ ONLY` transaction on the job's snapshot
 /// (when it has one), ready for its COPY.
@@ -56,21 +51,13 @@ pub struct ChunkSource {
 impl ChunkSource {
     /// Connects, applies [`SESSION_SETUP`] and begins the chunk's transaction, importing
     /// `snapshot`.
-    pub async fn open(dsn: &Secret, snapshot: Option<&str>) -> Result<Self, SourceError> {
-        let config = pg::parse_dsn(dsn)?;
-        let connect_err = |reason: String, transient: bool| SourceError::Connect {
-            dsn: dsn.to_string(),
-            reason,
-            transient,
-        };
-        let socket = open_socket(&config)
-            .await
-            .map_err(|e| connect_err(e.to_string(), true))?;
-        let slot = Arc::new(Mutex::new(Some(socket)));
-        let (client, connection) = config
-            .connect_raw(Detachable(Arc::clone(&slot)), NoTls)
-            .await
-            .map_err(|e| connect_err(pg::pg_reason(&e), pg::classify_pg(&e).is_retryable()))?;
+    pub async fn open(db: &Database, snapshot: Option<&str>) -> Result<Self, SourceError> {
+        let slot = Arc::new(Mutex::new(None));
+        let (client, connection) = pg::connect_raw(db, |stream| {
+            *slot.lock().expect("socket slot") = Some(stream);
+            Detachable(Arc::clone(&slot))
+        })
+        .await?;
         let driver = tokio::spawn(connection);
         let setup = async {
             client
@@ -119,7 +106,7 @@ impl ChunkSource {
         set_wake_at(&socket, WAKE_AT);
         Ok(Self {
             socket,
-            dsn: dsn.to_string(),
+            dsn: db.to_string(),
         })
     }
 
@@ -306,76 +293,11 @@ fn error_response(mut body: &[u8]) -> SourceError {
     }
 }
 
-/// Opens a socket to the first of the DSN's hosts that answers (its `hostaddr` when
-/// given), with its connect timeout and keepalives.
-async fn open_socket(config: &tokio_postgres::Config) -> io::Result<Socket> {
-    let hosts = config.get_hosts();
-    let addrs = config.get_hostaddrs();
-    let n = hosts.len().max(addrs.len());
-    if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "no host in the DSN",
-        ));
-    }
-    let timeout = config.get_connect_timeout().copied();
-    let mut last = None;
-    for i in 0..n {
-        let port = config
-            .get_ports()
-            .get(i)
-            .or_else(|| config.get_ports().first())
-            .copied()
-            .unwrap_or(5432);
-        let attempt = async {
-            match (addrs.get(i), hosts.get(i)) {
-                (Some(ip), _) => tcp(TcpStream::connect((*ip, port)).await?, config),
-                (None, Some(Host::Tcp(h))) => {
-                    tcp(TcpStream::connect((h.as_str(), port)).await?, config)
-                }
-                (None, Some(Host::Unix(dir))) => Ok(Either::Right(
-                    UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?,
-                )),
-                (None, None) => unreachable!("i < max(hosts, addrs)"),
-            }
-        };
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection timed out",
-                ))
-            }),
-            None => attempt.await,
-        };
-        match result {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.expect("at least one host"))
-}
-
-fn tcp(stream: TcpStream, config: &tokio_postgres::Config) -> io::Result<Socket> {
-    stream.set_nodelay(true)?;
-    if config.get_keepalives() {
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(config.get_keepalives_idle())
-            .with_interval(
-                config
-                    .get_keepalives_interval()
-                    .unwrap_or(Duration::from_secs(75)),
-            );
-        socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
-    }
-    Ok(Either::Left(stream))
-}
-
 /// Sets the socket's `SO_RCVLOWAT` (TCP only; best effort: a failure only costs wake-ups).
 #[allow(unsafe_code)]
 fn set_wake_at(socket: &Socket, bytes: i32) {
     use std::os::fd::AsRawFd;
-    let Either::Left(tcp) = socket else { return };
+    let Some(tcp) = socket.tcp() else { return };
     // SAFETY: a valid open descriptor, and a pointer to an i32 with its exact length, as
     // setsockopt(2) requires for SO_RCVLOWAT.
     let rc = unsafe {
@@ -462,7 +384,7 @@ mod tests {
             s.write_all(&reply).await.unwrap();
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
-        let socket = Either::Left(TcpStream::connect(addr).await.unwrap());
+        let socket = PgStream::Tcp(tokio::net::TcpStream::connect(addr).await.unwrap());
         set_wake_at(&socket, WAKE_AT);
         ChunkSource {
             socket,

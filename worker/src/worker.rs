@@ -7,7 +7,8 @@
 //! permanent failure, or a transient one past that budget, marks the chunk failed and
 //! rejects the delivery to the dead-letter queue. A delivery dropped unsettled (its worker
 //! died) returns to the queue and counts against the delivery limit, past which the broker
-//! dead-letters it (a poison chunk). A task whose job the store does not know is dropped
+//! dead-letters it (a poison chunk). A task that is not one of its job's planned chunks
+//! (id and range) is dropped unread. A task whose job the store does not know is dropped
 //! (its coordinator queues its chunks again if the job still runs); an unreachable store
 //! is waited out.
 
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use haul_shared::error::Classify;
-use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, now_ms};
+use haul_shared::jobs::{ChunkState, JobPlan, JobRecord, JobState, JobStore, now_ms};
 use haul_shared::lease::LeaseStore;
 use haul_shared::proto::Task;
 use haul_shared::queue::{ChunkQueue, Delivery, QueueError};
@@ -30,6 +31,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::executor::{ChunkJob, ChunkOutcome, Progress, keep_lease, run_chunk};
 use haul_shared::lake::Dest;
 use haul_shared::load::{LoadAuth, LoadClient};
+use haul_shared::pg::{Credentials, Database};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -41,6 +43,9 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     /// How to authenticate to loaders (jobs with `--load`).
     pub load_auth: LoadAuth,
+    /// How this worker logs in to jobs' sources: its own password file, `PGPASSWORD` or
+    /// pgpass, never the job's record.
+    pub source_credentials: Credentials,
 }
 
 /// The boundaries a worker talks to.
@@ -179,6 +184,16 @@ async fn handle(
             }
             return;
         }
+        if let Some(plan) = &job.plan
+            && let Err(why) = task_matches_plan(&task, plan)
+        {
+            // anyone with access to the broker can publish a task: one the plan does not
+            // hold would read rows twice or leave some out, and it is not a chunk of the
+            // job (its real chunk has a task of its own), so it is dropped, not failed
+            warn!(reason = %why, "task does not match its job's plan; dropping it");
+            settle(d.ack().await);
+            return;
+        }
         let attempt = d.attempt;
         let result = attempt_chunk(&job, &task, cfg, svc, progress, dests, abort.clone(), attempt).await;
         if result.is_err() && abort.is_cancelled() {
@@ -271,6 +286,22 @@ async fn handle(
     }
     .instrument(span)
     .await
+}
+
+/// Whether `task` is one of `plan`'s chunks, with the range the plan gives it.
+fn task_matches_plan(task: &Task, plan: &JobPlan) -> Result<(), String> {
+    match plan.chunks.get(task.chunk_id.0 as usize) {
+        None => Err(format!(
+            "chunk {} is not in the plan ({} chunks)",
+            task.chunk_id,
+            plan.chunks.len()
+        )),
+        Some(range) if *range != task.range => Err(format!(
+            "chunk {}'s range {:?} is not the planned {:?}",
+            task.chunk_id, task.range, range
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The task's job record, waiting out an unreachable job store (backing off from 1 s to
@@ -376,9 +407,14 @@ async fn attempt_chunk(
         .load
         .as_ref()
         .map(|l| LoadClient::new(l, &cfg.load_auth));
+    let source = Database {
+        info: job.spec.source.clone(),
+        creds: cfg.source_credentials.clone(),
+    };
     let result = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,
+        source: &source,
         plan,
         chunk: task.chunk_id,
         range: &task.range,

@@ -62,6 +62,8 @@ pub struct CoordinatorOptions {
     pub loader_tls_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// How the coordinator logs in to jobs' sources to plan them and hold their snapshots.
+    pub source_credentials: pg::Credentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +220,8 @@ impl Coordinator {
     }
 
     async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobStatus, Status> {
-        let (spec, popts) = service::spec_from_request(req, self.opts.parallelism)?;
+        let (spec, popts) =
+            service::spec_from_request(req, self.opts.parallelism, &self.opts.source_credentials)?;
         if let Some(id) = &popts.job_id
             && let Some(existing) = self.store.get_job(id).await.map_err(store_status)?
             && !existing.state.is_terminal()

@@ -74,7 +74,11 @@ pub async fn serve(
     );
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        // reflection describes the API: with a token set, only to callers that have it
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection,
+            auth.clone(),
+        ))
         .add_service(JobsServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(AdminServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(MembershipServer::with_interceptor(api, auth.clone()))

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::Stream;
 use haul_shared::WorkerId;
 use haul_shared::jobs::{JobSpec, JobState, JobStore};
+use haul_shared::pg::Credentials;
 use haul_shared::proto::wire::{
     DeadLetters, DrainRequest, Empty, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus,
     ListJobsReply, ListJobsRequest, ListWorkersReply, ListWorkersRequest, SubmitRequest,
@@ -39,6 +40,7 @@ fn parse_job_id(s: &str) -> Result<haul_shared::JobId, Status> {
 pub(super) fn spec_from_request(
     r: SubmitRequest,
     parallelism: usize,
+    source_credentials: &Credentials,
 ) -> Result<(JobSpec, PrepareOptions), Status> {
     let s = submission_from_wire(r).map_err(Status::invalid_argument)?;
     let popts = PrepareOptions {
@@ -47,6 +49,7 @@ pub(super) fn spec_from_request(
         fresh_snapshot: s.fresh_snapshot,
         overwrite: s.overwrite,
         parallelism,
+        source_credentials: source_credentials.clone(),
     };
     Ok((s.spec, popts))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::jobs::KeyColumn;
-use crate::pg::{self, Secret, SourceError, quote_ident};
+use crate::pg::{self, Database, SourceError, quote_ident};
 use crate::proto::wire::{LoadAck, LoadChunk, PrepareLoad, PrepareLoadReply};
 use crate::proto::{LOAD_VERSION, range_from_wire};
 use crate::{ChunkRange, JobId};
@@ -25,7 +25,7 @@ use super::target::{Target, create_table, plan_columns, resolve_target, target_c
 
 /// Loads chunks into one target database.
 pub struct Loader {
-    target: Secret,
+    target: Database,
     /// Schema of the ledger tables in the target.
     ledger: String,
     pub metrics: Arc<LoaderMetrics>,
@@ -43,7 +43,7 @@ pub(super) struct ChunkCommand {
 }
 
 impl Loader {
-    pub fn new(target: Secret, ledger_schema: impl Into<String>) -> Self {
+    pub fn new(target: Database, ledger_schema: impl Into<String>) -> Self {
         Self {
             target,
             ledger: ledger_schema.into(),

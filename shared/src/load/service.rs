@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::metrics;
-use crate::pg::Secret;
+use crate::pg::{self, Secret};
 use crate::proto::wire::PrepareLoad;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
@@ -166,7 +166,7 @@ impl FlightService for LoaderService {
 /// How `haul loader` (or `haul run --load-target`) serves.
 #[derive(Clone, Debug)]
 pub struct LoaderOptions {
-    pub target: Secret,
+    pub target: pg::Database,
     /// Schema of the ledger tables in the target.
     pub ledger_schema: String,
     /// Require this bearer token on every RPC.

@@ -83,7 +83,8 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     expect_error(unread, &dest, &["\"v\" is not among --columns", "add it"]).await;
 
     let mut unreachable = o("ok");
-    unreachable.spec.source = haul_shared::pg::Secret::new("postgresql://u:sekrit@127.0.0.1:1/db");
+    unreachable.spec.source = conninfo("postgresql://u@127.0.0.1:1/db");
+    unreachable.source_credentials.password = Some(haul_shared::pg::Secret::new("sekrit"));
     let err = run(unreachable).await.unwrap_err().to_string();
     assert!(
         err.contains("cannot connect") && err.contains("127.0.0.1:1"),
@@ -91,21 +92,19 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     );
     assert!(!err.contains("sekrit"), "the password leaked: {err}");
 
-    let mut bad_dsn = o("ok");
-    bad_dsn.spec.source = haul_shared::pg::Secret::new("postgresql://u:pw@host:notaport/db");
-    let err = run(bad_dsn).await.unwrap_err().to_string();
-    assert!(
-        err.contains("invalid source DSN") && !err.contains(":pw@"),
-        "{err}"
-    );
+    let err = haul_shared::pg::ConnInfo::parse("postgresql://u:pw@host:notaport/db")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid port \"notaport\""), "{err}");
 
-    // TLS is asked for but not spoken: refused at once, not retried as a connect failure
+    // a certificate check without a CA to check against: refused at once, not retried
+    // as a connect failure
     let mut tls = o("ok");
-    tls.spec.source = haul_shared::pg::Secret::new(format!("{}?sslmode=require", db.dsn));
+    tls.spec.source = conninfo(&format!("{}?sslmode=verify-full", db.dsn));
     let started = std::time::Instant::now();
     let err = run(tls).await.unwrap_err().to_string();
     assert!(
-        err.contains("sslmode=require") && err.contains("does not speak TLS"),
+        err.contains("sslmode=verify-full needs the CA") && err.contains("sslrootcert"),
         "{err}"
     );
     assert!(
@@ -118,8 +117,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let role = unique("haul_noperm");
     db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
     let mut denied = o("ok");
-    denied.spec.source =
-        haul_shared::pg::Secret::new(db.dsn.replacen("postgres@", &format!("{role}@"), 1));
+    denied.spec.source = conninfo(&db.dsn.replacen("postgres@", &format!("{role}@"), 1));
     expect_error(denied, &dest, &["permission denied", "GRANT SELECT"]).await;
     drop(db);
     let _ = Command::new("psql")
@@ -143,7 +141,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 
     // with the cast, the table that was refused exports
     let mut cast = options(&db2.dsn, "ok", &dest);
-    cast.spec.source = haul_shared::pg::Secret::new(db2.dsn.clone());
+    cast.spec.source = conninfo(&db2.dsn);
     run(cast).await.unwrap();
 }
 
@@ -259,9 +257,7 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
 /// A hand-made plan of `table` as one chunk, without a snapshot, for tests that drive the
 /// executor or worker loop directly.
 async fn one_chunk_plan(db: &TestDb, table: &str, key: Vec<KeyColumn>, rows: u64) -> JobPlan {
-    let session = haul_shared::pg::connect(&haul_shared::pg::Secret::new(db.dsn.clone()))
-        .await
-        .unwrap();
+    let session = haul_shared::pg::connect(&database(&db.dsn)).await.unwrap();
     let table = haul_shared::pg::resolve_table(&session.client, table, &[], &Default::default())
         .await
         .unwrap();
@@ -288,6 +284,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
     }];
     let plan = one_chunk_plan(&db, "t", key, 3000).await;
     let spec = options(&db.dsn, "t", &dest_dir).spec;
+    let source = database(&db.dsn);
     let job = JobId::parse("fence").unwrap();
     let leases: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::default());
     let ttl = Duration::from_millis(300);
@@ -306,11 +303,12 @@ async fn a_fenced_off_attempt_cannot_commit() {
             Arc::clone(&leases),
             range.clone(),
         );
-        let progress = &progress;
+        let (progress, source) = (&progress, &source);
         async move {
             run_chunk(ChunkJob {
                 job_id: &job,
                 spec: &spec,
+                source,
                 plan: &plan,
                 chunk: ChunkId(0),
                 range: &range,
@@ -607,6 +605,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
             lease_ttl: Duration::from_secs(10),
             max_attempts: 3,
             load_auth: Default::default(),
+            source_credentials: Default::default(),
         },
         Services {
             queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
@@ -939,8 +938,8 @@ impl TestRole {
         db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
         TestRole(role)
     }
-    fn dsn(&self, db: &TestDb) -> haul_shared::pg::Secret {
-        haul_shared::pg::Secret::new(db.dsn.replacen("postgres@", &format!("{}@", self.0), 1))
+    fn dsn(&self, db: &TestDb) -> haul_shared::pg::ConnInfo {
+        conninfo(&db.dsn.replacen("postgres@", &format!("{}@", self.0), 1))
     }
 }
 

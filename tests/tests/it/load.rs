@@ -508,7 +508,7 @@ async fn run_loads_an_existing_table_and_keeps_its_index_and_constraints() {
         create_table: false,
         truncate_first: true,
     });
-    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    o.load_target = Some(database(&tgt.dsn));
     o.job_id = Some(haul_shared::JobId::parse(&unique("j")).unwrap());
     let summary = run(o.clone()).await.unwrap();
     assert_eq!(summary.rows, 20_001);
@@ -558,7 +558,7 @@ async fn the_loader_fences_replays_and_replaces() {
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let opts = LoaderOptions {
-        target: haul_shared::pg::Secret::new(tgt.dsn.clone()),
+        target: database(&tgt.dsn),
         ledger_schema: "haul".into(),
         token: None,
         tls: None,
@@ -708,7 +708,7 @@ async fn run_can_load_without_writing_parquet() {
         create_table: true,
         truncate_first: false,
     });
-    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    o.load_target = Some(database(&tgt.dsn));
     let summary = run(o).await.unwrap();
     assert_eq!((summary.rows, summary.files), (20_000, 0));
     assert_eq!(summary.loaded_into.as_deref(), Some("public.t"));
@@ -823,7 +823,7 @@ async fn a_loader_needs_no_create_privilege_once_the_ledger_exists() {
         name: role.clone(),
         db: tgt.name.clone(),
     };
-    Loader::new(haul_shared::pg::Secret::new(tgt.dsn.clone()), "haul")
+    Loader::new(database(&tgt.dsn), "haul")
         .ensure_ledger()
         .await
         .unwrap();
@@ -837,11 +837,11 @@ async fn a_loader_needs_no_create_privilege_once_the_ledger_exists() {
     .await;
     let as_role = tgt.dsn.replacen("postgres@", &format!("{role}@"), 1);
     assert_ne!(as_role, tgt.dsn);
-    Loader::new(haul_shared::pg::Secret::new(as_role.clone()), "haul")
+    Loader::new(database(&as_role), "haul")
         .ensure_ledger()
         .await
         .unwrap();
-    let err = Loader::new(haul_shared::pg::Secret::new(as_role), "haul_other")
+    let err = Loader::new(database(&as_role), "haul_other")
         .ensure_ledger()
         .await
         .unwrap_err();
@@ -865,7 +865,7 @@ async fn a_resumed_load_job_finishes_the_load() {
         create_table: true,
         truncate_first: true,
     });
-    o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+    o.load_target = Some(database(&tgt.dsn));
     let err = run(o.clone()).await.unwrap_err().to_string();
     assert!(err.contains("poisoned row 10000"), "{err}");
     src.exec("DELETE FROM poison").await;
@@ -1010,7 +1010,7 @@ async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
             create_table: target.is_empty(),
             truncate_first: false,
         });
-        o.load_target = Some(haul_shared::pg::Secret::new(tgt.dsn.clone()));
+        o.load_target = Some(database(&tgt.dsn));
         o
     };
     let expected = array_texts(&src.client, "arr").await;

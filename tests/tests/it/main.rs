@@ -10,3 +10,4 @@ mod incremental;
 mod load;
 mod s3;
 mod stores;
+mod tls;

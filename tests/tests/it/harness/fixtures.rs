@@ -14,7 +14,7 @@ use haul::embedded::{JobSummary, RunOptions};
 use haul::progress::ProgressMode;
 use haul_coordinator::RunError;
 use haul_shared::jobs::{JobSpec, OutputOptions};
-use haul_shared::pg::{Secret, quote_ident};
+use haul_shared::pg::{ConnInfo, Database, quote_ident};
 use md5::{Digest, Md5};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_postgres::{Client, NoTls};
@@ -135,10 +135,20 @@ impl Drop for TempDest {
     }
 }
 
+/// A test's connection string as a job holds it (the tests' local server needs no password).
+pub fn conninfo(dsn: &str) -> ConnInfo {
+    ConnInfo::parse(dsn).expect("a valid connection string").0
+}
+
+/// A test's connection string as a process that connects holds it.
+pub fn database(dsn: &str) -> Database {
+    Database::from_user(dsn, None).expect("a valid connection string")
+}
+
 pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
     RunOptions {
         spec: JobSpec {
-            source: Secret::new(dsn),
+            source: conninfo(dsn),
             table: table.into(),
             columns: vec![],
             key: vec![],
@@ -160,6 +170,7 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
         max_attempts: 3,
         lease_ttl: Duration::from_secs(10),
         progress: ProgressMode::None,
+        source_credentials: Default::default(),
         load_target: None,
         ledger_schema: "haul".into(),
     }

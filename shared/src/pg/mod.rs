@@ -3,12 +3,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, NoTls};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Connection, NoTls};
+
+pub use conninfo::{ConnInfo, Credentials, Database, DsnError, PasswordSource, Target, redact};
+pub use stream::{PgStream, SslMode};
+
+mod conninfo;
+mod stream;
 
 use crate::error::{Classify, ErrorClass};
 
@@ -29,41 +36,14 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", mask_dsn(&self.0))
+        write!(f, "{:?}", redact(&self.0))
     }
 }
 
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&mask_dsn(&self.0))
+        f.write_str(&redact(&self.0))
     }
-}
-
-/// Masks the password in a URL-style (`postgresql://u:pw@h/db`) or key-value style
-/// (`host=h password=pw`) connection string.
-pub fn mask_dsn(dsn: &str) -> String {
-    if let Some(scheme_end) = dsn.find("://") {
-        let rest = &dsn[scheme_end + 3..];
-        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            return format!(
-                "{}{}:***{}",
-                &dsn[..scheme_end + 3],
-                &rest[..colon],
-                &rest[at..]
-            );
-        }
-        return dsn.to_owned();
-    }
-    dsn.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Quotes an identifier for SQL: `my "t"` → `"my ""t"""`.
@@ -225,23 +205,119 @@ pub const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD
      SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
      SET application_name = 'haul'";
 
-/// Parses the DSN without connecting.
-pub fn parse_dsn(dsn: &Secret) -> Result<tokio_postgres::Config, SourceError> {
-    let config =
-        tokio_postgres::Config::from_str(dsn.expose()).map_err(|e| SourceError::BadDsn {
-            dsn: dsn.to_string(),
-            reason: e.to_string(),
-        })?;
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(SourceError::BadDsn {
-            dsn: dsn.to_string(),
-            reason: "sslmode=require asks for TLS, and haul does not speak TLS to Postgres yet; \
-                     use sslmode=disable over a trusted network or a Unix socket, or a local \
-                     TLS-terminating proxy"
-                .into(),
-        });
+/// Opens a session on the first of `info`'s hosts that accepts it: the socket, TLS as
+/// `sslmode` says, then startup and authentication with the password `creds` find. `wrap`
+/// turns the socket into what the driver speaks on (the chunk reader lends it through a
+/// wrapper it can take it back from).
+pub async fn connect_raw<S>(
+    db: &Database,
+    mut wrap: impl FnMut(PgStream) -> S,
+) -> Result<(Client, Connection<S, NoTlsStream>), SourceError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (info, creds) = (&db.info, &db.creds);
+    let fail = |reason: String, transient: bool| SourceError::Connect {
+        dsn: info.to_string(),
+        reason,
+        transient,
+    };
+    let bad = |e: DsnError| SourceError::BadDsn {
+        dsn: info.to_string(),
+        reason: e.to_string(),
+    };
+    let policy = stream::TlsPolicy::new(info).map_err(|e| fail(e.reason, e.transient))?;
+    let targets = info.targets().map_err(bad)?;
+    let (user, dbname) = (info.user().map_err(bad)?, info.dbname().map_err(bad)?);
+    let mut last = None;
+    for target in &targets {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(&user)
+            .dbname(&dbname)
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .channel_binding(tokio_postgres::config::ChannelBinding::Disable);
+        if let Some(o) = info.get("options") {
+            config.options(o);
+        }
+        let password = creds
+            .password_for(info, target, &dbname, &user)
+            .map_err(|e| fail(e.to_string(), false))?;
+        if let Some((pw, _)) = &password {
+            config.password(pw.expose());
+        }
+        // allow: plain first, TLS when the server refuses it
+        let mut tries: &[bool] = match policy.mode {
+            SslMode::Disable => &[false],
+            SslMode::Allow => &[false, true],
+            _ => &[true],
+        };
+        while let Some((&tls, rest)) = tries.split_first() {
+            tries = rest;
+            let stream = match stream::open(info, target, &policy, tls).await {
+                Ok(s) => s,
+                Err(e) if e.transient => {
+                    last = Some(fail(format!("{target}: {}", e.reason), true));
+                    break;
+                }
+                Err(e) => return Err(fail(e.reason, false)),
+            };
+            let encrypted = stream.is_tls();
+            match config.connect_raw(wrap(stream), NoTls).await {
+                Ok(pair) => return Ok(pair),
+                Err(e) if !rest.is_empty() && e.code().is_some_and(|c| c.code() == "28000") => {}
+                Err(e) => {
+                    let (reason, transient) = login_error(
+                        &e,
+                        target,
+                        &user,
+                        encrypted,
+                        password.as_ref().map(|p| &p.1),
+                    );
+                    if !transient {
+                        return Err(fail(reason, false));
+                    }
+                    last = Some(fail(reason, true));
+                }
+            }
+        }
     }
-    Ok(config)
+    Err(last.unwrap_or_else(|| fail("no host to connect to".into(), false)))
+}
+
+/// A failed startup, said the way a user can act on it.
+fn login_error(
+    e: &tokio_postgres::Error,
+    target: &Target,
+    user: &str,
+    encrypted: bool,
+    password: Option<&PasswordSource>,
+) -> (String, bool) {
+    let code = e.code().map(|c| c.code());
+    let reason = pg_reason(e);
+    match code {
+        Some("28P01") => (
+            match password {
+                Some(from) => format!("{reason} (the password came from {from})"),
+                None => reason,
+            },
+            false,
+        ),
+        Some("28000") if !encrypted && reason.contains("no encryption") => (
+            format!(
+                "{reason}: {target} accepts only TLS connections from here; use sslmode=require or stronger (verify-full with sslrootcert=<CA file>)"
+            ),
+            false,
+        ),
+        Some(c) if c.starts_with("28") || c == "3D000" || c == "42501" => (reason, false),
+        None if reason.contains("password missing") => (
+            format!(
+                "{target} asks for a password for user {user:?} and none was found: set PGPASSWORD, add a line to ~/.pgpass (or PGPASSFILE), or give a password file (--source-password-file / --target-password-file)"
+            ),
+            false,
+        ),
+        _ => (format!("{target}: {reason}"), classify_pg(e).is_retryable()),
+    }
 }
 
 /// A connected session. `closed` resolves when the connection ends, for whatever reason.
@@ -251,16 +327,8 @@ pub struct Session {
 }
 
 /// Connects and applies [`SESSION_SETUP`].
-pub async fn connect(dsn: &Secret) -> Result<Session, SourceError> {
-    let config = parse_dsn(dsn)?;
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| SourceError::Connect {
-            dsn: dsn.to_string(),
-            reason: pg_reason(&e),
-            transient: classify_pg(&e).is_retryable(),
-        })?;
+pub async fn connect(db: &Database) -> Result<Session, SourceError> {
+    let (client, connection) = connect_raw(db, |s| s).await?;
     let (tx, closed) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -861,21 +929,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masks_passwords() {
-        assert_eq!(
-            mask_dsn("postgresql://bob:s3cr@t@db.example:5432/app?sslmode=require"),
-            "postgresql://bob:***@db.example:5432/app?sslmode=require"
-        );
-        assert_eq!(
-            mask_dsn("postgresql://bob@db/app"),
-            "postgresql://bob@db/app"
-        );
-        assert_eq!(
-            mask_dsn("host=db user=bob password=hunter2 dbname=app"),
-            "host=db user=bob password=*** dbname=app"
-        );
-        let s = Secret::new("postgres://u:pw@h/d");
-        assert!(!format!("{s:?} {s}").contains("pw@"));
+    fn secrets_print_masked() {
+        for s in ["postgres://u:pw@h/d", "host=h password='pw x'", "pw"] {
+            let s = Secret::new(s);
+            assert!(!format!("{s:?} {s}").contains("pw"), "{s}");
+        }
     }
 
     #[test]
