@@ -9,6 +9,8 @@
 # same server): `haul run --workers 2 --load-target` (which writes the Parquet too) beside
 # the plain pipe `psql -c "COPY ... TO STDOUT (FORMAT binary)" | psql -c "COPY ... FROM
 # STDIN (FORMAT binary)"`, each into a fresh unindexed table.
+# With TLS=1 it also runs `haul run` with `sslmode=require` (the same server over TLS: the
+# cost of encryption on the COPY reader) and prints it beside the plain run.
 # Regenerates `orders` only when its row count differs from ROWS.
 # HAUL_BIN=<path> benchmarks that binary instead of building ./target/release/haul (e.g. a
 # build of an earlier commit, to compare two builds against the same anchors).
@@ -66,7 +68,7 @@ if [ "${CLUSTER:-0}" = 1 ]; then
 fi
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # interleaved, each after a `sync`, so no run pays for another's disk writeback
-haul_times=(); haul_rss=(); copy_times=(); duck_times=(); load_times=(); load_rss=(); pipe_times=()
+tls_times=(); haul_times=(); haul_rss=(); copy_times=(); duck_times=(); load_times=(); load_rss=(); pipe_times=()
 for i in $(seq 1 "$RUNS"); do
   if [ "${LOAD:-0}" = 1 ]; then
     psql "$WH" -Xq -c "DROP TABLE IF EXISTS orders_haul" -c "DROP TABLE IF EXISTS orders_pipe"
@@ -91,6 +93,13 @@ for i in $(seq 1 "$RUNS"); do
   read -r wall rss_kb < "$OUT/time"
   haul_times+=("$wall"); haul_rss+=("$rss_kb")
   parquet_bytes=$(du -sb "$OUT/lake/orders" | cut -f1)
+  if [ "${TLS:-0}" = 1 ]; then
+    sep='?'; case "$PGURL" in *\?*) sep='&';; esac
+    rm -rf "$OUT/lake"; sync
+    /usr/bin/time -f "%e" -o "$OUT/time" "$HAUL" run --source "${PGURL}${sep}sslmode=require" \
+      --table public.orders --dest "file://$OUT/lake" --workers 2 --progress none --log warn "$@" >/dev/null
+    tls_times+=("$(cat "$OUT/time")")
+  fi
   if [ "${CLUSTER:-0}" = 1 ]; then
     rm -rf "$OUT/lake"; sync
     /usr/bin/time -f "%e" -o "$OUT/time" "$HAUL" submit --source "$PGURL" --table public.orders \
@@ -102,11 +111,13 @@ for i in $(seq 1 "$RUNS"); do
   copy_times+=("$(echo "$a" | awk '/copy_binary/ {sub("wall_s=","",$2); print $2}')")
   duck_times+=("$(echo "$a" | awk '/duckdb/ {sub("wall_s=","",$2); print $2}')")
 done
-echo "runs: haul ${haul_times[*]} | cluster ${cluster_times[*]:-} | copy ${copy_times[*]} | duckdb ${duck_times[*]}" >&2
+echo "runs: haul ${haul_times[*]} | tls ${tls_times[*]:-} | cluster ${cluster_times[*]:-} | copy ${copy_times[*]} | duckdb ${duck_times[*]}" >&2
 haul_wall=$(printf '%s\n' "${haul_times[@]}" | median)
 haul_rss_mib=$(( $(printf '%s\n' "${haul_rss[@]}" | sort -n | tail -1) / 1024 ))
 copy_wall=$(printf '%s\n' "${copy_times[@]}" | median)
 duck_wall=$(printf '%s\n' "${duck_times[@]}" | median)
+tls_wall=0
+if [ "${#tls_times[@]}" -gt 0 ]; then tls_wall=$(printf '%s\n' "${tls_times[@]}" | median); fi
 cluster_wall=0
 if [ "${#cluster_times[@]}" -gt 0 ]; then cluster_wall=$(printf '%s\n' "${cluster_times[@]}" | median); fi
 load_wall=0; pipe_wall=0; load_rss_mib=0
@@ -115,9 +126,10 @@ if [ "${#load_times[@]}" -gt 0 ]; then
   pipe_wall=$(printf '%s\n' "${pipe_times[@]}" | median)
   load_rss_mib=$(( $(printf '%s\n' "${load_rss[@]}" | sort -n | tail -1) / 1024 ))
 fi
-python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" "$cluster_wall" "$load_wall" "$pipe_wall" "$load_rss_mib" <<'PY'
+python3 - "$ROWS" "$haul_wall" "$haul_rss_mib" "$parquet_bytes" "$copy_wall" "$duck_wall" "$RUNS" "$cluster_wall" "$load_wall" "$pipe_wall" "$load_rss_mib" "$tls_wall" <<'PY'
 import sys
-rows, hw, rss, pb, cw, dw, runs, clw, lw, pw, lrss = sys.argv[1:]
+rows, hw, rss, pb, cw, dw, runs, clw, lw, pw, lrss, tw = sys.argv[1:]
+tw = float(tw)
 lw, pw = float(lw), float(pw)
 clw = float(clw)
 rows, hw, cw, dw = int(rows), float(hw), float(cw), float(dw)
@@ -125,6 +137,8 @@ print(f"rows={rows} runs={runs} (median)")
 print(f"haul_run          wall_s={hw:.2f} rows_per_s={rows/hw:,.0f} peak_rss_mib={rss} parquet_mib={int(pb)/2**20:.0f}")
 print(f"copy_binary_2x    wall_s={cw:.2f}   haul/copy={hw/cw:.2f}")
 print(f"duckdb_scanner    wall_s={dw:.2f}   haul/duckdb={hw/dw:.2f}")
+if tw:
+    print(f"haul_run_tls      wall_s={tw:.2f} rows_per_s={rows/tw:,.0f}   tls/plain={tw/hw:.2f} haul_tls/duckdb={tw/dw:.2f}")
 if clw:
     print(f"haul_cluster      wall_s={clw:.2f} rows_per_s={rows/clw:,.0f}   cluster/run={clw/hw:.2f} cluster/duckdb={clw/dw:.2f}")
 if lw:

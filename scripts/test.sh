@@ -18,9 +18,10 @@ if ! command -v openssl >/dev/null; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
-# the TLS-only Postgres (own CA, SCRAM passwords, client certificates) the TLS tests read
-bash scripts/test-postgres.sh
-export HAUL_PGTLS_DIR="${HAUL_PGTLS_DIR:-/var/tmp/haul-pgtls}" HAUL_PGTLS_PORT="${HAUL_PGTLS_PORT:-5442}"
+# TLS where the TLS tests look for it: a TLS-only Postgres (own CA, SCRAM passwords,
+# client certificates), RabbitMQ's amqps:// listener, a rediss:// Redis
+bash scripts/test-services.sh
+export HAUL_TLS_DIR="${HAUL_TLS_DIR:-/var/tmp/haul-tls}" HAUL_PGTLS_PORT="${HAUL_PGTLS_PORT:-5442}"
 # the binary the tests spawn, with its test-only hooks (fault injection)
 cargo build --bin haul --features testsuite
 cargo test --workspace "$@"

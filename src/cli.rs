@@ -161,11 +161,49 @@ pub struct ClusterArgs {
     /// Prefix of every Redis key haul writes.
     #[arg(long, env = "HAUL_REDIS_PREFIX", default_value = "haul:")]
     pub redis_prefix: String,
+    /// CA certificate (PEM) an amqps:// broker's certificate must chain to (default: the
+    /// system's CAs).
+    #[arg(long, env = "HAUL_AMQP_CA")]
+    pub amqp_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an amqps:// broker that asks for one; with --amqp-key.
+    #[arg(long, env = "HAUL_AMQP_CERT", requires = "amqp_key")]
+    pub amqp_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "HAUL_AMQP_KEY", requires = "amqp_cert")]
+    pub amqp_key: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) a rediss:// server's certificate must chain to (default: the
+    /// system's CAs).
+    #[arg(long, env = "HAUL_REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a rediss:// server that asks for one; with --redis-key.
+    #[arg(long, env = "HAUL_REDIS_CERT", requires = "redis_key")]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "HAUL_REDIS_KEY", requires = "redis_cert")]
+    pub redis_key: Option<std::path::PathBuf>,
     /// Deliveries of one chunk task that end without a verdict (its worker died) before
     /// the task is dead-lettered as a poison chunk; the same on every role. (Failed
     /// attempts are retried within the job's --retry-for instead.)
     #[arg(long, env = "HAUL_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+}
+
+impl ClusterArgs {
+    pub fn amqp_tls(&self) -> haul_shared::links::LinkTls {
+        haul_shared::links::LinkTls {
+            ca: self.amqp_ca.clone(),
+            cert: self.amqp_cert.clone(),
+            key: self.amqp_key.clone(),
+        }
+    }
+
+    pub fn redis_tls(&self) -> haul_shared::links::LinkTls {
+        haul_shared::links::LinkTls {
+            ca: self.redis_ca.clone(),
+            cert: self.redis_cert.clone(),
+            key: self.redis_key.clone(),
+        }
+    }
 }
 
 /// How a role that reads jobs' sources (run, coordinator, worker) finds their password:

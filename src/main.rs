@@ -32,7 +32,16 @@ fn main() -> ExitCode {
     match rt.block_on(commands::dispatch(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("haul: error: {e:#}");
+            // the chain of causes, each once: an error that shows its source in its own
+            // message is not followed by that source again
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !line.contains(&cause) {
+                    line = format!("{line}: {cause}");
+                }
+            }
+            eprintln!("haul: error: {line}");
             ExitCode::FAILURE
         }
     }

@@ -27,6 +27,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store holds unreadable data at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The link cannot be set up as configured (a certificate file that cannot be read).
+    #[error("store: {0}")]
+    Config(String),
 }
 
 impl Classify for StoreError {
@@ -34,6 +37,7 @@ impl Classify for StoreError {
         match self {
             StoreError::Unavailable(_) => ErrorClass::Transient,
             StoreError::Corrupt { .. } => ErrorClass::Internal,
+            StoreError::Config(_) => ErrorClass::User,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod ids;
 pub mod jobs;
 pub mod lake;
 pub mod lease;
+pub mod links;
 pub mod load;
 pub mod metrics;
 pub mod pg;

@@ -26,6 +26,9 @@ pub enum QueueError {
     Unavailable(String),
     #[error("queue protocol error: {0}")]
     Protocol(String),
+    /// The link cannot be set up as configured (a certificate file that cannot be read).
+    #[error("queue: {0}")]
+    Config(String),
 }
 
 impl Classify for QueueError {
@@ -33,6 +36,7 @@ impl Classify for QueueError {
         match self {
             QueueError::Unavailable(_) => ErrorClass::Transient,
             QueueError::Protocol(_) => ErrorClass::Internal,
+            QueueError::Config(_) => ErrorClass::User,
         }
     }
 }

@@ -20,9 +20,11 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 
+use crate::links::LinkTls;
 use crate::queue::{ChunkQueue, Delivery, QueueError, Settle, Subscription};
 
 fn unavailable(e: lapin::Error) -> QueueError {
@@ -41,9 +43,40 @@ impl RabbitQueue {
     /// Connects (with lapin's auto-recovery) and declares the queue and its dead-letter
     /// queue.
     pub async fn connect(url: &str, name: &str, max_deliveries: u32) -> Result<Self, QueueError> {
-        let conn = Connection::connect(url, ConnectionProperties::default().enable_auto_recover())
+        Self::connect_with_tls(url, name, max_deliveries, &LinkTls::default()).await
+    }
+
+    /// As [`RabbitQueue::connect`]; an `amqps://` URL trusts `tls.ca` (else the system's
+    /// CAs) and presents `tls.cert`/`tls.key` when given.
+    pub async fn connect_with_tls(
+        url: &str,
+        name: &str,
+        max_deliveries: u32,
+        tls: &LinkTls,
+    ) -> Result<Self, QueueError> {
+        let bad = |e: String| QueueError::Config(format!("amqps: {e}"));
+        let config = OwnedTLSConfig {
+            cert_chain: tls
+                .ca_pem()
+                .map_err(bad)?
+                .map(|pem| String::from_utf8_lossy(&pem).into_owned()),
+            identity: tls
+                .identity_pem()
+                .map_err(bad)?
+                .map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
+        };
+        crate::links::check_server_certificate(url, tls)
             .await
-            .map_err(unavailable)?;
+            .map_err(bad)?;
+        let runtime = lapin::runtime::default_runtime().map_err(unavailable)?;
+        let conn = Connection::connect_with_config(
+            url,
+            ConnectionProperties::default().enable_auto_recover(),
+            config,
+            runtime,
+        )
+        .await
+        .map_err(unavailable)?;
         let publisher = conn.create_channel().await.map_err(unavailable)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())

@@ -29,6 +29,7 @@ use redis::{AsyncCommands, Script};
 
 use crate::jobs::{ChunkState, DeadLetter, JobRecord, JobState, JobStore};
 use crate::lease::{Lease, LeaseStore, StoreError};
+use crate::links::LinkTls;
 use crate::workers::{DrainOrder, WorkerRecord};
 use crate::{ChunkId, Epoch, JobId, WorkerId};
 
@@ -105,7 +106,40 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`); all keys go under `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_with_tls(url, prefix, &LinkTls::default()).await
+    }
+
+    /// As [`RedisStore::connect`]; a `rediss://` URL trusts `tls.ca` (else the system's
+    /// CAs) and presents `tls.cert`/`tls.key` when given.
+    pub async fn connect_with_tls(
+        url: &str,
+        prefix: &str,
+        tls: &LinkTls,
+    ) -> Result<Self, StoreError> {
+        let bad = |e: String| StoreError::Config(format!("rediss: {e}"));
+        crate::links::check_server_certificate(url, tls)
+            .await
+            .map_err(bad)?;
+        let root_cert = tls.ca_pem().map_err(bad)?;
+        let client_tls = tls
+            .identity_pem()
+            .map_err(bad)?
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            });
+        let client = if root_cert.is_some() || client_tls.is_some() {
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(unavailable)?;
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         Ok(Self {
             conn,

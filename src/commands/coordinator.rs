@@ -7,8 +7,10 @@ use haul_shared::pg::Secret;
 pub(super) async fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     let opts = CoordinatorOptions {
         listen: a.listen,
-        amqp: Secret::new(a.cluster.amqp),
-        redis: Secret::new(a.cluster.redis),
+        amqp: Secret::new(a.cluster.amqp.clone()),
+        redis: Secret::new(a.cluster.redis.clone()),
+        amqp_tls: a.cluster.amqp_tls(),
+        redis_tls: a.cluster.redis_tls(),
         queue: a.cluster.queue,
         redis_prefix: a.cluster.redis_prefix,
         max_attempts: a.cluster.max_attempts,

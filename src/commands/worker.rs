@@ -10,8 +10,10 @@ pub(super) async fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let opts = NodeOptions {
         id: a.id,
         coordinator: a.client.options(),
-        amqp: Secret::new(a.cluster.amqp),
-        redis: Secret::new(a.cluster.redis),
+        amqp: Secret::new(a.cluster.amqp.clone()),
+        redis: Secret::new(a.cluster.redis.clone()),
+        amqp_tls: a.cluster.amqp_tls(),
+        redis_tls: a.cluster.redis_tls(),
         queue: a.cluster.queue,
         redis_prefix: a.cluster.redis_prefix,
         slots: a.slots,

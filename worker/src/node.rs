@@ -36,6 +36,9 @@ pub struct NodeOptions {
     pub coordinator: ClientOptions,
     pub amqp: Secret,
     pub redis: Secret,
+    /// TLS files for an `amqps://` broker and a `rediss://` store.
+    pub amqp_tls: haul_shared::links::LinkTls,
+    pub redis_tls: haul_shared::links::LinkTls,
     pub queue: String,
     pub redis_prefix: String,
     pub slots: usize,
@@ -70,8 +73,16 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     let id = WorkerId(opts.id.clone().unwrap_or_else(|| format!("{host}-{pid}")));
     let mut signals = StopSignals::install().map_err(NodeError::Signals)?;
 
-    let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
-    let queue = RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?;
+    let store =
+        RedisStore::connect_with_tls(opts.redis.expose(), &opts.redis_prefix, &opts.redis_tls)
+            .await?;
+    let queue = RabbitQueue::connect_with_tls(
+        opts.amqp.expose(),
+        &opts.queue,
+        opts.max_attempts,
+        &opts.amqp_tls,
+    )
+    .await?;
     let (channel, token) = opts.coordinator.connect_lazy()?;
     let mut membership = MembershipClient::with_interceptor(channel, token);
 

@@ -49,6 +49,9 @@ pub struct CoordinatorOptions {
     pub listen: SocketAddr,
     pub amqp: Secret,
     pub redis: Secret,
+    /// TLS files for an `amqps://` broker and a `rediss://` store.
+    pub amqp_tls: haul_shared::links::LinkTls,
+    pub redis_tls: haul_shared::links::LinkTls,
     pub queue: String,
     pub redis_prefix: String,
     /// Attempts per chunk (the queue's delivery limit); workers must use the same.
@@ -113,10 +116,18 @@ impl Coordinator {
         opts: CoordinatorOptions,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, CoordinatorError> {
-        let store = RedisStore::connect(opts.redis.expose(), &opts.redis_prefix).await?;
+        let store =
+            RedisStore::connect_with_tls(opts.redis.expose(), &opts.redis_prefix, &opts.redis_tls)
+                .await?;
         let lease_lost = leader::lead(&store, &shutdown).await?;
         let queue = Arc::new(
-            RabbitQueue::connect(opts.amqp.expose(), &opts.queue, opts.max_attempts).await?,
+            RabbitQueue::connect_with_tls(
+                opts.amqp.expose(),
+                &opts.queue,
+                opts.max_attempts,
+                &opts.amqp_tls,
+            )
+            .await?,
         );
         let driver = Driver {
             jobs: Arc::new(store.clone()),

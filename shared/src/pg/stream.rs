@@ -238,33 +238,7 @@ impl TlsPolicy {
 }
 
 fn load_roots(root: &str) -> Result<RootCertStore, OpenError> {
-    let mut store = RootCertStore::empty();
-    if root == "system" {
-        let found = rustls_native_certs::load_native_certs();
-        for cert in found.certs {
-            let _ = store.add(cert);
-        }
-        if store.is_empty() {
-            return Err(OpenError::permanent(
-                "sslrootcert=system: no CA certificates found on this system (install ca-certificates, or give sslrootcert=<file>)",
-            ));
-        }
-        return Ok(store);
-    }
-    let certs = CertificateDer::pem_file_iter(root)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| OpenError::permanent(format!("sslrootcert={root}: {e}")))?;
-    for cert in certs {
-        store
-            .add(cert)
-            .map_err(|e| OpenError::permanent(format!("sslrootcert={root}: {e}")))?;
-    }
-    if store.is_empty() {
-        return Err(OpenError::permanent(format!(
-            "sslrootcert={root} holds no certificate"
-        )));
-    }
-    Ok(store)
+    crate::links::root_store(root).map_err(|e| OpenError::permanent(format!("sslrootcert={e}")))
 }
 
 /// Opens a socket to `target` (its connect timeout and keepalives from `info`) and, when

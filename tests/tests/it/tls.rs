@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 use crate::harness::*;
 
 fn tls_dir() -> PathBuf {
-    PathBuf::from(std::env::var("HAUL_PGTLS_DIR").unwrap_or_else(|_| "/var/tmp/haul-pgtls".into()))
+    PathBuf::from(std::env::var("HAUL_TLS_DIR").unwrap_or_else(|_| "/var/tmp/haul-tls".into()))
 }
 
 fn tls_port() -> u16 {
@@ -563,4 +563,88 @@ fn redis_values(prefix: &str) -> String {
         all.push_str(&value);
     }
     all
+}
+
+/// The cluster's own links over TLS: coordinator and workers on `amqps://` and
+/// `rediss://` (the CA given with `--amqp-ca`/`--redis-ca`) run a job to the end; the job
+/// lives in the TLS Redis; a worker given a CA that did not sign the broker's certificate
+/// stops at once, saying so.
+#[tokio::test]
+async fn a_cluster_runs_over_amqps_and_rediss() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let ca = tls_dir().join("ca.pem");
+    let ca_s = ca.to_str().unwrap();
+    let env = [
+        ("HAUL_AMQP", "amqps://guest:guest@127.0.0.1:5671/%2f"),
+        ("HAUL_AMQP_CA", ca_s),
+        ("HAUL_REDIS", "rediss://127.0.0.1:6380/"),
+        ("HAUL_REDIS_CA", ca_s),
+    ];
+    let mut cl = Cluster::with(None, None, &env);
+    let _keys = TlsKeys(cl.prefix.clone());
+    cl.start_worker("w1", &[]);
+    cl.start_worker("w2", &[]);
+    let out = cl.haul_ok(&[
+        "submit",
+        "--source",
+        &db.dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest.0.to_str().unwrap(),
+        "--job-id",
+        "overtls",
+        "--chunk-rows",
+        "5000",
+        "--wait",
+    ]);
+    assert!(out.contains("state:     succeeded"), "{out}\n{}", cl.logs());
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let keys = tls_redis(&["--scan", "--pattern", &format!("{}*", cl.prefix)]);
+    assert!(
+        keys.contains("overtls"),
+        "the job is not in the TLS Redis: {keys}"
+    );
+
+    // a CA that did not sign the broker's certificate: the worker stops, naming it
+    let out = cl
+        .command(&["worker", "--id", "w3"])
+        .env("HAUL_AMQP_CA", tls_dir().join("other-ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:5671: the server's certificate was refused (UnknownIssuer)"),
+        "{err}"
+    );
+}
+
+fn tls_redis(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(tls_dir().join("ca.pem"))
+        .args(["-h", "127.0.0.1", "-p", "6380"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes a test's keys from the TLS Redis.
+struct TlsKeys(String);
+
+impl Drop for TlsKeys {
+    fn drop(&mut self) {
+        for key in tls_redis(&["--scan", "--pattern", &format!("{}*", self.0)]).lines() {
+            tls_redis(&["DEL", key]);
+        }
+    }
 }
