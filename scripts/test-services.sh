@@ -5,7 +5,9 @@
 #     TLS, with SCRAM-SHA-256 passwords (or, for role haul_cert, a client certificate);
 #     its certificate names localhost only; administered over its Unix socket;
 #   - a TLS listener on the local RabbitMQ (127.0.0.1:5671, amqps://; the broker is
-#     restarted once to add it) and a TLS-only Redis on 127.0.0.1:6380 (rediss://).
+#     restarted once to add it) and a TLS-only Redis on 127.0.0.1:6380 (rediss://);
+#   - a hot standby of the main Postgres (streaming replication, pg_basebackup -R) on
+#     127.0.0.1:5433 (trust auth, like the main one).
 # Files live in $HAUL_TLS_DIR (default /var/tmp/haul-tls): ca.pem (the CA),
 # other-ca.pem (a CA that signed nothing here), client.crt/client.key (CN=haul_cert).
 # Idempotent: what is already up is left as it is.
@@ -121,9 +123,52 @@ ensure_redis() {
   log "the TLS Redis did not come up on 127.0.0.1:6380"; exit 1
 }
 
+STANDBY_PORT="${HAUL_STANDBY_PORT:-5433}"
+standby_up() { "$BIN/pg_isready" -q -h 127.0.0.1 -p "$STANDBY_PORT" 2>/dev/null; }
+primary() { psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -XqtAc "$1"; }
+
+ensure_standby() {
+  standby_up && return
+  if [ ! -f "$DIR/standby/PG_VERSION" ]; then
+    local hba; hba=$(primary "SHOW hba_file")
+    if ! grep -Eq '^host[[:space:]]+replication' "$hba"; then
+      log "allowing replication connections from 127.0.0.1 in $hba"
+      echo "host replication all 127.0.0.1/32 trust" | $SUDO tee -a "$hba" >/dev/null
+      primary "SELECT pg_reload_conf()" >/dev/null
+    fi
+    log "making a streaming replica of 127.0.0.1:5432 in $DIR/standby"
+    rm -rf "$DIR/standby"
+    as_pg "$BIN/pg_basebackup" -h 127.0.0.1 -p 5432 -U postgres -D "$DIR/standby" -R -X stream -c fast
+    # Debian keeps a cluster's configuration outside its data folder: the standby's own
+    as_pg tee "$DIR/standby/pg_hba.conf" >/dev/null <<'HBA'
+local all all trust
+host  all all 127.0.0.1/32 trust
+HBA
+    as_pg touch "$DIR/standby/pg_ident.conf"
+    as_pg tee "$DIR/standby/postgresql.conf" >/dev/null <<CONF
+listen_addresses = '127.0.0.1'
+port = $STANDBY_PORT
+unix_socket_directories = '$DIR'
+max_connections = $(primary "SHOW max_connections")
+max_worker_processes = $(primary "SHOW max_worker_processes")
+max_wal_senders = $(primary "SHOW max_wal_senders")
+max_locks_per_transaction = $(primary "SHOW max_locks_per_transaction")
+max_prepared_transactions = $(primary "SHOW max_prepared_transactions")
+shared_buffers = 32MB
+hot_standby = on
+hot_standby_feedback = on
+max_standby_streaming_delay = 30s
+CONF
+  fi
+  log "starting the standby on 127.0.0.1:$STANDBY_PORT"
+  as_pg "$BIN/pg_ctl" -D "$DIR/standby" -l "$DIR/standby.log" -w -t 120 start >/dev/null
+  standby_up || { log "the standby did not come up; see $DIR/standby.log"; exit 1; }
+}
+
 command -v openssl >/dev/null || { log "openssl is needed"; exit 1; }
 mkdir -p "$DIR"
 [ -f "$DIR/links.crt" ] || { log "making a CA and certificates in $DIR"; certs; }
 ensure_postgres
 ensure_rabbitmq
 ensure_redis
+ensure_standby

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+/// A client certificate and its key, PEM.
+pub type CertAndKey = (Vec<u8>, Vec<u8>);
+
 /// PEM files for one link; all optional (the system's CAs, no client certificate).
 #[derive(Clone, Debug, Default)]
 pub struct LinkTls {
@@ -17,8 +20,8 @@ impl LinkTls {
         self.ca.as_ref().map(read).transpose()
     }
 
-    /// The client certificate and key, if given (both or neither).
-    pub fn identity_pem(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+    /// The client certificate and key (PEM), if given (both or neither).
+    pub fn identity_pem(&self) -> Result<Option<CertAndKey>, String> {
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => Ok(Some((read(c)?, read(k)?))),
             (None, None) => Ok(None),

@@ -937,6 +937,15 @@ mod tests {
     }
 
     #[test]
+    fn recovery_conflicts_on_a_standby_are_retried() {
+        // "canceling statement due to conflict with recovery", and the snapshot-too-old
+        // and lock-timeout kinds of it a standby reports
+        for code in ["40001", "40P01", "57014"] {
+            assert_eq!(sqlstate_class(code), ErrorClass::Transient, "{code}");
+        }
+    }
+
+    #[test]
     fn quotes_identifiers_and_literals() {
         assert_eq!(quote_ident(r#"My "odd" Table"#), r#""My ""odd"" Table""#);
         assert_eq!(quote_literal("it's"), "'it''s'");

@@ -9,5 +9,6 @@ mod harness;
 mod incremental;
 mod load;
 mod s3;
+mod standby;
 mod stores;
 mod tls;
