@@ -7,7 +7,9 @@
 #   - a TLS listener on the local RabbitMQ (127.0.0.1:5671, amqps://; the broker is
 #     restarted once to add it) and a TLS-only Redis on 127.0.0.1:6380 (rediss://);
 #   - a hot standby of the main Postgres (streaming replication, pg_basebackup -R) on
-#     127.0.0.1:5433 (trust auth, like the main one).
+#     127.0.0.1:5433 (trust auth, like the main one);
+#   - PgBouncer in transaction pooling mode in front of the main Postgres, on
+#     127.0.0.1:6432 (Debian's package, installed if missing).
 # Files live in $HAUL_TLS_DIR (default /var/tmp/haul-tls): ca.pem (the CA),
 # other-ca.pem (a CA that signed nothing here), client.crt/client.key (CN=haul_cert).
 # Idempotent: what is already up is left as it is.
@@ -165,6 +167,38 @@ CONF
   standby_up || { log "the standby did not come up; see $DIR/standby.log"; exit 1; }
 }
 
+pgbouncer_up() { (exec 3<>/dev/tcp/127.0.0.1/6432) 2>/dev/null; }
+
+ensure_pgbouncer() {
+  pgbouncer_up && return
+  if ! command -v pgbouncer >/dev/null; then
+    log "installing pgbouncer"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+  fi
+  local conf="$DIR/pgbouncer"
+  as_pg mkdir -p "$conf"
+  as_pg tee "$conf/pgbouncer.ini" >/dev/null <<CONF
+[databases]
+* = host=127.0.0.1 port=5432
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = 6432
+unix_socket_dir =
+auth_type = trust
+auth_file = $conf/users.txt
+pool_mode = transaction
+ignore_startup_parameters = extra_float_digits
+logfile = $conf/pgbouncer.log
+pidfile = $conf/pgbouncer.pid
+CONF
+  echo '"postgres" ""' | as_pg tee "$conf/users.txt" >/dev/null
+  log "starting PgBouncer (transaction pooling) on 127.0.0.1:6432"
+  as_pg pgbouncer -d "$conf/pgbouncer.ini"
+  for _ in $(seq 1 40); do pgbouncer_up && return; sleep 0.25; done
+  log "PgBouncer did not come up; see $conf/pgbouncer.log"; exit 1
+}
+
 command -v openssl >/dev/null || { log "openssl is needed"; exit 1; }
 mkdir -p "$DIR"
 [ -f "$DIR/links.crt" ] || { log "making a CA and certificates in $DIR"; certs; }
@@ -172,3 +206,4 @@ ensure_postgres
 ensure_rabbitmq
 ensure_redis
 ensure_standby
+ensure_pgbouncer

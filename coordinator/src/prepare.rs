@@ -141,6 +141,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         .when(|e| e.class().is_retryable())
         .notify(|e, wait| warn!(error = %e, ?wait, "connecting to the source failed; retrying"))
         .await?;
+    pg::refuse_transaction_pooling(&source, &holder).await?;
     // named, so operators can tell it apart in pg_stat_activity (it holds back vacuum)
     holder
         .client

@@ -114,6 +114,10 @@ pub enum SourceError {
         "cannot export a snapshot on this source ({reason}); pass --no-snapshot to read each chunk at its own point in time"
     )]
     SnapshotUnsupported { reason: String },
+    #[error(
+        "the source is behind a pooler that shares server connections between transactions (PgBouncer's pool_mode=transaction or statement): haul's session settings and the session holding the job's snapshot need server connections of their own; point --source at Postgres itself, or at a pool in session mode"
+    )]
+    TransactionPooled,
     #[error("{context}: {reason}")]
     Query {
         context: String,
@@ -318,6 +322,48 @@ fn login_error(
         ),
         _ => (format!("{target}: {reason}"), classify_pg(e).is_retryable()),
     }
+}
+
+/// Refuses a source reached through a pooler that hands the server connection to other
+/// clients between transactions. `session` has just run a statement outside a
+/// transaction; a second client then begins a transaction: behind such a pooler it gets
+/// the very server connection the first one used (poolers reuse the last one released),
+/// which a session of its own never shares.
+pub async fn refuse_transaction_pooling(
+    db: &Database,
+    session: &Session,
+) -> Result<(), SourceError> {
+    let mine = backend_pid(&session.client).await?;
+    let other = connect(db).await?;
+    other
+        .client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| SourceError::query("checking for a pooler", e))?;
+    let theirs = backend_pid(&other.client).await?;
+    let _ = other.client.batch_execute("ROLLBACK").await;
+    if mine == theirs {
+        return Err(SourceError::TransactionPooled);
+    }
+    Ok(())
+}
+
+/// The server process of a session (a simple query: no prepared statement).
+async fn backend_pid(client: &Client) -> Result<String, SourceError> {
+    let rows = client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .map_err(|e| SourceError::query("checking for a pooler", e))?;
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| SourceError::Query {
+            context: "checking for a pooler".into(),
+            reason: "pg_backend_pid() returned no row".into(),
+            class: ErrorClass::Internal,
+        })
 }
 
 /// A connected session. `closed` resolves when the connection ends, for whatever reason.

@@ -81,3 +81,27 @@ async fn a_job_reads_a_hot_standby_from_one_snapshot() {
         "no snapshot in {plan}"
     );
 }
+
+/// Behind PgBouncer in transaction pooling (scripts/test-services.sh, 127.0.0.1:6432) the
+/// session settings haul's text forms rely on and the session holding the snapshot would
+/// be shared with other clients between transactions: refused before any data moves,
+/// saying what to do.
+#[tokio::test]
+async fn a_source_behind_transaction_pooling_is_refused() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100);")
+        .await;
+    let dest = TempDest::new();
+    let pooled = format!("postgresql://postgres@127.0.0.1:6432/{}", db.name);
+    let err = run(options(&pooled, "t", &dest))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pool_mode=transaction") && err.contains("session mode"),
+        "{err}"
+    );
+    assert!(parquet_files(&dest.0).is_empty(), "data moved");
+    // the same table, straight from Postgres
+    run(options(&db.dsn, "t", &dest)).await.unwrap();
+}
