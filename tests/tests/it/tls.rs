@@ -364,6 +364,39 @@ async fn haul_run_reads_and_loads_over_verified_tls_with_scram() {
         err.contains("asks for a password") && err.contains("PGPASSWORD"),
         "{err}"
     );
+    // the same for a load target: no TLS, a wrong password, a CA that did not sign it
+    for (target, want) in [
+        (
+            tgt.dsn("localhost", "sslmode=disable"),
+            "use sslmode=require or stronger",
+        ),
+        (tgt.verify_full(), "password authentication failed"),
+        (
+            tgt.dsn(
+                "localhost",
+                &format!(
+                    "sslmode=verify-full&sslrootcert={}",
+                    tls_dir().join("other-ca.pem").display()
+                ),
+            ),
+            "not signed by a CA in sslrootcert",
+        ),
+    ] {
+        let err = refused(
+            db.verify_full(),
+            &[
+                "--source-password-file",
+                pwfile_s,
+                "--load-target",
+                &target,
+                "--target-password-file",
+                wrong.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(err.contains(want), "{err}");
+        assert!(!err.contains(&tgt.password), "{err}");
+    }
     // PGPASSWORD works as libpq's does
     let out = haul(
         &[
