@@ -873,6 +873,33 @@ mod tests {
     }
 
     #[test]
+    fn the_password_file_is_read_again_at_every_connection() {
+        let file = std::env::temp_dir().join(format!("haul-pw-{}", std::process::id()));
+        let creds = Credentials::from_file(Some(file.clone()));
+        let (info, _) = ConnInfo::parse("host=db user=u dbname=d").unwrap();
+        let target = &info.targets().unwrap()[0];
+        let read = || {
+            let (pw, from) = creds
+                .password_for(&info, target, "d", "u")
+                .unwrap()
+                .unwrap();
+            assert_eq!(from, PasswordSource::File(file.clone()));
+            pw.expose().to_owned()
+        };
+        std::fs::write(&file, "token-1\n").unwrap();
+        assert_eq!(read(), "token-1");
+        // rotated (a short-lived token renewed by a sidecar): the next connection sees it
+        std::fs::write(&file, "token-2\n").unwrap();
+        assert_eq!(read(), "token-2");
+        std::fs::remove_file(&file).unwrap();
+        let err = creds.password_for(&info, target, "d", "u").unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the password file"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn redaction_hides_every_spelling_of_a_password() {
         for s in [
             "postgresql://bob:hunter2@db/app",
