@@ -1,8 +1,8 @@
 //! A chunk's source session, whose `COPY ... TO STDOUT` is read straight off the socket.
 //!
 //! tokio-postgres connects, authenticates (every method it supports), applies the session
-//! settings and imports the job's snapshot, on a socket haul opened itself and lent to it
-//! through [`Detachable`]. Once the transaction is set up the socket is taken back and
+//! settings and imports the job's snapshot, on a socket haul opened (and encrypted, as
+//! `sslmode` says: `pg::connect_raw`) itself and lent to it through [`Detachable`]. Once the transaction is set up the socket is taken back and
 //! the COPY is spoken directly: the driver would hand each row over as its own message
 //! through a channel between tasks (a wake-up, a reference-counted buffer and a parse per
 //! row, ~15% of haul's CPU), where here a read of up to [`READ_BUFFER`] bytes is cut into
