@@ -17,7 +17,7 @@ use crate::progress::ProgressMode;
 #[derive(Parser, Debug)]
 #[command(
     name = "haul",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("HAUL_GIT_REV"), ")"),
     about = "Moves very large Postgres tables into Parquet, in parallel chunks from one snapshot"
 )]
 pub struct Cli {
@@ -60,6 +60,8 @@ pub enum Cmd {
     Undrain(WorkerCmdArgs),
     /// A job's dead-lettered chunks: list them, queue them again, or forget them.
     Dlq(DlqArgs),
+    /// Print a shell completion script, e.g. `haul completions bash > /etc/bash_completion.d/haul`.
+    Completions(CompletionsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -345,6 +347,13 @@ pub struct RunArgs {
     /// Print the summary as JSON, for scripts and orchestrators.
     #[arg(long, env = "HAUL_JSON")]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Args, Debug)]

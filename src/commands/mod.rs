@@ -27,6 +27,12 @@ pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Drain(a) => admin::drain(a).await,
         Cmd::Undrain(a) => admin::undrain(a).await,
         Cmd::Dlq(a) => admin::dlq(a).await,
+        Cmd::Completions(a) => {
+            use clap::CommandFactory;
+            let mut cli = haul::cli::Cli::command();
+            clap_complete::generate(a.shell, &mut cli, "haul", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 

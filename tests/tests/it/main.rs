@@ -3,6 +3,7 @@
 //! test). Run them with `scripts/test.sh`, which starts the services first.
 
 mod cluster;
+mod commands;
 mod engine;
 mod faults;
 mod harness;
