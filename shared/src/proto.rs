@@ -215,7 +215,7 @@ pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String
         .collect::<Result<Vec<_>, _>>()?;
     let load =
         (!endpoints.is_empty() || !r.target_table.is_empty() || r.create_table || r.truncate_first)
-            .then(|| LoadSpec {
+            .then_some(LoadSpec {
                 endpoints,
                 target_table: r.target_table,
                 create_table: r.create_table,
@@ -237,7 +237,7 @@ pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String
         output: output_from_wire(r.output)?,
         use_snapshot: !r.no_snapshot,
         load,
-        incremental: (!r.incremental_column.is_empty()).then(|| Incremental {
+        incremental: (!r.incremental_column.is_empty()).then_some(Incremental {
             column: r.incremental_column,
             lag_secs: r.lag_secs,
         }),

@@ -35,7 +35,7 @@ impl Default for LoaderMetrics {
         let (rows, bytes, batches) = (Counter::default(), Counter::default(), Counter::default());
         let chunks = Family::<Labels, Counter>::default();
         let in_flight = Gauge::default();
-        let latency = Histogram::new(LATENCY_BUCKETS.into_iter());
+        let latency = Histogram::new(LATENCY_BUCKETS);
         registry.register(
             "haul_loader_rows",
             "Rows committed into the target",
