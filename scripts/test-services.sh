@@ -129,8 +129,24 @@ STANDBY_PORT="${HAUL_STANDBY_PORT:-5433}"
 standby_up() { "$BIN/pg_isready" -q -h 127.0.0.1 -p "$STANDBY_PORT" 2>/dev/null; }
 primary() { psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -XqtAc "$1"; }
 
+streaming() {
+  for _ in $(seq 1 40); do
+    [ "$(psql -h 127.0.0.1 -p "$STANDBY_PORT" -U postgres -d postgres -XqtAc \
+      "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null)" = streaming ] && return 0
+    sleep 0.25
+  done
+  return 1
+}
+
 ensure_standby() {
-  standby_up && return
+  if standby_up; then
+    streaming && return
+    # behind for good (the primary recycled the WAL it needs, e.g. after a long stop):
+    # made again from a fresh base backup
+    log "the standby is not streaming; making it again"
+    as_pg "$BIN/pg_ctl" -D "$DIR/standby" -m fast stop >/dev/null || true
+    rm -rf "$DIR/standby"
+  fi
   if [ ! -f "$DIR/standby/PG_VERSION" ]; then
     local hba; hba=$(primary "SHOW hba_file")
     if ! grep -Eq '^host[[:space:]]+replication' "$hba"; then
@@ -165,6 +181,7 @@ CONF
   log "starting the standby on 127.0.0.1:$STANDBY_PORT"
   as_pg "$BIN/pg_ctl" -D "$DIR/standby" -l "$DIR/standby.log" -w -t 120 start >/dev/null
   standby_up || { log "the standby did not come up; see $DIR/standby.log"; exit 1; }
+  streaming || { log "the standby does not stream from the primary; see $DIR/standby.log"; exit 1; }
 }
 
 pgbouncer_up() { (exec 3<>/dev/tcp/127.0.0.1/6432) 2>/dev/null; }
