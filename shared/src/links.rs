@@ -60,13 +60,32 @@ pub(crate) fn root_store(ca: &str) -> Result<rustls::RootCertStore, String> {
     Ok(store)
 }
 
+/// A client certificate chain and its private key, as rustls takes them.
+pub(crate) type ClientIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// A client certificate chain and its private key, from PEM files.
+pub(crate) fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ClientIdentity, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok((chain, key))
+}
+
 /// Whether a TLS link's server can be trusted, checked once before its client library
 /// connects (which retries every failure for minutes): `Err` with the certificate problem
 /// when it cannot; `Ok` when it can, or when the server is not reachable yet (a transient
 /// matter, for the client's own retries). Plain URLs are not checked.
 pub async fn check_server_certificate(url: &str, tls: &LinkTls) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::ServerName;
     let Ok(parsed) = url::Url::parse(url) else {
         return Ok(());
     };
@@ -93,11 +112,7 @@ pub async fn check_server_certificate(url: &str, tls: &LinkTls) -> Result<(), St
         .with_root_certificates(roots);
     let config = match (&tls.cert, &tls.key) {
         (Some(c), Some(k)) => {
-            let chain = CertificateDer::pem_file_iter(c)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("{}: {e}", c.display()))?;
-            let key =
-                PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?;
+            let (chain, key) = client_identity(c, k)?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("{}: {e}", c.display()))?

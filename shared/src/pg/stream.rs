@@ -16,8 +16,7 @@ use std::time::Duration;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -215,13 +214,8 @@ impl TlsPolicy {
                     .map(PathBuf::from)
                     .or_else(|| home_file("postgresql.key"))
                     .unwrap_or_else(|| cert.with_extension("key"));
-                let chain = CertificateDer::pem_file_iter(&cert)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| {
-                        OpenError::permanent(format!("sslcert={}: {e}", cert.display()))
-                    })?;
-                let key = PrivateKeyDer::from_pem_file(&key)
-                    .map_err(|e| OpenError::permanent(format!("sslkey={}: {e}", key.display())))?;
+                let (chain, key) = crate::links::client_identity(&cert, &key)
+                    .map_err(|e| OpenError::permanent(format!("sslcert/sslkey {e}")))?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| OpenError::permanent(format!("sslcert={}: {e}", cert.display())))?
