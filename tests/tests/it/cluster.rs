@@ -2,7 +2,6 @@
 //! processes over the real RabbitMQ, Redis and Postgres on this machine, driven by the
 //! `haul` CLI. Each test has its own queue, Redis key prefix, database and destination.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -34,21 +33,6 @@ fn chunk_manifests(dest: &TempDest, job: &str) -> Vec<ChunkManifest> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
         .collect()
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn running_on(

@@ -165,29 +165,20 @@ async fn sql_digest(client: &Client, table: &str) -> (i64, String) {
 
 /// Every file under `dir`, as bytes, must not contain `needle`.
 fn assert_absent_in_files(dir: &Path, needle: &str, what: &str) {
-    let mut checked = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                checked += 1;
-                assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                    "the password is in {what}: {}",
-                    p.display()
-                );
-            }
-        }
-    }
+    let files = files_under(dir);
     assert!(
-        checked > 0,
+        !files.is_empty(),
         "nothing to check in {what} ({})",
         dir.display()
     );
+    for p in files {
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the password is in {what}: {}",
+            p.display()
+        );
+    }
 }
 
 const ROWS: i64 = 20_000;
@@ -441,15 +432,9 @@ async fn haul_run_reads_and_loads_over_verified_tls_with_scram() {
     let _ = std::fs::remove_file(&pwfile);
 }
 
+/// A password as a URL's userinfo holds it.
 fn utf8_percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// The cluster reads a TLS source submitted without a password (`verify-full`), the
