@@ -5,7 +5,9 @@
 #     TLS, with SCRAM-SHA-256 passwords (or, for role haul_cert, a client certificate);
 #     its certificate names localhost only; administered over its Unix socket;
 #   - a TLS listener on the local RabbitMQ (127.0.0.1:5671, amqps://; the broker is
-#     restarted once to add it) and a TLS-only Redis on 127.0.0.1:6380 (rediss://);
+#     restarted once to add it), queue statistics every second, and its management API
+#     (127.0.0.1:15672, what KEDA's rabbitmq scaler reads); a TLS-only Redis on
+#     127.0.0.1:6380 (rediss://);
 #   - a hot standby of the main Postgres (streaming replication, pg_basebackup -R) on
 #     127.0.0.1:5433 (trust auth, like the main one);
 #   - PgBouncer in transaction pooling mode in front of the main Postgres, on
@@ -91,9 +93,10 @@ CONF
 
 amqps_up() { (exec 3<>/dev/tcp/127.0.0.1/5671) 2>/dev/null; }
 
+mgmt_up() { curl -fs -u guest:guest -o /dev/null http://127.0.0.1:15672/api/overview 2>/dev/null; }
+
 ensure_rabbitmq() {
-  amqps_up && return
-  local conf=/etc/rabbitmq/rabbitmq.conf
+  local conf=/etc/rabbitmq/rabbitmq.conf restart=""
   if ! grep -q '^listeners.ssl' "$conf" 2>/dev/null; then
     log "adding a TLS listener (127.0.0.1:5671) to $conf"
     $SUDO tee -a "$conf" >/dev/null <<CONF
@@ -104,13 +107,30 @@ ssl_options.keyfile = $DIR/links.key
 ssl_options.verify = verify_peer
 ssl_options.fail_if_no_peer_cert = false
 CONF
+    restart=1
   fi
-  log "restarting RabbitMQ for its TLS listener"
-  $SUDO rabbitmqctl -q stop >/dev/null 2>&1 || true
-  $SUDO rabbitmq-server -detached >/dev/null 2>&1 || true
-  for _ in $(seq 1 120); do amqps_up && break; sleep 0.5; done
-  $SUDO rabbitmqctl -q await_startup >/dev/null 2>&1 || true
-  amqps_up || { log "RabbitMQ has no TLS listener on 127.0.0.1:5671"; exit 1; }
+  # queue statistics every second (default 5 s): the autoscaling tests read queue depth
+  # through the management API, as KEDA's rabbitmq scaler does
+  if ! grep -q '^collect_statistics_interval' "$conf" 2>/dev/null; then
+    log "setting collect_statistics_interval = 1000 in $conf"
+    echo 'collect_statistics_interval = 1000' | $SUDO tee -a "$conf" >/dev/null
+    restart=1
+  fi
+  if [ -n "$restart" ] || ! amqps_up; then
+    log "restarting RabbitMQ for its configuration"
+    $SUDO rabbitmqctl -q stop >/dev/null 2>&1 || true
+    $SUDO rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 1 120); do amqps_up && break; sleep 0.5; done
+    $SUDO rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+    amqps_up || { log "RabbitMQ has no TLS listener on 127.0.0.1:5671"; exit 1; }
+  fi
+  # the HTTP management API on 127.0.0.1:15672 (what KEDA's scaler polls), enabled online
+  if ! mgmt_up; then
+    log "enabling RabbitMQ's management plugin (127.0.0.1:15672)"
+    $SUDO rabbitmq-plugins enable -q rabbitmq_management >/dev/null
+    for _ in $(seq 1 60); do mgmt_up && break; sleep 0.5; done
+    mgmt_up || { log "RabbitMQ's management API does not answer on 127.0.0.1:15672"; exit 1; }
+  fi
 }
 
 rediss_up() { redis-cli --tls --cacert "$DIR/ca.pem" -h 127.0.0.1 -p 6380 ping 2>/dev/null | grep -q PONG; }

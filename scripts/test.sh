@@ -22,6 +22,8 @@ fi
 # client certificates), RabbitMQ's amqps:// listener, a rediss:// Redis
 bash scripts/test-services.sh
 export HAUL_TLS_DIR="${HAUL_TLS_DIR:-/var/tmp/haul-tls}" HAUL_PGTLS_PORT="${HAUL_PGTLS_PORT:-5442}"
+# the Kubernetes manifests: rendered and validated offline (schemas, promtool, yamllint)
+bash scripts/check-k8s.sh
 # the binary the tests spawn, with its test-only hooks (fault injection)
 cargo build --bin haul --features testsuite
 cargo test --workspace "$@"

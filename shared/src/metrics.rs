@@ -1,5 +1,7 @@
-//! Prometheus metrics: each role keeps its metrics with `prometheus-client` and serves them
-//! in the OpenMetrics text format on `GET /metrics` at `--metrics-listen`. Names follow
+//! Prometheus metrics and health: each role keeps its metrics with `prometheus-client` and
+//! serves them in the OpenMetrics text format on `GET /metrics` at `--metrics-listen`, beside
+//! `GET /healthz` (the process answers) and `GET /readyz` (it can do its work now: 200 with
+//! its state, or 503 with the reason), which Kubernetes probes use. Names follow
 //! `haul_<thing>_<unit>`; counters get their `_total` suffix from the encoder.
 
 use std::future::Future;
@@ -8,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 pub use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -20,6 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Renders the metrics text on each scrape.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Whether the role can do its work now, checked on each `GET /readyz`: `Ok(state)`
+/// answers 200 with the state (e.g. `active`, `standby`, `consuming`), `Err(reason)` 503.
+pub type Ready =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+/// A readiness check that answers how long it took at most: a check that hangs (a store
+/// that does not answer) is a failed check, not a hung probe.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The label set of a sample in a family: `(name, value)` pairs.
 pub type Labels = Vec<(&'static str, String)>;
@@ -33,16 +44,17 @@ pub fn encode(registry: &Registry) -> String {
 }
 
 /// Binds `addr` now (so a bad address is reported at start-up), then serves
-/// `GET /metrics` in a background task until `shutdown` fires.
+/// `GET /metrics`, `/healthz` and `/readyz` in a background task until `shutdown` fires.
 pub async fn spawn(
     addr: SocketAddr,
     render: Render,
+    ready: Ready,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics, health on /healthz and /readyz");
     tokio::spawn(async move {
-        if let Err(e) = serve(listener, render, shutdown).await {
+        if let Err(e) = serve(listener, render, ready, shutdown).await {
             tracing::warn!(error = %e, "metrics server stopped");
         }
     });
@@ -52,24 +64,43 @@ pub async fn spawn(
 async fn serve(
     listener: tokio::net::TcpListener,
     render: Render,
+    ready: Ready,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let render = Arc::clone(&render);
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render().await,
-                )
-                    .into_response()
-            }
-        }),
-    );
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = Arc::clone(&ready);
+                async move {
+                    match tokio::time::timeout(READY_TIMEOUT, ready()).await {
+                        Ok(Ok(state)) => (StatusCode::OK, format!("{state}\n")),
+                        Ok(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                        Err(_) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("readiness check took over {READY_TIMEOUT:?}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let render = Arc::clone(&render);
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        render().await,
+                    )
+                        .into_response()
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

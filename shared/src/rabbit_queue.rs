@@ -144,7 +144,36 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+/// What the broker says of the chunk queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Tasks waiting to be delivered (not those delivered and unacknowledged).
+    pub ready: u32,
+    /// Consumers subscribed: workers taking chunks.
+    pub consumers: u32,
+}
+
 impl RabbitQueue {
+    /// The chunk queue's ready tasks and consumers (a passive declare).
+    pub async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let q = self
+            .publisher
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(QueueDepth {
+            ready: q.message_count(),
+            consumers: q.consumer_count(),
+        })
+    }
+
     /// A consumer of `queue` on a channel of its own.
     async fn consume(
         &self,
@@ -212,19 +241,7 @@ impl ChunkQueue for RabbitQueue {
     }
 
     async fn ready_count(&self) -> Result<usize, QueueError> {
-        let q = self
-            .publisher
-            .queue_declare(
-                self.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(q.message_count() as usize)
+        Ok(self.depth().await?.ready as usize)
     }
 
     #[cfg(any(test, feature = "testsuite"))]

@@ -155,6 +155,15 @@ impl RedisStore {
         format!("{}|{}", lease.holder, lease.epoch)
     }
 
+    /// Answers whether Redis answers (a readiness check).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     /// Records a worker's heartbeat; answers the drain order left for it, if any.
     pub async fn heartbeat(&self, rec: &WorkerRecord) -> Result<Option<DrainOrder>, StoreError> {
         let mut conn = self.conn.clone();

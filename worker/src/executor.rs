@@ -11,8 +11,7 @@
 //!    wins, a late zombie finds it present and deletes its own staging files. The
 //!    winner's parts stay staged: they are published when the job commits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
 use haul_shared::error::{Classify, ErrorClass};
@@ -85,7 +84,7 @@ pub enum ChunkOutcome {
     AlreadyCommitted { rows: u64, bytes: u64, files: usize },
 }
 
-/// Live counters a progress display reads.
+/// Live counters a progress display and the worker's metrics read.
 #[derive(Debug, Default)]
 pub struct Progress {
     /// Rows read, including those of chunks still in flight.
@@ -95,6 +94,17 @@ pub struct Progress {
     pub chunks_done: AtomicU64,
     /// Chunks being worked on now.
     pub in_flight: AtomicU64,
+    /// Chunk lease renewals that succeeded.
+    pub lease_renewals: AtomicU64,
+    /// Chunk leases lost while working (another attempt may own the chunk now).
+    pub leases_lost: AtomicU64,
+    /// Attempts that came to commit and found another attempt had the chunk: their lease
+    /// was gone at the fence, or another attempt's manifest was there first.
+    pub commit_conflicts: AtomicU64,
+    /// Chunk attempts that failed (to be retried, or for good).
+    pub chunk_failures: AtomicU64,
+    /// A consumer on the chunk queue is open (a worker's readiness).
+    pub consuming: AtomicBool,
 }
 
 /// Everything one chunk attempt needs.
@@ -198,6 +208,7 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
     };
     // fencing: a lease lost while we worked means someone else may be committing
     if !c.leases.is_current(c.lease).await? {
+        c.progress.commit_conflicts.fetch_add(1, Ordering::Relaxed);
         dest.delete_prefix(&staging).await?;
         return Err(ChunkError::LeaseLost {
             chunk: c.chunk,
@@ -222,11 +233,14 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
                 bytes: m.bytes,
                 files: m.files.len(),
             },
-            ChunkCommit::Lost(m) => ChunkOutcome::AlreadyCommitted {
-                rows: m.rows,
-                bytes: m.bytes,
-                files: m.files.len(),
-            },
+            ChunkCommit::Lost(m) => {
+                c.progress.commit_conflicts.fetch_add(1, Ordering::Relaxed);
+                ChunkOutcome::AlreadyCommitted {
+                    rows: m.rows,
+                    bytes: m.bytes,
+                    files: m.files.len(),
+                }
+            }
         },
     )
 }
@@ -355,13 +369,14 @@ async fn hand_on(
 }
 
 /// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal
-/// fails (the attempt must then stop: it can no longer commit).
+/// fails (the attempt must then stop: it can no longer commit). Counts both in `progress`.
 pub async fn keep_lease(
-    leases: Arc<dyn LeaseStore>,
-    lease: Lease,
+    leases: &dyn LeaseStore,
+    lease: &Lease,
     ttl: std::time::Duration,
-    stop: CancellationToken,
-    lost: CancellationToken,
+    stop: &CancellationToken,
+    lost: &CancellationToken,
+    progress: &Progress,
 ) {
     let mut tick = tokio::time::interval(ttl / 3);
     tick.tick().await;
@@ -370,9 +385,12 @@ pub async fn keep_lease(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match leases.renew(&lease, ttl).await {
-            Ok(true) => {}
+        match leases.renew(lease, ttl).await {
+            Ok(true) => {
+                progress.lease_renewals.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(false) => {
+                progress.leases_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = %lease.key, epoch = %lease.epoch, "lease lost");
                 lost.cancel();
                 return;

@@ -111,7 +111,18 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
             let text = worker_metrics(&p, &c, slots);
             Box::pin(async move { text })
         });
-        metrics::spawn(addr, render, metrics_stop.clone())
+        let (p, c) = (Arc::clone(&progress), ctl.clone());
+        let ready: metrics::Ready = Arc::new(move || {
+            let state = if c.drain.is_cancelled() {
+                Err("draining".to_owned())
+            } else if p.consuming.load(Ordering::Relaxed) {
+                Ok("consuming".to_owned())
+            } else {
+                Err("not consuming the chunk queue (connecting to the broker)".to_owned())
+            };
+            Box::pin(async move { state })
+        });
+        metrics::spawn(addr, render, ready, metrics_stop.clone())
             .await
             .map_err(|e| NodeError::Metrics {
                 addr: addr.to_string(),
@@ -224,6 +235,31 @@ fn worker_metrics(p: &Progress, ctl: &Control, slots: usize) -> String {
         "haul_worker_source_bytes",
         "Bytes of binary COPY data read from the source",
         ConstCounter::new(n(&p.source_bytes)),
+    );
+    r.register(
+        "haul_worker_lease_renewals",
+        "Chunk lease renewals that succeeded",
+        ConstCounter::new(n(&p.lease_renewals)),
+    );
+    r.register(
+        "haul_worker_leases_lost",
+        "Chunk leases lost while working (the chunk's next attempt may be another worker's)",
+        ConstCounter::new(n(&p.leases_lost)),
+    );
+    r.register(
+        "haul_worker_commit_conflicts",
+        "Attempts that came to commit and found the chunk was another attempt's",
+        ConstCounter::new(n(&p.commit_conflicts)),
+    );
+    r.register(
+        "haul_worker_chunk_failures",
+        "Chunk attempts that failed (retried with a backoff, or failed for good)",
+        ConstCounter::new(n(&p.chunk_failures)),
+    );
+    r.register(
+        "haul_worker_consuming",
+        "1 while the worker holds a consumer on the chunk queue",
+        ConstGauge::new(i64::from(p.consuming.load(Ordering::Relaxed))),
     );
     r.register(
         "haul_worker_chunks_in_flight",

@@ -83,6 +83,7 @@ pub async fn run_worker(
     ctl: Control,
 ) -> Result<(), QueueError> {
     let mut sub = svc.queue.subscribe(cfg.slots as u16).await?;
+    progress.consuming.store(true, Ordering::Relaxed);
     let slots = Arc::new(Semaphore::new(cfg.slots.max(1)));
     let tracker = TaskTracker::new();
     let dests: Arc<Mutex<HashMap<JobId, Dest>>> = Arc::default();
@@ -102,12 +103,16 @@ pub async fn run_worker(
                 // the broker: subscribe again (in-flight chunks carry on; their acks may
                 // be lost, and a redelivered committed chunk is a cheap no-op)
                 warn!(error = %e, "consuming failed; subscribing again");
+                progress.consuming.store(false, Ordering::Relaxed);
                 tokio::select! {
                     _ = ctl.drain.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 match svc.queue.subscribe(cfg.slots as u16).await {
-                    Ok(s) => sub = s,
+                    Ok(s) => {
+                        sub = s;
+                        progress.consuming.store(true, Ordering::Relaxed);
+                    }
                     Err(e) => warn!(error = %e, "subscribing failed; retrying"),
                 }
                 continue;
@@ -128,6 +133,7 @@ pub async fn run_worker(
         });
     }
     // no new deliveries; prefetched ones go back; the channel stays open for the acks
+    progress.consuming.store(false, Ordering::Relaxed);
     if let Err(e) = sub.cancel().await {
         warn!(error = %e, "cancelling the consumer failed; its unsettled messages return when it closes");
     }
@@ -243,6 +249,7 @@ async fn handle(
                 }
             }
             Err(e) => {
+                progress.chunk_failures.fetch_add(1, Ordering::Relaxed);
                 let class = e.class();
                 let mut reason = e.to_string();
                 if class.is_retryable() {
@@ -389,13 +396,14 @@ async fn attempt_chunk(
         .await;
     let lost = stop.child_token();
     let renew_stop = CancellationToken::new();
-    let renewer = tokio::spawn(keep_lease(
-        Arc::clone(&svc.leases),
-        lease.clone(),
+    let renewer = keep_lease(
+        svc.leases.as_ref(),
+        &lease,
         cfg.lease_ttl,
-        renew_stop.clone(),
-        lost.clone(),
-    ));
+        &renew_stop,
+        &lost,
+        progress,
+    );
     let watcher = tokio::spawn(stop_when_job_ends(
         Arc::clone(&svc.jobs),
         job.id.clone(),
@@ -411,7 +419,7 @@ async fn attempt_chunk(
         info: job.spec.source.clone(),
         creds: cfg.source_credentials.clone(),
     };
-    let result = run_chunk(ChunkJob {
+    let chunk = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,
         source: &source,
@@ -423,11 +431,16 @@ async fn attempt_chunk(
         leases: svc.leases.as_ref(),
         progress,
         load: load.as_ref(),
-        cancel: lost,
-    })
-    .await;
-    renew_stop.cancel();
-    let _ = renewer.await;
+        cancel: lost.clone(),
+    });
+    let (result, ()) = tokio::join!(
+        async {
+            let r = chunk.await;
+            renew_stop.cancel();
+            r
+        },
+        renewer
+    );
     let _ = watcher.await;
     let _ = svc.leases.release(&lease).await;
     result

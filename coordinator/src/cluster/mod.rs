@@ -96,6 +96,9 @@ pub struct Coordinator {
     driver: Driver,
     /// Fires if this process lost the coordinator lease (it then stops with an error).
     lease_lost: CancellationToken,
+    /// When each running job's snapshot was opened: a snapshot held open holds back
+    /// vacuum on the source, so its age is a metric operators alert on.
+    snapshots: std::sync::Mutex<std::collections::HashMap<JobId, std::time::SystemTime>>,
 }
 
 /// `haul workers` forgets a worker after an hour without a heartbeat.
@@ -110,15 +113,13 @@ fn store_status(e: StoreError) -> Status {
 }
 
 impl Coordinator {
-    /// Connects to Redis, waits to be the active coordinator, connects to RabbitMQ and
-    /// takes over the unfinished jobs recorded there.
+    /// Waits to be the active coordinator on `store`, connects to RabbitMQ and takes over
+    /// the unfinished jobs recorded there.
     pub async fn start(
+        store: RedisStore,
         opts: CoordinatorOptions,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, CoordinatorError> {
-        let store =
-            RedisStore::connect_with_tls(opts.redis.expose(), &opts.redis_prefix, &opts.redis_tls)
-                .await?;
         let lease_lost = leader::lead(&store, &shutdown).await?;
         let queue = Arc::new(
             RabbitQueue::connect_with_tls(
@@ -149,6 +150,7 @@ impl Coordinator {
             shutdown,
             driver,
             lease_lost,
+            snapshots: Default::default(),
         });
         c.recover().await?;
         tokio::spawn(Arc::clone(&c).reap_gone_workers());
@@ -226,8 +228,24 @@ impl Coordinator {
     fn spawn_driver(self: &Arc<Self>, rec: JobRecord, dest: Dest, holder: Option<pg::Session>) {
         let stop = self.shutdown.child_token();
         let driver = self.driver.clone();
+        let id = rec.id.clone();
+        if holder.is_some() {
+            self.snapshots_held()
+                .insert(id.clone(), std::time::SystemTime::now());
+        }
+        let me = Arc::clone(self);
         // the driver records the job's end in Redis, where status and Watch read it
-        tokio::spawn(async move { driver.drive(rec, dest, holder, stop).await });
+        tokio::spawn(async move {
+            driver.drive(rec, dest, holder, stop).await;
+            me.snapshots_held().remove(&id);
+        });
+    }
+
+    /// The snapshots this coordinator holds open, by job.
+    fn snapshots_held(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, std::time::SystemTime>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobStatus, Status> {

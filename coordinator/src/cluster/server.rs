@@ -3,7 +3,10 @@
 //! the bearer token when configured, and `/metrics`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use haul_shared::metrics;
+use haul_shared::redis_store::RedisStore;
 
 use haul_shared::proto::wire::{
     admin_server::AdminServer, jobs_server::JobsServer, membership_server::MembershipServer,
@@ -21,22 +24,47 @@ pub async fn serve(
     opts: CoordinatorOptions,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
-    let coordinator = match Coordinator::start(opts.clone(), shutdown.clone()).await {
+    let store =
+        RedisStore::connect_with_tls(opts.redis.expose(), &opts.redis_prefix, &opts.redis_tls)
+            .await?;
+    // health and metrics answer while this coordinator stands by, too
+    let active: Arc<OnceLock<Arc<Coordinator>>> = Arc::default();
+    if let Some(addr) = opts.metrics_listen {
+        let a = Arc::clone(&active);
+        let render: metrics::Render = Arc::new(move || {
+            let a = Arc::clone(&a);
+            Box::pin(async move {
+                match a.get() {
+                    Some(c) => c.metrics().await,
+                    None => Coordinator::standby_metrics(),
+                }
+            })
+        });
+        let (a, store) = (Arc::clone(&active), store.clone());
+        let ready: metrics::Ready = Arc::new(move || {
+            let (a, store) = (Arc::clone(&a), store.clone());
+            Box::pin(async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| format!("Redis unreachable: {e}"))?;
+                match a.get() {
+                    Some(c) => c.ready().await,
+                    None => Ok("standby".to_owned()),
+                }
+            })
+        });
+        metrics::spawn(addr, render, ready, shutdown.clone())
+            .await
+            .map_err(|e| CoordinatorError::Serve(format!("cannot serve metrics on {addr}: {e}")))?;
+    }
+    let coordinator = match Coordinator::start(store, opts.clone(), shutdown.clone()).await {
         Ok(c) => c,
         // stopped while standing by for the active coordinator: nothing to clean up
         Err(_) if shutdown.is_cancelled() => return Ok(()),
         Err(e) => return Err(e),
     };
-    if let Some(addr) = opts.metrics_listen {
-        let c = Arc::clone(&coordinator);
-        let render: haul_shared::metrics::Render = Arc::new(move || {
-            let c = Arc::clone(&c);
-            Box::pin(async move { c.metrics().await })
-        });
-        haul_shared::metrics::spawn(addr, render, shutdown.clone())
-            .await
-            .map_err(|e| CoordinatorError::Serve(format!("cannot serve metrics on {addr}: {e}")))?;
-    }
+    let _ = active.set(Arc::clone(&coordinator));
     let flight = crate::flight::JobsFlight {
         jobs: Arc::new(coordinator.store.clone()),
     };

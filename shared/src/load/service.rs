@@ -194,7 +194,18 @@ pub async fn serve(
             let text = m.render();
             Box::pin(async move { text })
         });
-        metrics::spawn(addr, render, shutdown.clone())
+        // ready when the target takes a connection (a login with the loader's credentials)
+        let target = opts.target.clone();
+        let ready: metrics::Ready = Arc::new(move || {
+            let target = target.clone();
+            Box::pin(async move {
+                match pg::connect(&target).await {
+                    Ok(_) => Ok("target reachable".to_owned()),
+                    Err(e) => Err(format!("target unreachable: {e}")),
+                }
+            })
+        });
+        metrics::spawn(addr, render, ready, shutdown.clone())
             .await
             .map_err(|e| LoadError::Serve(format!("metrics on {addr}: {e}")))?;
     }

@@ -8,6 +8,7 @@ mod engine;
 mod faults;
 mod harness;
 mod incremental;
+mod kubernetes;
 mod load;
 mod s3;
 mod standby;

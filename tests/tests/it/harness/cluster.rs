@@ -109,7 +109,7 @@ impl Cluster {
     }
 
     pub(crate) fn start_coordinator(&mut self) {
-        let child = self.spawn_coordinator(self.port, "coordinator");
+        let child = self.spawn_coordinator(self.port, self.metrics_port, "coordinator");
         self.coordinator = Some(child);
         self.wait_listening(self.port, "coordinator");
     }
@@ -127,9 +127,10 @@ impl Cluster {
         }
     }
 
-    pub(crate) fn spawn_coordinator(&self, port: u16, log: &str) -> Child {
+    /// A coordinator serving gRPC on `port` and metrics and health on `metrics_port`.
+    pub(crate) fn spawn_coordinator(&self, port: u16, metrics_port: u16, log: &str) -> Child {
         let listen = format!("127.0.0.1:{port}");
-        let metrics = format!("127.0.0.1:{}", self.metrics_port);
+        let metrics = format!("127.0.0.1:{metrics_port}");
         let mut args = vec![
             "coordinator",
             "--listen",
@@ -323,16 +324,31 @@ impl Drop for Cluster {
     }
 }
 
-/// `GET /metrics` on a local port.
+/// `GET /metrics` on a local port: the body of a 200 answer.
 pub(crate) fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `GET <path>` on a local port: the status code and the body.
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {out}"));
+    (status, body.to_owned())
 }
 
 /// The value of one sample line (`name{labels} value`) in a scrape.

@@ -189,16 +189,44 @@ pub async fn run(opts: RunOptions) -> Result<JobSummary, RunError> {
     haul::embedded::run(opts, CancellationToken::new()).await
 }
 
-/// How many chunks of `job` are committed in a local destination (a chunk manifest being
-/// created is staged as `<chunk>.json#<n>` first: only `.json` files count).
-pub fn committed_chunks(dest: &TempDest, job: &str) -> usize {
+/// The chunk manifest files of `job` in a local destination (a manifest being created is
+/// staged as `<chunk>.json#<n>` first: only `.json` files count).
+fn chunk_manifest_files(dest: &TempDest, job: &str) -> Vec<PathBuf> {
     std::fs::read_dir(dest.0.join(format!("_haul/jobs/{job}/chunks")))
         .map(|d| {
             d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .count()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// How many chunks of `job` are committed in a local destination.
+pub fn committed_chunks(dest: &TempDest, job: &str) -> usize {
+    chunk_manifest_files(dest, job).len()
+}
+
+/// The committed chunks' manifests of `job` in a local destination.
+pub fn chunk_manifests(dest: &TempDest, job: &str) -> Vec<haul_shared::lake::ChunkManifest> {
+    chunk_manifest_files(dest, job)
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+/// Asserts that every chunk of `job` was committed by the first attempt that took it: all
+/// under the job's first lease epoch (a chunk taken again gets a later one).
+pub fn assert_no_chunk_redone(dest: &TempDest, job: &str) -> Vec<haul_shared::lake::ChunkManifest> {
+    let m = chunk_manifests(dest, job);
+    let first = m.iter().map(|m| m.epoch.0).min().unwrap();
+    let redone: Vec<_> = m
+        .iter()
+        .filter(|m| m.epoch.0 != first)
+        .map(|m| (m.chunk, &m.worker.0, m.epoch.0))
+        .collect();
+    assert!(redone.is_empty(), "chunks taken again: {redone:?}");
+    m
 }
 
 /// Waits until at least `n` chunks of `job` are committed in `dest`, without blocking the

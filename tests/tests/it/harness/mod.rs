@@ -6,10 +6,12 @@
 
 mod cluster;
 mod fixtures;
+mod keda;
 mod outage;
 mod services;
 
 pub(crate) use cluster::*;
 pub(crate) use fixtures::*;
+pub(crate) use keda::*;
 pub(crate) use outage::*;
 pub(crate) use services::*;
