@@ -150,7 +150,7 @@ async fn backfill(rows: u64, chunk_ms: &str) -> (TestDb, TempDest, Cluster) {
 #[tokio::test]
 async fn workers_scaled_on_queue_depth_finish_a_backfill_and_drain_on_scale_in() {
     let _broker = BROKER.write().await;
-    let (db, dest, mut cl) = backfill(240_000, "1000").await;
+    let (db, dest, mut cl) = backfill(240_000, "2000").await;
     // what k8s/base/worker-scaledobject.yaml says, with seconds for minutes
     let so = ScaledObject {
         min: 0,
@@ -190,14 +190,21 @@ async fn workers_scaled_on_queue_depth_finish_a_backfill_and_drain_on_scale_in()
         assert!(t.status.success(), "{} exited with {}", t.id, t.status);
         assert!(t.took < so.grace, "{} took {:?}", t.id, t.took);
     }
-    // some scale-ins came while the job still had chunks queued or in flight
-    let mid_job: Vec<_> = timeline
-        .windows(2)
-        .filter(|w| w[1].desired < w[0].desired && w[1].depth > 0)
+    // scale-ins came mid-job: a worker sent SIGTERM finished the chunk it was extracting
+    // (committed after the signal, by that worker, under its first epoch: checked above)
+    let finished_after_sigterm: Vec<_> = terminated
+        .iter()
+        .filter(|t| {
+            m.iter().any(|c| {
+                c.worker.0 == t.id
+                    && chrono::DateTime::parse_from_rfc3339(&c.committed_at).unwrap() > t.signalled
+            })
+        })
+        .map(|t| &t.id)
         .collect();
     assert!(
-        !mid_job.is_empty(),
-        "no scale-in during the job: {timeline:?}"
+        !finished_after_sigterm.is_empty(),
+        "no worker was scaled in with a chunk in flight: {terminated:?}\n{timeline:?}"
     );
     let workers_ran: std::collections::BTreeSet<_> = m.iter().map(|m| m.worker.0.clone()).collect();
     assert!(workers_ran.len() >= 2, "{workers_ran:?}");

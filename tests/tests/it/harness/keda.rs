@@ -43,10 +43,11 @@ pub(crate) struct Sample {
     pub(crate) alive: usize,
 }
 
-/// A worker the scaler terminated: how long it took to exit, and how.
+/// A worker the scaler terminated: when, how long it took to exit, and how.
 #[derive(Debug)]
 pub(crate) struct Terminated {
     pub(crate) id: String,
+    pub(crate) signalled: chrono::DateTime<chrono::Utc>,
     pub(crate) took: Duration,
     pub(crate) status: std::process::ExitStatus,
 }
@@ -80,7 +81,7 @@ pub(crate) fn autoscale(
     let t0 = Instant::now();
     // worker processes are the cluster's (it kills what is left if the test fails)
     let mut live: Vec<String> = Vec::new();
-    let mut terminating: Vec<(String, Instant)> = Vec::new();
+    let mut terminating: Vec<(String, Instant, chrono::DateTime<chrono::Utc>)> = Vec::new();
     let mut ended = Vec::new();
     let mut timeline = Vec::new();
     let mut started = 0;
@@ -94,10 +95,11 @@ pub(crate) fn autoscale(
         );
         // exits of terminating workers, each within its grace period
         let mut still = Vec::new();
-        for (id, since) in terminating.drain(..) {
+        for (id, since, signalled) in terminating.drain(..) {
             match cl.worker(&id).try_wait().unwrap() {
                 Some(status) => ended.push(Terminated {
                     id,
+                    signalled,
                     took: since.elapsed(),
                     status,
                 }),
@@ -108,7 +110,7 @@ pub(crate) fn autoscale(
                         so.grace,
                         cl.logs()
                     );
-                    still.push((id, since));
+                    still.push((id, since, signalled));
                 }
             }
         }
@@ -143,7 +145,7 @@ pub(crate) fn autoscale(
                 while live.len() > desired {
                     let id = live.pop().unwrap();
                     cl.signal(&id, "TERM");
-                    terminating.push((id, Instant::now()));
+                    terminating.push((id, Instant::now(), chrono::Utc::now()));
                 }
                 lower_since = None;
             }
