@@ -227,7 +227,9 @@ async fn a_paused_zombie_worker_cannot_commit() {
     let mut cl = Cluster::new(None);
     // a short AMQP heartbeat, so the broker notices the frozen worker and redelivers
     let amqp = format!("{}?heartbeat=2", amqp_url());
-    cl.start_worker("zombie", &["--amqp", &amqp]);
+    let zm = free_port();
+    let zm_addr = format!("127.0.0.1:{zm}");
+    cl.start_worker("zombie", &["--amqp", &amqp, "--metrics-listen", &zm_addr]);
     cl.start_worker("w2", &[]);
     cl.wait_workers(2);
     cl.haul_ok(&submit_args(
@@ -261,6 +263,11 @@ async fn a_paused_zombie_worker_cannot_commit() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let staged = files_under(&dest.0.join("_haul/staging"));
     assert!(staged.is_empty(), "staging files left: {staged:?}");
+    // its metrics say so: a lease lost at renewal, or refused at the commit's fence
+    let z = scrape(zm);
+    let lost = sample(&z, "haul_worker_leases_lost_total").unwrap()
+        + sample(&z, "haul_worker_commit_conflicts_total").unwrap();
+    assert!(lost >= 1.0, "{z}");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     let m = chunk_manifests(&dest, "zomb");
     let c = m.iter().find(|m| m.chunk == chunk).unwrap();

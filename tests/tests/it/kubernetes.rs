@@ -236,6 +236,10 @@ async fn a_rolling_restart_of_every_worker_mid_job_loses_no_chunk() {
     submit(&cl, &db, &dest, "rolled", "5000");
     cl.wait_chunks("rolled", "a committed chunk", committed_at_least(1))
         .await;
+    // the coordinator holds the job's snapshot, and says for how long
+    let series = r#"haul_job_snapshot_age_seconds{job="rolled"}"#;
+    let age = sample(&scrape(cl.metrics_port), series);
+    assert!(age.is_some_and(|a| a > 0.0), "{age:?}");
     // maxSurge 1, maxUnavailable 0: a new pod, ready, then an old one terminated
     for (i, (id, _)) in old.iter().enumerate() {
         let new = format!("r{}", i + 1);
@@ -251,6 +255,15 @@ async fn a_rolling_restart_of_every_worker_mid_job_loses_no_chunk() {
     assert!(status.contains("succeeded"), "{status}");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     let m = assert_no_chunk_redone(&dest, "rolled");
+    // the ended job's snapshot is released (just after its end is recorded)
+    let t0 = Instant::now();
+    while sample(&scrape(cl.metrics_port), series).is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "snapshot still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let by: std::collections::BTreeSet<_> = m.iter().map(|m| m.worker.0.as_str()).collect();
     assert!(
         by.iter().any(|w| w.starts_with('w')) && by.iter().any(|w| w.starts_with('r')),
