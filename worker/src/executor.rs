@@ -11,6 +11,7 @@
 //!    wins, a late zombie finds it present and deletes its own staging files. The
 //!    winner's parts stay staged: they are published when the job commits.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
@@ -371,12 +372,12 @@ async fn hand_on(
 /// Renews a lease every third of its TTL until `stop` fires; fires `lost` if renewal
 /// fails (the attempt must then stop: it can no longer commit). Counts both in `progress`.
 pub async fn keep_lease(
-    leases: &dyn LeaseStore,
-    lease: &Lease,
+    leases: Arc<dyn LeaseStore>,
+    lease: Lease,
     ttl: std::time::Duration,
-    stop: &CancellationToken,
-    lost: &CancellationToken,
-    progress: &Progress,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    progress: Arc<Progress>,
 ) {
     let mut tick = tokio::time::interval(ttl / 3);
     tick.tick().await;
@@ -385,7 +386,7 @@ pub async fn keep_lease(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match leases.renew(lease, ttl).await {
+        match leases.renew(&lease, ttl).await {
             Ok(true) => {
                 progress.lease_renewals.fetch_add(1, Ordering::Relaxed);
             }

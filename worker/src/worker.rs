@@ -147,7 +147,7 @@ async fn handle(
     d: Delivery,
     cfg: &WorkerConfig,
     svc: &Services,
-    progress: &Progress,
+    progress: &Arc<Progress>,
     dests: &Mutex<HashMap<JobId, Dest>>,
     abort: CancellationToken,
 ) {
@@ -341,7 +341,7 @@ async fn attempt_chunk(
     task: &Task,
     cfg: &WorkerConfig,
     svc: &Services,
-    progress: &Progress,
+    progress: &Arc<Progress>,
     dests: &Mutex<HashMap<JobId, Dest>>,
     stop: CancellationToken,
     attempt: u32,
@@ -396,14 +396,15 @@ async fn attempt_chunk(
         .await;
     let lost = stop.child_token();
     let renew_stop = CancellationToken::new();
-    let renewer = keep_lease(
-        svc.leases.as_ref(),
-        &lease,
+    // a task of its own, so that a long poll of the extraction does not hold it up
+    let renewer = tokio::spawn(keep_lease(
+        Arc::clone(&svc.leases),
+        lease.clone(),
         cfg.lease_ttl,
-        &renew_stop,
-        &lost,
-        progress,
-    );
+        renew_stop.clone(),
+        lost.clone(),
+        Arc::clone(progress),
+    ));
     let watcher = tokio::spawn(stop_when_job_ends(
         Arc::clone(&svc.jobs),
         job.id.clone(),
@@ -419,7 +420,7 @@ async fn attempt_chunk(
         info: job.spec.source.clone(),
         creds: cfg.source_credentials.clone(),
     };
-    let chunk = run_chunk(ChunkJob {
+    let result = run_chunk(ChunkJob {
         job_id: &job.id,
         spec: &job.spec,
         source: &source,
@@ -431,16 +432,11 @@ async fn attempt_chunk(
         leases: svc.leases.as_ref(),
         progress,
         load: load.as_ref(),
-        cancel: lost.clone(),
-    });
-    let (result, ()) = tokio::join!(
-        async {
-            let r = chunk.await;
-            renew_stop.cancel();
-            r
-        },
-        renewer
-    );
+        cancel: lost,
+    })
+    .await;
+    renew_stop.cancel();
+    let _ = renewer.await;
     let _ = watcher.await;
     let _ = svc.leases.release(&lease).await;
     result

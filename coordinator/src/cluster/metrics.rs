@@ -4,14 +4,12 @@
 //! `/readyz` answers.
 
 use std::collections::BTreeMap;
-
-use haul_shared::jobs::JobStore;
 use std::sync::atomic::AtomicU64;
 
+use haul_shared::jobs::JobStore;
 use haul_shared::metrics::{ConstGauge, Family, Gauge, Labels, Registry, encode};
-use haul_shared::workers::worker_state;
-
 use haul_shared::proto::job_status_to_wire;
+use haul_shared::workers::worker_state;
 
 use super::{Coordinator, now_ms};
 
@@ -44,8 +42,7 @@ impl Coordinator {
         Ok("active".to_owned())
     }
 
-    /// Prometheus text: jobs by state, progress of unfinished jobs, workers by state,
-    /// and the chunk queue's depth (what an autoscaler scales workers on).
+    /// The active coordinator's metrics (see the module docs).
     pub(super) async fn metrics(&self) -> String {
         let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
         let mut open = Vec::new();
