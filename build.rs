@@ -11,7 +11,14 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    let rev = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // an image build has no .git: it passes the revision in HAUL_GIT_REV
+    println!("cargo:rerun-if-env-changed=HAUL_GIT_REV");
+    let given = std::env::var("HAUL_GIT_REV")
+        .ok()
+        .filter(|r| !r.is_empty() && r != "unknown");
+    let rev = given
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=HAUL_GIT_REV={rev}");
     // a new commit or checkout changes HEAD or the branch it points to
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {

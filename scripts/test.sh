@@ -24,6 +24,9 @@ bash scripts/test-services.sh
 export HAUL_TLS_DIR="${HAUL_TLS_DIR:-/var/tmp/haul-tls}" HAUL_PGTLS_PORT="${HAUL_PGTLS_PORT:-5442}"
 # the Kubernetes manifests: rendered and validated offline (schemas, promtool, yamllint)
 bash scripts/check-k8s.sh
+# the container image every role runs: built with buildah, then run (non-root, --version,
+# an extract read back); the release build in it is cached between runs
+bash scripts/build-image.sh
 # the binary the tests spawn, with its test-only hooks (fault injection)
 cargo build --bin haul --features testsuite
 cargo test --workspace "$@"
