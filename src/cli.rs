@@ -470,6 +470,11 @@ pub struct JobArgs {
     /// Only load the target: write no Parquet (the job's small manifests still go to --dest).
     #[arg(long, env = "HAUL_NO_PARQUET")]
     pub no_parquet: bool,
+    /// Add `_haul_job_id` (text) and `_haul_extracted_at` (timestamptz: the job's snapshot
+    /// time) to every row of the Parquet output, for freshness checks (dbt's
+    /// `loaded_at_field`), de-duplication and lineage downstream.
+    #[arg(long, env = "HAUL_LINEAGE_COLUMNS")]
+    pub lineage_columns: bool,
     /// Extract only the rows whose watermark column (a timestamptz/timestamp set on every
     /// change, e.g. `updated_at`) moved past the last increment in --dest; the first
     /// increment takes everything up to now.
@@ -739,6 +744,7 @@ impl TryFrom<JobArgs> for JobRequest {
                     partition_by: a.partition_by,
                     fsync: a.fsync,
                     parquet: !no_parquet,
+                    lineage: a.lineage_columns,
                 },
                 use_snapshot: !a.no_snapshot,
                 load,
@@ -863,6 +869,21 @@ mod tests {
         assert_eq!(o.spec.load.unwrap().endpoints, ["http://a:1", "http://b:2"]);
         assert!(run_options(&[]).unwrap().spec.output.parquet);
         assert!(run_options(&["--create-table"]).is_err());
+    }
+
+    #[test]
+    fn lineage_columns_are_for_parquet_only() {
+        let o = run_options(&["--lineage-columns"]).unwrap();
+        assert!(o.spec.output.lineage);
+        let err = run_options(&[
+            "--lineage-columns",
+            "--dest",
+            "/tmp/x",
+            "--load",
+            "flight://a:1",
+        ])
+        .unwrap_err();
+        assert!(err.contains("--lineage-columns"), "{err}");
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub enum RunError {
         reason: &'static str,
     },
     #[error(
+        "--lineage-columns: {table} has a column named {column}, which the lineage column of that name would shadow; leave the column out with --columns, or drop --lineage-columns"
+    )]
+    LineageColumnTaken { table: String, column: String },
+    #[error(
         "--incremental {column}: {table_dir}/_manifest.json in {dest} is a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
     )]
     NotIncremental {
@@ -149,6 +153,7 @@ impl Classify for RunError {
             | RunError::NoColumns { .. }
             | RunError::PartitionColumnNotRead { .. }
             | RunError::PartitionField { .. }
+            | RunError::LineageColumnTaken { .. }
             | RunError::NotIncremental { .. }
             | RunError::OtherWatermark { .. }
             | RunError::BadWatermark { .. }

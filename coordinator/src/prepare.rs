@@ -156,18 +156,28 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| SourceError::query("beginning the snapshot transaction", e))?;
-    let snapshot = if spec.use_snapshot {
+    // the snapshot is taken at the transaction's first statement: this one, whose start
+    // time the rows' `_haul_extracted_at` carries (without a snapshot: planning's time)
+    const AT: &str = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8";
+    let (snapshot, at_us) = if spec.use_snapshot {
         let row = holder
             .client
-            .query_one("SELECT pg_export_snapshot()", &[])
+            .query_one(&format!("SELECT pg_export_snapshot(), {AT}"), &[])
             .await
             .map_err(|e| SourceError::SnapshotUnsupported {
                 reason: pg::pg_reason(&e),
             })?;
-        Some(row.get::<_, String>(0))
+        (Some(row.get::<_, String>(0)), row.get::<_, i64>(1))
     } else {
-        None
+        let row = holder
+            .client
+            .query_one(&format!("SELECT {AT}"), &[])
+            .await
+            .map_err(|e| SourceError::query("reading the source's clock", e))?;
+        (None, row.get::<_, i64>(0))
     };
+    let snapshot_at = chrono::DateTime::from_timestamp_micros(at_us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     let mut table =
         pg::resolve_table(&holder.client, &spec.table, &spec.columns, &spec.casts).await?;
     if !spec.output.parquet && spec.load.is_some() {
@@ -215,6 +225,16 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
             });
         }
     }
+    if spec.output.lineage {
+        for column in haul_shared::jobs::LINEAGE_COLUMNS {
+            if table.column(column).is_some() {
+                return Err(RunError::LineageColumnTaken {
+                    table: table.quoted(),
+                    column: column.to_owned(),
+                });
+            }
+        }
+    }
     let tdir = table_dir(&table.name);
     if let Some(l) = spec.load.as_mut()
         && l.target_table.is_empty()
@@ -233,6 +253,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
             }
             JobPlan {
                 snapshot: snapshot.clone(),
+                snapshot_at: snapshot_at.clone(),
                 ..p.plan.clone()
             }
         }
@@ -282,6 +303,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
                 chunks: planned.chunks,
                 estimated_rows: planned.estimated_rows,
                 snapshot: snapshot.clone(),
+                snapshot_at: snapshot_at.clone(),
                 window,
             }
         }

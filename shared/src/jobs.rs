@@ -89,7 +89,16 @@ pub struct OutputOptions {
     /// go to the destination).
     #[serde(default = "yes")]
     pub parquet: bool,
+    /// Add `_haul_job_id` and `_haul_extracted_at` (the job's snapshot time) to every
+    /// row of the Parquet output, for downstream freshness checks, de-duplication and
+    /// lineage (`--lineage-columns`).
+    #[serde(default)]
+    pub lineage: bool,
 }
+
+/// The columns `--lineage-columns` adds to every row: the job's id, and the time of its
+/// snapshot.
+pub const LINEAGE_COLUMNS: [&str; 2] = ["_haul_job_id", "_haul_extracted_at"];
 
 fn yes() -> bool {
     true
@@ -106,6 +115,7 @@ impl Default for OutputOptions {
             partition_by: None,
             fsync: false,
             parquet: true,
+            lineage: false,
         }
     }
 }
@@ -177,6 +187,8 @@ impl JobSpec {
         };
         if without_loaders {
             Err("--target-table, --create-table, --truncate-first and --no-parquet need loaders: --load (or, for `haul run`, --load-target)".into())
+        } else if self.output.lineage && self.load.is_some() {
+            Err("--lineage-columns adds columns to the Parquet output only, not to a loaded target: drop --lineage-columns or the loading flags".into())
         } else {
             Ok(())
         }
@@ -256,6 +268,10 @@ pub struct JobPlan {
     pub estimated_rows: u64,
     /// The exported snapshot id every chunk imports, if any.
     pub snapshot: Option<String>,
+    /// When the snapshot was taken (RFC 3339; without a snapshot, when the job was
+    /// planned): the rows' `_haul_extracted_at` with `--lineage-columns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_at: Option<String>,
     /// An incremental job's window; every chunk reads only the rows in it.
     #[serde(default)]
     pub window: Option<Window>,

@@ -283,6 +283,7 @@ pub fn output_to_wire(o: &OutputOptions) -> wire::OutputOptions {
         }),
         fsync: o.fsync,
         no_parquet: !o.parquet,
+        lineage_columns: o.lineage,
     }
 }
 
@@ -329,6 +330,7 @@ pub fn output_from_wire(o: Option<wire::OutputOptions>) -> Result<OutputOptions,
             .transpose()?,
         fsync: o.fsync,
         parquet: !o.no_parquet,
+        lineage: o.lineage_columns,
     })
 }
 

@@ -27,6 +27,7 @@ use haul_shared::lake::{ChunkManifest, Dest, DestError, PartFile, table_dir};
 use haul_shared::load::{ChunkLoad, LoadClient, LoadClientError};
 
 use crate::decode::CopyDecoder;
+use crate::lineage::Lineage;
 use crate::source::ChunkSource;
 use crate::writer::{ChunkWriter, WriteError, WriterConfig};
 
@@ -57,6 +58,8 @@ pub enum ChunkError {
         loaded: u64,
         read: u64,
     },
+    #[error("lineage columns: {0}")]
+    Lineage(String),
 }
 
 impl Classify for ChunkError {
@@ -71,7 +74,7 @@ impl Classify for ChunkError {
                 ErrorClass::Transient
             }
             ChunkError::Load(e) => e.class(),
-            ChunkError::LoadCount { .. } => ErrorClass::Internal,
+            ChunkError::LoadCount { .. } | ChunkError::Lineage(_) => ErrorClass::Internal,
         }
     }
 }
@@ -249,6 +252,16 @@ pub async fn run_chunk(c: ChunkJob<'_>) -> Result<ChunkOutcome, ChunkError> {
 async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64), ChunkError> {
     let mut source = ChunkSource::open(c.source, c.plan.snapshot.as_deref()).await?;
     let mut decoder = CopyDecoder::new(&c.plan.table, c.spec.output.batch_rows, BATCH_BYTES);
+    let lineage = if c.spec.output.lineage && c.spec.output.parquet {
+        let at = c.plan.snapshot_at.as_deref().ok_or_else(|| {
+            ChunkError::Lineage(
+                "the job's plan has no snapshot time (planned by an older haul)".into(),
+            )
+        })?;
+        Some(Lineage::new(&decoder.schema(), c.job_id.as_str(), at).map_err(ChunkError::Lineage)?)
+    } else {
+        None
+    };
     let writer = if c.spec.output.parquet {
         Some(ChunkWriter::start(
             c.dest.clone(),
@@ -258,7 +271,9 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
                 staging: staging.to_owned(),
                 stem: format!("part-{}-{}", c.job_id, c.chunk),
             },
-            decoder.schema(),
+            lineage
+                .as_ref()
+                .map_or_else(|| decoder.schema(), Lineage::schema),
         )?)
     } else {
         None
@@ -284,14 +299,28 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
                 .source_bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);
             for b in batches.drain(..) {
-                rows += hand_on(b, c.progress, writer.as_ref(), load.as_mut()).await?;
+                rows += hand_on(
+                    b,
+                    c.progress,
+                    writer.as_ref(),
+                    lineage.as_ref(),
+                    load.as_mut(),
+                )
+                .await?;
             }
             if !more {
                 break;
             }
         }
         if let Some(b) = decoder.finish()? {
-            rows += hand_on(b, c.progress, writer.as_ref(), load.as_mut()).await?;
+            rows += hand_on(
+                b,
+                c.progress,
+                writer.as_ref(),
+                lineage.as_ref(),
+                load.as_mut(),
+            )
+            .await?;
         }
         Ok::<_, ChunkError>(())
     };
@@ -355,13 +384,20 @@ async fn hand_on(
     b: RecordBatch,
     progress: &Progress,
     writer: Option<&ChunkWriter>,
+    lineage: Option<&Lineage>,
     load: Option<&mut ChunkLoad>,
 ) -> Result<u64, ChunkError> {
     let n = b.num_rows() as u64;
     progress.rows.fetch_add(n, Ordering::Relaxed);
     // the writer first: it encodes on its own thread while the loader takes its copy
     if let Some(w) = writer {
-        w.write(b.clone()).await?;
+        let out = match lineage {
+            Some(l) => l
+                .add(b.clone())
+                .map_err(|e| ChunkError::Lineage(e.to_string()))?,
+            None => b.clone(),
+        };
+        w.write(out).await?;
     }
     if let Some(l) = load {
         l.send(b).await?;

@@ -12,6 +12,7 @@
 
 pub mod decode;
 pub mod executor;
+pub mod lineage;
 pub mod node;
 pub mod source;
 pub mod worker;

@@ -727,3 +727,83 @@ async fn chunk_predicates_partition_rows_for_any_nullable_key_shape() {
         );
     }
 }
+
+/// `--lineage-columns`: every row carries the job's id and its snapshot's time (read back
+/// with an independent reader), and a table that has a column of either name is refused
+/// before anything is written.
+#[tokio::test]
+async fn lineage_columns_carry_the_job_and_its_snapshot_time() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, note text);
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let before: i64 = db
+        .client
+        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut o = options(&db.dsn, "public.t", &dest);
+    o.spec.output.lineage = true;
+    o.job_id = Some(haul_shared::JobId::parse("nightly-lineage").unwrap());
+    run(o).await.unwrap();
+    let after: i64 = db
+        .client
+        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // the source's columns are as they were, followed by the two lineage columns
+    let batches: Vec<_> = read_batches(&dest.0.join("t"))
+        .into_iter()
+        .map(|b| {
+            let names: Vec<_> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            assert_eq!(names, ["id", "note", "_haul_job_id", "_haul_extracted_at"]);
+            b.project(&[0, 1]).unwrap()
+        })
+        .collect();
+    let digest = assert_same_batches(&db.client, "t", &batches).await;
+    assert_eq!(digest.rows, 5000);
+    let out = std::process::Command::new(test_python())
+        .arg("-c")
+        .arg(
+            "import sys, pyarrow.dataset as ds, pyarrow.compute as pc\n\
+             t = ds.dataset(sys.argv[1], format='parquet').to_table()\n\
+             print(t.schema.field('_haul_extracted_at').type)\n\
+             print(sorted(set(t['_haul_job_id'].to_pylist())))\n\
+             at = t['_haul_extracted_at'].cast('int64')\n\
+             print(pc.min(at).as_py(), pc.max(at).as_py())",
+        )
+        .arg(dest.0.join("t"))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "timestamp[us, tz=UTC]", "{text}");
+    assert_eq!(lines[1], "['nightly-lineage']", "{text}");
+    let (min, max) = lines[2].split_once(' ').unwrap();
+    assert_eq!(min, max, "one snapshot time for every row: {text}");
+    let at: i64 = min.parse().unwrap();
+    assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+
+    // a column of a lineage column's name would be shadowed: refused before planning
+    let other = TempDest::new();
+    db.exec("ALTER TABLE t ADD COLUMN _haul_job_id text").await;
+    let mut o = options(&db.dsn, "public.t", &other);
+    o.spec.output.lineage = true;
+    let err = run(o).await.unwrap_err().to_string();
+    assert!(
+        err.contains("has a column named _haul_job_id") && err.contains("--columns"),
+        "{err}"
+    );
+    assert!(files_under(&other.0).is_empty(), "nothing written");
+}

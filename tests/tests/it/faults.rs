@@ -262,6 +262,7 @@ async fn one_chunk_plan(db: &TestDb, table: &str, key: Vec<KeyColumn>, rows: u64
         .await
         .unwrap();
     JobPlan {
+        snapshot_at: None,
         table,
         key,
         chunks: vec![ChunkRange::All],
