@@ -1,0 +1,4 @@
+{# silver.orders and gold.daily_revenue, not main_silver.orders #}
+{% macro generate_schema_name(custom_schema_name, node) -%}
+    {{ custom_schema_name if custom_schema_name else target.schema }}
+{%- endmacro %}
