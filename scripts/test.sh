@@ -12,6 +12,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, pyarro
   "$VENV/bin/pip" install -q duckdb==1.5.5 pyarrow==26.0.1
 fi
 export HAUL_TEST_PYTHON="$VENV/bin/python"
+# dbt, Prefect, Dagster and Airflow for the medallion example's test, a venv each
+export HAUL_TEST_VENVS="${HAUL_TEST_VENVS:-$PWD/target/venvs}"
+bash scripts/pipeline-tools.sh
 # the TLS test makes its certificates with the openssl CLI
 if ! command -v openssl >/dev/null; then
   SUDO=""; if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi

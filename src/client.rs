@@ -368,6 +368,9 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         },
         "rows_done": s.rows_done,
         "bytes_done": s.bytes_done,
+        // the names `haul run --json` uses, so that scripts read either the same way
+        "rows": s.rows_done,
+        "bytes": s.bytes_done,
         "estimated_rows": s.estimated_rows,
         "snapshot": s.snapshot,
         "submitted_at_ms": s.submitted_at_ms,

@@ -57,7 +57,7 @@ export HAUL_SOURCE="$source_dsn" HAUL_LAKE="$WORK/lake" WAREHOUSE="$WORK/warehou
 run_pipeline() {
   local summary
   summary=$("$here/pipeline.sh" extract)
-  log "bronze: $(printf '%s' "$summary" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print("job %s: %s rows, %s files" % (j["job_id"], j["rows"], j["files"]))')"
+  log "bronze: $(printf '%s' "$summary" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print("job %s: %s rows" % (j["job_id"], j["rows"]))')"
   "$here/pipeline.sh" transform >"$WORK/dbt-build.log" \
     || { cat "$WORK/dbt-build.log" >&2; log "dbt build failed"; exit 1; }
   log "dbt: $(grep -E 'Done\. PASS' "$WORK/dbt-build.log" | tail -n1 | sed 's/^[0-9:]* *//')"

@@ -1,6 +1,7 @@
 """The medallion pipeline as Dagster assets: haul's bronze copy of public.orders, and
 silver and gold built on it by dbt. Each asset runs one step of ../pipeline.sh in a
-subprocess; bronze reports haul's job, rows, files and bytes as asset metadata.
+subprocess; bronze reports haul's job, rows and bytes as asset metadata (from
+`haul run --json`, or `haul submit --wait --json` with HAUL_COORDINATOR set).
 
     HAUL_SOURCE=... HAUL_LAKE=... WAREHOUSE=... \\
         dagster asset materialize -f dagster_assets.py --select '*'
@@ -43,7 +44,6 @@ def bronze_orders(context: AssetExecutionContext) -> MaterializeResult:
         metadata={
             "haul_job_id": s["job_id"],
             "rows": MetadataValue.int(s["rows"]),
-            "files": MetadataValue.int(s["files"]),
             "bytes": MetadataValue.int(s["bytes"]),
             "manifest": MetadataValue.path(s["manifest"]),
         }

@@ -29,10 +29,7 @@ def step(name: str) -> str:
 @task(retries=3, retry_delay_seconds=[10, 60, 300])
 def extract_bronze() -> dict:
     summary = json.loads(step("extract"))
-    get_run_logger().info(
-        "bronze: haul job %s, %s rows in %s files",
-        summary["job_id"], summary["rows"], summary["files"],
-    )
+    get_run_logger().info("bronze: haul job %s, %s rows", summary["job_id"], summary["rows"])
     return summary
 
 

@@ -10,6 +10,7 @@ mod harness;
 mod incremental;
 mod kubernetes;
 mod load;
+mod pipeline;
 mod s3;
 mod standby;
 mod stores;
