@@ -60,6 +60,10 @@ pub enum Cmd {
     Undrain(WorkerCmdArgs),
     /// A job's dead-lettered chunks: list them, queue them again, or forget them.
     Dlq(DlqArgs),
+    /// List what a lake holds, from its manifests: every job (embedded or cluster), its
+    /// table, rows, files, size, increment window and times, committed or not.
+    /// `haul ls ./lake`, `haul ls s3://bucket/lake --json` (JSON Lines, one job a line).
+    Ls(LsArgs),
     /// Print a shell completion script, e.g. `haul completions bash > /etc/bash_completion.d/haul`.
     Completions(CompletionsArgs),
 }
@@ -345,6 +349,15 @@ pub struct RunArgs {
     #[arg(long, env = "HAUL_LEDGER_SCHEMA", default_value = "haul")]
     pub ledger_schema: String,
     /// Print the summary as JSON, for scripts and orchestrators.
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// The lake: a path, `file:///abs` or `s3://bucket/prefix` (what jobs had as --dest).
+    pub dest: String,
+    /// Print JSON Lines (one object per job) instead of a table, for scripts and lineage.
     #[arg(long, env = "HAUL_JSON")]
     pub json: bool,
 }

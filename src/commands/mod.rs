@@ -2,6 +2,7 @@
 
 mod admin;
 mod coordinator;
+mod lake;
 mod loader;
 mod run;
 mod submit;
@@ -27,6 +28,7 @@ pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Drain(a) => admin::drain(a).await,
         Cmd::Undrain(a) => admin::undrain(a).await,
         Cmd::Dlq(a) => admin::dlq(a).await,
+        Cmd::Ls(a) => lake::ls(a).await,
         Cmd::Completions(a) => {
             use clap::CommandFactory;
             let mut cli = haul::cli::Cli::command();

@@ -24,6 +24,7 @@
 //! readers trust it, never a directory listing. An increment's commit point is the
 //! table's `_manifest.json`, rewritten only if it still records the increment's `low`.
 
+pub mod catalog;
 pub mod commit;
 pub mod manifest;
 

@@ -1,4 +1,4 @@
-//! The commands people reach for around a job: `--version` and shell completions.
+//! The commands people reach for around a job: `--version`, shell completions, `haul ls`.
 
 use std::process::Command;
 
@@ -55,4 +55,77 @@ fn bash_completions_parse_and_know_the_commands() {
         String::from_utf8_lossy(&bad.stderr).contains("possible values: bash"),
         "{bad:?}"
     );
+}
+
+/// `haul ls <lake>`: every job whose records are in a lake, from its manifests alone:
+/// committed, superseded by an `--overwrite` export, or unfinished (a failed job, with the
+/// chunks it did commit); JSON Lines with `--json`; a folder without haul's records is
+/// an error, not an empty list.
+#[tokio::test]
+async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
+    let db = TestDb::new().await;
+    poisonable(&db, 10_000, 5_000, "22023").await;
+    db.exec("CREATE TABLE u AS SELECT g AS id FROM generate_series(1, 3000) g")
+        .await;
+    let dest = TempDest::new();
+    let err = run(poisoned_run(&db, &dest, "ls-failed"))
+        .await
+        .unwrap_err()
+        .to_string();
+    let chunks = assert_one_chunk_failed(&err, &dest.0, "ls-failed");
+    for (job, overwrite) in [("ls-first", false), ("ls-second", true)] {
+        let mut o = options(&db.dsn, "public.u", &dest);
+        o.job_id = Some(haul_shared::JobId::parse(job).unwrap());
+        o.overwrite = overwrite;
+        run(o).await.unwrap();
+    }
+
+    let out = Command::new(haul_bin())
+        .args(["ls", dest.0.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let jobs: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| jobs.iter().find(|j| j["job_id"] == id).unwrap().clone();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    let failed = by_id("ls-failed");
+    assert_eq!(failed["state"], "unfinished");
+    assert_eq!(failed["table_dir"], "t");
+    assert_eq!(failed["chunks"], chunks);
+    assert_eq!(failed["chunks_done"], chunks - 1);
+    // the rows of its committed chunks: all but the failed chunk's
+    let committed_rows: u64 = chunk_manifests(&dest, "ls-failed")
+        .iter()
+        .map(|c| c.rows)
+        .sum();
+    assert_eq!(failed["rows"], committed_rows);
+    assert!(committed_rows > 0 && committed_rows < 10_000);
+    assert_eq!(by_id("ls-first")["state"], "superseded");
+    let second = by_id("ls-second");
+    assert_eq!(second["state"], "committed");
+    assert_eq!(second["table"], "public.u");
+    assert_eq!(second["rows"], 3000);
+    assert!(!second["finished_at"].as_str().unwrap().is_empty());
+
+    let out = Command::new(haul_bin())
+        .args(["ls", dest.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("table "), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+
+    let empty = TempDest::new();
+    let out = Command::new(haul_bin())
+        .args(["ls", empty.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("no haul jobs in"), "{msg}");
 }

@@ -262,4 +262,29 @@ async fn the_medallion_example_runs_under_dbt_prefect_dagster_and_airflow() {
         log.contains("between_orders_total_usd") && log.contains("accepted_values_orders_status"),
         "{log}"
     );
+
+    // `haul ls` shows bronze's lineage: six increments (run.sh's two, Prefect's, Dagster's,
+    // Airflow's, the bad row's), each window starting where the one before ended
+    let out = Command::new(haul_bin())
+        .arg("ls")
+        .arg(work.0.join("lake"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let jobs: Vec<serde_json::Value> = ok(out, "haul ls")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 6, "{jobs:?}");
+    assert!(
+        jobs.iter()
+            .all(|j| j["state"] == "committed" && j["table"] == "public.orders")
+    );
+    assert!(
+        jobs[0].get("window_low").is_none(),
+        "the first takes everything"
+    );
+    for w in jobs.windows(2) {
+        assert_eq!(w[1]["window_low"], w[0]["window_high"], "{jobs:?}");
+    }
 }
