@@ -19,6 +19,6 @@ SELECT md5('order-next-' || n || '-' || g)::uuid,
        (ARRAY['usd', 'EUR', 'gbp'])[g % 3 + 1],
        now() - (g % 86400) * interval '1 second',
        jsonb_build_object('channel', 'web')
-FROM generate_series(1, :new_rows) g,
+FROM generate_series(1::bigint, :new_rows) g,
      (SELECT count(*) AS n FROM public.orders) c;
 ANALYZE public.orders;

@@ -35,5 +35,5 @@ SELECT md5('order-' || g)::uuid,
        timestamptz '2026-09-01 00:00:00+00' + ((g * 613) % (90 * 86400)) * interval '1 second',
        jsonb_build_object('channel', (ARRAY['web', 'ios', 'android'])[g % 3 + 1],
                           'coupon', CASE WHEN g % 10 = 0 THEN 'SAVE10' END)
-FROM generate_series(1, :rows) g;
+FROM generate_series(1::bigint, :rows) g;
 ANALYZE public.orders;
