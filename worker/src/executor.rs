@@ -285,6 +285,12 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
     let stmt = copy_statement(c.plan, c.range);
     let mut rows = 0u64;
     let copy = async {
+        let mut sinks = Sinks {
+            progress: c.progress,
+            writer: writer.as_ref(),
+            lineage: lineage.as_ref(),
+            load: load.as_mut(),
+        };
         let mut stream = source.copy_out(&stmt).await?;
         let mut batches = Vec::new();
         loop {
@@ -299,28 +305,14 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
                 .source_bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);
             for b in batches.drain(..) {
-                rows += hand_on(
-                    b,
-                    c.progress,
-                    writer.as_ref(),
-                    lineage.as_ref(),
-                    load.as_mut(),
-                )
-                .await?;
+                rows += hand_on(b, &mut sinks).await?;
             }
             if !more {
                 break;
             }
         }
         if let Some(b) = decoder.finish()? {
-            rows += hand_on(
-                b,
-                c.progress,
-                writer.as_ref(),
-                lineage.as_ref(),
-                load.as_mut(),
-            )
-            .await?;
+            rows += hand_on(b, &mut sinks).await?;
         }
         Ok::<_, ChunkError>(())
     };
@@ -378,20 +370,23 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
     Ok((files, rows))
 }
 
+/// Where a chunk's batches go: the Parquet writer (with the lineage columns, if asked
+/// for) and the load; the progress counts them.
+struct Sinks<'a> {
+    progress: &'a Progress,
+    writer: Option<&'a ChunkWriter>,
+    lineage: Option<&'a Lineage>,
+    load: Option<&'a mut ChunkLoad>,
+}
+
 /// Hands a decoded batch to the Parquet writer and the loader (whichever the job has);
 /// returns its row count.
-async fn hand_on(
-    b: RecordBatch,
-    progress: &Progress,
-    writer: Option<&ChunkWriter>,
-    lineage: Option<&Lineage>,
-    load: Option<&mut ChunkLoad>,
-) -> Result<u64, ChunkError> {
+async fn hand_on(b: RecordBatch, sinks: &mut Sinks<'_>) -> Result<u64, ChunkError> {
     let n = b.num_rows() as u64;
-    progress.rows.fetch_add(n, Ordering::Relaxed);
+    sinks.progress.rows.fetch_add(n, Ordering::Relaxed);
     // the writer first: it encodes on its own thread while the loader takes its copy
-    if let Some(w) = writer {
-        let out = match lineage {
+    if let Some(w) = sinks.writer {
+        let out = match sinks.lineage {
             Some(l) => l
                 .add(b.clone())
                 .map_err(|e| ChunkError::Lineage(e.to_string()))?,
@@ -399,7 +394,7 @@ async fn hand_on(
         };
         w.write(out).await?;
     }
-    if let Some(l) = load {
+    if let Some(l) = sinks.load.as_deref_mut() {
         l.send(b).await?;
     }
     Ok(n)

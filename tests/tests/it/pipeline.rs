@@ -227,6 +227,21 @@ async fn the_medallion_example_runs_under_dbt_prefect_dagster_and_airflow() {
     );
     p.check();
     drop(cl);
+    // the bronze asset's materialization carries haul's job and row count
+    let out = Command::new(venvs.join("dagster/bin/python"))
+        .args([
+            "-c",
+            "from dagster import AssetKey, DagsterInstance\n\
+             e = DagsterInstance.get().get_latest_materialization_event(AssetKey('bronze_orders'))\n\
+             m = e.asset_materialization.metadata\n\
+             print(m['haul_job_id'].value, m['rows'].value)",
+        ])
+        .env("DAGSTER_HOME", &dagster_home)
+        .output()
+        .unwrap();
+    let printed = ok(out, "reading the Dagster asset's metadata");
+    let (dagster_job, dagster_rows) = printed.lines().last().unwrap().split_once(' ').unwrap();
+    let (dagster_job, dagster_rows) = (dagster_job.to_owned(), dagster_rows.to_owned());
 
     // Airflow: `airflow dags test` after the source moved on again
     p.change_source();
@@ -287,4 +302,10 @@ async fn the_medallion_example_runs_under_dbt_prefect_dagster_and_airflow() {
     for w in jobs.windows(2) {
         assert_eq!(w[1]["window_low"], w[0]["window_high"], "{jobs:?}");
     }
+    let dagsters = jobs.iter().find(|j| j["job_id"] == dagster_job.as_str());
+    assert_eq!(
+        dagsters.map(|j| j["rows"].to_string()),
+        Some(dagster_rows),
+        "the asset's row count is its job's: {jobs:?}"
+    );
 }
