@@ -374,6 +374,8 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         "estimated_rows": s.estimated_rows,
         "snapshot": s.snapshot,
         "submitted_at_ms": s.submitted_at_ms,
+        "finished_at_ms": (s.finished_at_ms > 0).then_some(s.finished_at_ms),
+        "wall_ms": wall_ms(s),
         "manifest": s.manifest,
         "load_target": s.load_target,
         "loaders": s.loaders,
@@ -407,6 +409,12 @@ pub fn dead_letters_json(d: &DeadLetters) -> serde_json::Value {
     })
 }
 
+/// How long an ended job ran, from its submission to its end.
+fn wall_ms(s: &JobStatus) -> Option<i64> {
+    (s.finished_at_ms > 0 && s.submitted_at_ms > 0)
+        .then(|| (s.finished_at_ms - s.submitted_at_ms).max(0))
+}
+
 /// `haul status` as `key: value` lines.
 pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(
@@ -437,6 +445,16 @@ pub fn status_text(s: &JobStatus) -> String {
             String::new()
         };
         out.push_str(&format!("snapshot:  {}{held}\n", s.snapshot));
+    }
+    if let Some(ms) = wall_ms(s) {
+        // the rates of the whole job, planning and commit included
+        let secs = (ms as f64 / 1000.0).max(0.001);
+        out.push_str(&format!(
+            "wall:      {:.1} s ({:.0} rows/s, {:.1} MiB/s)\n",
+            secs,
+            s.rows_done as f64 / secs,
+            s.bytes_done as f64 / (1024.0 * 1024.0) / secs
+        ));
     }
     if !s.load_target.is_empty() {
         out.push_str(&format!(

@@ -413,6 +413,11 @@ pub trait JobStore: Send + Sync + 'static {
         state: &ChunkState,
     ) -> Result<(), StoreError>;
     async fn chunk_states(&self, id: &JobId) -> Result<BTreeMap<ChunkId, ChunkState>, StoreError>;
+    /// When the job ended (Unix ms), as recorded when its state first became terminal;
+    /// `None` while it runs, and from a store that keeps no times.
+    async fn finished_at_ms(&self, _id: &JobId) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
     /// Records a chunk task the queue dead-lettered (one per chunk: a later one replaces
     /// it), for operators (`haul dlq`).
     async fn add_dead_letter(&self, id: &JobId, dead: &DeadLetter) -> Result<(), StoreError>;

@@ -356,6 +356,8 @@ impl JobStore for RedisStore {
             .atomic()
             .set(&key, record)
             .set(format!("{key}:state"), state)
+            // a job recorded (again) has not ended yet
+            .del(format!("{key}:finished_at"))
             .sadd(self.k("jobs"), job.id.to_string())
             .query_async(&mut conn)
             .await
@@ -410,11 +412,25 @@ impl JobStore for RedisStore {
             return Err(corrupt(&key, "no such job"));
         }
         let s = serde_json::to_string(state).map_err(|e| corrupt(&key, e))?;
-        let _: () = conn
-            .set(format!("{key}:state"), s)
-            .await
-            .map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.set(format!("{key}:state"), s).ignore();
+        if state.is_terminal() {
+            // the first end counts (a later terminal state, e.g. a cancel, keeps it)
+            pipe.cmd("SET")
+                .arg(format!("{key}:finished_at"))
+                .arg(chrono::Utc::now().timestamp_millis())
+                .arg("NX")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn finished_at_ms(&self, id: &JobId) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.get(self.k(&format!("job:{id}:finished_at")))
+            .await
+            .map_err(unavailable)
     }
 
     async fn set_chunk_state(

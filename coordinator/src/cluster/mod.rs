@@ -350,7 +350,14 @@ impl Coordinator {
     async fn status(&self, id: &JobId) -> Result<JobStatus, Status> {
         let rec = self.job(id).await?;
         let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
-        Ok(job_status_to_wire(&rec, &chunks))
+        let mut s = job_status_to_wire(&rec, &chunks);
+        s.finished_at_ms = self
+            .store
+            .finished_at_ms(id)
+            .await
+            .map_err(store_status)?
+            .unwrap_or(0);
+        Ok(s)
     }
 
     /// The job's dead-lettered chunk tasks.

@@ -79,6 +79,21 @@ async fn two_worker_processes_extract_a_skewed_million_rows() {
     );
     let status = cl.haul_ok(&["status", "e2e"]);
     assert!(status.contains("rows:      1000000"), "{status}");
+    // an ended job says how long it ran, and how fast
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("wall:      ") && l.contains(" rows/s, ")),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cl.haul_ok(&["status", "e2e", "--json"])).unwrap();
+    let (submitted, finished) = (
+        json["submitted_at_ms"].as_i64().unwrap(),
+        json["finished_at_ms"].as_i64().unwrap(),
+    );
+    assert!(submitted > 0 && finished >= submitted, "{json}");
+    assert_eq!(json["wall_ms"].as_i64(), Some(finished - submitted));
     let workers = cl.haul_ok(&["workers"]);
     let lines: Vec<_> = workers
         .lines()

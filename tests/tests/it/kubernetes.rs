@@ -151,11 +151,13 @@ async fn backfill(rows: u64, chunk_ms: &str) -> (TestDb, TempDest, Cluster) {
 async fn workers_scaled_on_queue_depth_finish_a_backfill_and_drain_on_scale_in() {
     let _broker = BROKER.write().await;
     let (db, dest, mut cl) = backfill(240_000, "2000").await;
-    // what k8s/base/worker-scaledobject.yaml says, with seconds for minutes
+    // k8s/base/worker-scaledobject.yaml's scaler, with seconds for minutes and 12 chunks a
+    // worker (its `value` is 4), so that the first scale-ins come with many chunks left:
+    // the queue's depth is up to 5 s old when read (RabbitMQ samples it every 5 s)
     let so = ScaledObject {
         min: 0,
         max: 4,
-        value: 6.0,
+        value: 12.0,
         polling: Duration::from_millis(500),
         cooldown: Duration::from_secs(2),
         grace: Duration::from_secs(30),

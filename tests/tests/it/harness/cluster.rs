@@ -13,12 +13,22 @@ use haul_shared::{ChunkId, JobId};
 use super::fixtures::{TempDest, TestDb, unique};
 use super::services::{KeysGuard, QueuesGuard, amqp_url, haul_bin, redis_url};
 
+/// A port nothing listens on now, and never handed out before in this test run: the
+/// kernel may offer a just-released port again, and two roles told the same port (a
+/// coordinator's gRPC and metrics addresses, say) fail to start.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A coordinator and its workers, each a real `haul` process, killed at the end.
