@@ -28,8 +28,8 @@ pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> +
 pub type Ready =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
 
-/// A readiness check that answers how long it took at most: a check that hangs (a store
-/// that does not answer) is a failed check, not a hung probe.
+/// How long a readiness check may take: one that hangs (a store that does not answer)
+/// fails the check instead of hanging the probe.
 pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The label set of a sample in a family: `(name, value)` pairs.

@@ -154,10 +154,12 @@ pub struct QueueDepth {
 }
 
 impl RabbitQueue {
-    /// The chunk queue's ready tasks and consumers (a passive declare).
+    /// The chunk queue's ready tasks and consumers: a passive declare, on a channel of its
+    /// own (the broker closes the channel of a passive declare whose queue is gone: that
+    /// must not be the publisher's). Asked at each scrape and readiness probe.
     pub async fn depth(&self) -> Result<QueueDepth, QueueError> {
-        let q = self
-            .publisher
+        let channel = self.conn.create_channel().await.map_err(unavailable)?;
+        let declared = channel
             .queue_declare(
                 self.name.as_str().into(),
                 QueueDeclareOptions {
@@ -166,8 +168,11 @@ impl RabbitQueue {
                 },
                 FieldTable::default(),
             )
-            .await
-            .map_err(unavailable)?;
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "OK".into()).await;
+        }
+        let q = declared.map_err(unavailable)?;
         Ok(QueueDepth {
             ready: q.message_count(),
             consumers: q.consumer_count(),
