@@ -34,22 +34,6 @@ fn running_on(
     }
 }
 
-fn submit_args<'a>(dsn: &'a str, dest: &'a str, job: &'a str, chunk_rows: &'a str) -> Vec<&'a str> {
-    vec![
-        "submit",
-        "--source",
-        dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest,
-        "--job-id",
-        job,
-        "--chunk-rows",
-        chunk_rows,
-    ]
-}
-
 #[tokio::test]
 async fn two_worker_processes_extract_a_skewed_million_rows() {
     let _broker = BROKER.write().await;

@@ -740,22 +740,20 @@ async fn lineage_columns_carry_the_job_and_its_snapshot_time() {
     )
     .await;
     let dest = TempDest::new();
-    let before: i64 = db
-        .client
-        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now_us = || async {
+        let row = db
+            .client
+            .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    let before = now_us().await;
     let mut o = options(&db.dsn, "public.t", &dest);
     o.spec.output.lineage = true;
     o.job_id = Some(haul_shared::JobId::parse("nightly-lineage").unwrap());
     run(o).await.unwrap();
-    let after: i64 = db
-        .client
-        .query_one("SELECT (extract(epoch FROM now()) * 1000000)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let after = now_us().await;
     // the source's columns are as they were, followed by the two lineage columns
     let batches: Vec<_> = read_batches(&dest.0.join("t"))
         .into_iter()

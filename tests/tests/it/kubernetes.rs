@@ -7,23 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// `submit` of table `t` into `dest` as job `job`, in chunks of `chunk_rows` rows.
-fn submit(cl: &Cluster, db: &TestDb, dest: &TempDest, job: &str, chunk_rows: &str) {
-    cl.haul_ok(&[
-        "submit",
-        "--source",
-        &db.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
-        job,
-        "--chunk-rows",
-        chunk_rows,
-    ]);
-}
-
 /// Waits until `GET <path>` on `port` answers `status`; returns the body.
 fn wait_for_answer(cl: &Cluster, port: u16, path: &str, status: u16) -> String {
     let t0 = Instant::now();
@@ -162,7 +145,12 @@ async fn workers_scaled_on_queue_depth_finish_a_backfill_and_drain_on_scale_in()
         cooldown: Duration::from_secs(2),
         grace: Duration::from_secs(30),
     };
-    submit(&cl, &db, &dest, "scaled", "5000");
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "scaled",
+        "5000",
+    ));
     let (timeline, terminated) = autoscale(
         &mut cl,
         so,
@@ -235,7 +223,12 @@ async fn a_rolling_restart_of_every_worker_mid_job_loses_no_chunk() {
         old.push((id.to_owned(), worker(&mut cl, id)));
     }
     cl.wait_workers(3);
-    submit(&cl, &db, &dest, "rolled", "5000");
+    cl.haul_ok(&submit_args(
+        &db.dsn,
+        dest.0.to_str().unwrap(),
+        "rolled",
+        "5000",
+    ));
     cl.wait_chunks("rolled", "a committed chunk", committed_at_least(1))
         .await;
     // the coordinator holds the job's snapshot, and says for how long

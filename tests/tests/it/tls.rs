@@ -609,20 +609,9 @@ async fn a_cluster_runs_over_amqps_and_rediss() {
     let _keys = TlsKeys(cl.prefix.clone());
     cl.start_worker("w1", &[]);
     cl.start_worker("w2", &[]);
-    let out = cl.haul_ok(&[
-        "submit",
-        "--source",
-        &db.dsn,
-        "--table",
-        "public.t",
-        "--dest",
-        dest.0.to_str().unwrap(),
-        "--job-id",
-        "overtls",
-        "--chunk-rows",
-        "5000",
-        "--wait",
-    ]);
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "overtls", "5000");
+    args.push("--wait");
+    let out = cl.haul_ok(&args);
     assert!(out.contains("state:     succeeded"), "{out}\n{}", cl.logs());
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     let keys = tls_redis(&["--scan", "--pattern", &format!("{}*", cl.prefix)]);

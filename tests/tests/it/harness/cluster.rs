@@ -299,6 +299,29 @@ impl Cluster {
     }
 }
 
+/// `haul submit` of table `public.t` from `dsn` into `dest` as job `job`, in chunks of
+/// `chunk_rows` rows; tests add flags to it.
+pub(crate) fn submit_args<'a>(
+    dsn: &'a str,
+    dest: &'a str,
+    job: &'a str,
+    chunk_rows: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "submit",
+        "--source",
+        dsn,
+        "--table",
+        "public.t",
+        "--dest",
+        dest,
+        "--job-id",
+        job,
+        "--chunk-rows",
+        chunk_rows,
+    ]
+}
+
 /// Sends `sig` (e.g. `STOP`) to a process, which must exist.
 pub(crate) fn signal(pid: u32, sig: &str) {
     let st = Command::new("kill")
