@@ -48,8 +48,9 @@ async fn every_role_answers_its_probes_at_its_metrics_address() {
         sample(&scrape(cl.metrics_port), "haul_coordinator_active"),
         Some(1.0)
     );
-    // a second one stands by, alive and ready to take over (a rolling deploy's new pod
-    // must be ready while the old one still leads), though it serves no gRPC yet
+    // a second one stands by: alive, and ready (it takes over when the lease frees, e.g.
+    // a new pod finding the lease still held by the one it replaces), though it serves
+    // no gRPC yet
     let standby_metrics = free_port();
     let mut standby = cl.spawn_coordinator(free_port(), standby_metrics, "standby");
     assert_eq!(
