@@ -2,6 +2,7 @@
 
 use haul::cli::LsArgs;
 use haul_shared::lake::{Dest, catalog, local_path};
+use indicatif::HumanBytes;
 
 pub(super) async fn ls(a: LsArgs) -> anyhow::Result<()> {
     if let Some(p) = local_path(&a.dest)
@@ -10,13 +11,13 @@ pub(super) async fn ls(a: LsArgs) -> anyhow::Result<()> {
         anyhow::bail!("no lake at {}: no such folder", a.dest);
     }
     let dest = Dest::open(&a.dest, false)?;
-    if !catalog::has_records(&dest).await? {
+    let jobs = catalog::list(&dest).await?;
+    if jobs.is_empty() {
         anyhow::bail!(
             "no haul jobs in {} (its _haul/jobs/ is empty): is it the --dest the jobs wrote to?",
             dest.url
         );
     }
-    let jobs = catalog::list(&dest).await?;
     if a.json {
         for j in &jobs {
             println!("{}", serde_json::to_string(j)?);
@@ -46,24 +47,8 @@ pub(super) async fn ls(a: LsArgs) -> anyhow::Result<()> {
             j.state,
             j.rows,
             j.files,
-            human_bytes(j.bytes),
+            HumanBytes(j.bytes).to_string(),
         );
     }
     Ok(())
-}
-
-/// `1.2 MiB`: binary units, one decimal.
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -221,61 +221,71 @@ fn worker_metrics(p: &Progress, ctl: &Control, slots: usize) -> String {
     use metrics::{ConstCounter, ConstGauge, Registry};
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut r = Registry::default();
-    r.register(
-        "haul_worker_chunks_done",
-        "Chunks this worker committed (or found committed)",
-        ConstCounter::new(n(&p.chunks_done)),
-    );
-    r.register(
-        "haul_worker_rows_read",
-        "Rows read from the source, including chunks in flight",
-        ConstCounter::new(n(&p.rows)),
-    );
-    r.register(
-        "haul_worker_source_bytes",
-        "Bytes of binary COPY data read from the source",
-        ConstCounter::new(n(&p.source_bytes)),
-    );
-    r.register(
-        "haul_worker_lease_renewals",
-        "Chunk lease renewals that succeeded",
-        ConstCounter::new(n(&p.lease_renewals)),
-    );
-    r.register(
-        "haul_worker_leases_lost",
-        "Chunk leases lost while working (the chunk's next attempt may be another worker's)",
-        ConstCounter::new(n(&p.leases_lost)),
-    );
-    r.register(
-        "haul_worker_commit_conflicts",
-        "Attempts that came to commit and found the chunk was another attempt's",
-        ConstCounter::new(n(&p.commit_conflicts)),
-    );
-    r.register(
-        "haul_worker_chunk_failures",
-        "Chunk attempts that failed (retried with a backoff, or failed for good)",
-        ConstCounter::new(n(&p.chunk_failures)),
-    );
-    r.register(
-        "haul_worker_consuming",
-        "1 while the worker holds a consumer on the chunk queue",
-        ConstGauge::new(i64::from(p.consuming.load(Ordering::Relaxed))),
-    );
-    r.register(
-        "haul_worker_chunks_in_flight",
-        "Chunks being extracted now",
-        ConstGauge::new(n(&p.in_flight) as i64),
-    );
-    r.register(
-        "haul_worker_slots",
-        "Chunks this worker extracts at once",
-        ConstGauge::new(slots as i64),
-    );
-    r.register(
-        "haul_worker_draining",
-        "1 while the worker drains",
-        ConstGauge::new(i64::from(ctl.drain.is_cancelled())),
-    );
+    let counters = [
+        (
+            "haul_worker_chunks_done",
+            "Chunks this worker committed (or found committed)",
+            &p.chunks_done,
+        ),
+        (
+            "haul_worker_rows_read",
+            "Rows read from the source, including chunks in flight",
+            &p.rows,
+        ),
+        (
+            "haul_worker_source_bytes",
+            "Bytes of binary COPY data read from the source",
+            &p.source_bytes,
+        ),
+        (
+            "haul_worker_lease_renewals",
+            "Chunk lease renewals that succeeded",
+            &p.lease_renewals,
+        ),
+        (
+            "haul_worker_leases_lost",
+            "Chunk leases lost while working (the chunk's next attempt may be another worker's)",
+            &p.leases_lost,
+        ),
+        (
+            "haul_worker_commit_conflicts",
+            "Attempts that came to commit and found the chunk was another attempt's",
+            &p.commit_conflicts,
+        ),
+        (
+            "haul_worker_chunk_failures",
+            "Chunk attempts that failed (retried with a backoff, or failed for good)",
+            &p.chunk_failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        r.register(name, help, ConstCounter::new(n(value)));
+    }
+    let gauges = [
+        (
+            "haul_worker_consuming",
+            "1 while the worker holds a consumer on the chunk queue",
+            i64::from(p.consuming.load(Ordering::Relaxed)),
+        ),
+        (
+            "haul_worker_chunks_in_flight",
+            "Chunks being extracted now",
+            n(&p.in_flight) as i64,
+        ),
+        (
+            "haul_worker_slots",
+            "Chunks this worker extracts at once",
+            slots as i64,
+        ),
+        (
+            "haul_worker_draining",
+            "1 while the worker drains",
+            i64::from(ctl.drain.is_cancelled()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        r.register(name, help, ConstGauge::new(value));
+    }
     metrics::encode(&r)
 }
 

@@ -2,7 +2,8 @@
 //! it, committed or not, with its table, rows, files, bytes, increment window and times.
 //! A lineage tool, or `read_json` in a warehouse, can take it as a small table.
 
-use futures::TryStreamExt;
+use std::collections::{HashMap, HashSet};
+
 use serde::Serialize;
 
 use super::{Dest, DestError, JobManifest, PlanFile, store_err};
@@ -50,7 +51,7 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
         .await
         .map_err(store_err(&jobs_dir))?;
     // which jobs each table's manifest names as published
-    let mut published: std::collections::HashMap<String, String> = Default::default();
+    let mut published: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
     for prefix in listed.common_prefixes {
         let Some(name) = prefix.filename() else {
@@ -77,12 +78,12 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
                     Some(t) if !t.increments.is_empty() => {
                         t.increments.iter().map(|j| j.to_string()).collect()
                     }
-                    Some(t) => vec![t.job.to_string()],
-                    None => vec![],
+                    Some(t) => HashSet::from([t.job.to_string()]),
+                    None => HashSet::new(),
                 };
-                published.insert(tdir.clone(), names.join(","));
+                published.insert(tdir.clone(), names);
             }
-            let is_published = published[&tdir].split(',').any(|j| j == job.as_str());
+            let is_published = published[&tdir].contains(job.as_str());
             out.push(LakeJob {
                 table_dir: tdir,
                 table: m.table.clone(),
@@ -106,6 +107,7 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
             });
         } else {
             let done = dest.chunk_manifests(&job).await?;
+            let window = plan.as_ref().and_then(|p| p.plan.window.as_ref());
             out.push(LakeJob {
                 table_dir: tdir,
                 table: plan.as_ref().map(|p| p.table.clone()).unwrap_or_default(),
@@ -114,15 +116,9 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
                 rows: done.iter().map(|c| c.rows).sum(),
                 files: done.iter().map(|c| c.files.len()).sum(),
                 bytes: done.iter().map(|c| c.bytes).sum(),
-                watermark_column: plan
-                    .as_ref()
-                    .and_then(|p| p.plan.window.as_ref().map(|w| w.column.clone())),
-                window_low: plan
-                    .as_ref()
-                    .and_then(|p| p.plan.window.as_ref().and_then(|w| w.low.clone())),
-                window_high: plan
-                    .as_ref()
-                    .and_then(|p| p.plan.window.as_ref().map(|w| w.high.clone())),
+                watermark_column: window.map(|w| w.column.clone()),
+                window_low: window.and_then(|w| w.low.clone()),
+                window_high: window.map(|w| w.high.clone()),
                 snapshot: plan.as_ref().and_then(|p| p.plan.snapshot.clone()),
                 started_at: plan
                     .as_ref()
@@ -138,17 +134,4 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
         (&a.table_dir, &a.started_at, &a.job_id).cmp(&(&b.table_dir, &b.started_at, &b.job_id))
     });
     Ok(out)
-}
-
-/// Whether `dest` holds any of haul's records at all (a typo in a path should say so,
-/// not print an empty list).
-pub async fn has_records(dest: &Dest) -> Result<bool, DestError> {
-    let jobs_dir = dest.path("_haul/jobs");
-    let first = dest
-        .store
-        .list(Some(&jobs_dir))
-        .try_next()
-        .await
-        .map_err(store_err(&jobs_dir))?;
-    Ok(first.is_some())
 }
