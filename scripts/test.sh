@@ -6,12 +6,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/services.sh
 export HAUL_TEST_PG="${HAUL_TEST_PG:-postgresql://postgres@127.0.0.1:5432/postgres}"
 # independent readers (DuckDB, pyarrow, pyarrow.flight) for the reader tests, in a venv of our own
-VENV="${HAUL_TEST_VENV:-$PWD/target/pyenv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, pyarrow, pyarrow.flight" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q duckdb==1.5.5 pyarrow==26.0.1
-fi
-export HAUL_TEST_PYTHON="$VENV/bin/python"
+bash scripts/pyenv.sh
+export HAUL_TEST_PYTHON="${HAUL_TEST_VENV:-$PWD/target/pyenv}/bin/python"
 # dbt, Prefect, Dagster and Airflow for the medallion example's test, a venv each
 export HAUL_TEST_VENVS="${HAUL_TEST_VENVS:-$PWD/target/venvs}"
 bash scripts/pipeline-tools.sh
@@ -33,3 +29,6 @@ bash scripts/build-image.sh
 # the binary the tests spawn, with its test-only hooks (fault injection)
 cargo build --bin haul --features testsuite
 cargo test --workspace "$@"
+# README.md's blocks, run as pasted (last: they rebuild target/debug/haul without the
+# test-only hooks and run a cluster on the default ports)
+if [ $# -eq 0 ]; then bash scripts/readme-check.sh; fi

@@ -32,6 +32,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Run one job whole in this process (coordinator + N workers, in-process queue).
     Run(RunArgs),
+    /// Plan a job without running it: key, chunks, estimated rows per chunk, how the
+    /// source would read each (EXPLAIN) and the statements; nothing is read or written.
+    /// Takes `haul run`'s flags: `haul plan --source postgresql://127.0.0.1/shop --table orders --dest ./lake`.
+    Plan(RunArgs),
     /// Serve the cluster's gRPC API: plan jobs, queue their chunks, commit them.
     Coordinator(CoordinatorArgs),
     /// Extract chunks from the queue (one process per machine; scale freely).
@@ -64,6 +68,19 @@ pub enum Cmd {
     /// table, rows, files, size, increment window and times, committed or not.
     /// `haul ls ./lake`, `haul ls s3://bucket/lake --json` (JSON Lines, one job a line).
     Ls(LsArgs),
+    /// Show one table of a lake: its committed export (job, rows, files, size, snapshot,
+    /// partitions, increment window), its columns with their Postgres and Arrow types, and
+    /// every job that wrote to it. `haul show ./lake/orders`, `haul show s3://bucket/lake/orders --json`.
+    Show(ShowArgs),
+    /// Reconcile a committed export with its source, chunk by chunk: Postgres counts and
+    /// checksums each chunk's rows, haul reads the chunk's Parquet back and does the same;
+    /// exits 1 naming each chunk that differs.
+    /// `haul verify ./lake/orders --source postgresql://127.0.0.1/shop`.
+    Verify(VerifyArgs),
+    /// List what a lake holds that no manifest needs (staged parts of attempts that never
+    /// committed, parts of exports since replaced, parts no manifest lists); with
+    /// `--delete`, remove it. Records are never touched. `haul gc ./lake --delete`.
+    Gc(GcArgs),
     /// Print a shell completion script, e.g. `haul completions bash > /etc/bash_completion.d/haul`.
     Completions(CompletionsArgs),
 }
@@ -83,7 +100,8 @@ pub struct DlqArgs {
 /// How to reach the coordinator.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Coordinator address (https:// for TLS).
+    /// Coordinator address (https:// for TLS); several, comma-separated, for an active
+    /// coordinator and its standbys: the active one is used, whichever it is.
     #[arg(
         long,
         env = "HAUL_COORDINATOR",
@@ -274,6 +292,30 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics on http://<addr>/metrics.
     #[arg(long, env = "HAUL_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The address clients reach this coordinator at, which a standby names when it
+    /// answers (default: `--listen`'s, with this host's name for an unspecified address).
+    #[arg(long, env = "HAUL_ADVERTISE")]
+    pub advertise: Option<String>,
+}
+
+impl CoordinatorArgs {
+    /// `--advertise`, or the URL `--listen` implies.
+    pub fn advertise_url(&self) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        let scheme = if self.serve.tls().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if self.listen.ip().is_unspecified() {
+            haul_shared::workers::hostname()
+        } else {
+            self.listen.ip().to_string()
+        };
+        format!("{scheme}://{host}:{}", self.listen.port())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -351,6 +393,10 @@ pub struct RunArgs {
     /// Print the summary as JSON, for scripts and orchestrators.
     #[arg(long, env = "HAUL_JSON")]
     pub json: bool,
+    /// Plan the job and show its chunks, their estimated rows and how the source would
+    /// read each (EXPLAIN), without extracting or writing anything (same as `haul plan`).
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +406,62 @@ pub struct LsArgs {
     /// Print JSON Lines (one object per job) instead of a table, for scripts and lineage.
     #[arg(long, env = "HAUL_JSON")]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The table's folder in the lake: `<dest>/<table>`, e.g. `./lake/orders` or
+    /// `s3://bucket/lake/orders`.
+    pub table: String,
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The table's folder in the lake: `<dest>/<table>`, e.g. `./lake/orders`.
+    pub table: String,
+    /// The source the export came from (a password in it stays in this process).
+    #[arg(long, env = "HAUL_SOURCE", hide_env_values = true)]
+    pub source: String,
+    #[command(flatten)]
+    pub login: SourceLogin,
+    /// Verify this job of the export (an earlier increment of a series); the last one
+    /// otherwise. Rows updated after an increment moved to a later window, so an older
+    /// increment differs from the source by them.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Chunks verified at once (a source session and a Parquet reader each).
+    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = at_least_one)]
+    pub workers: usize,
+    /// Print the report as one JSON object (every chunk's counts and checksums).
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// The lake: a path, `file:///abs` or `s3://bucket/prefix`.
+    pub dest: String,
+    /// Remove what is listed (without it, only list: a dry run).
+    #[arg(long)]
+    pub delete: bool,
+    /// Objects no committed manifest accounts for are garbage only once older than this
+    /// (a running attempt's parts are young): `0`, `90s`, `30m`, `6h`.
+    #[arg(long, default_value = "6h", value_parser = age)]
+    pub older_than: Secs,
+    /// Print the report as one JSON object.
+    #[arg(long, env = "HAUL_JSON")]
+    pub json: bool,
+}
+
+/// A duration that may be zero (`--older-than 0`).
+fn age(s: &str) -> Result<Secs, String> {
+    match s.trim() {
+        "0" | "0s" | "0m" | "0h" => Ok(Secs(0)),
+        t => t.parse(),
+    }
 }
 
 #[derive(Args, Debug)]

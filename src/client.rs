@@ -1,7 +1,6 @@
 //! The operator CLI's side of the gRPC API: `haul submit|jobs|status|watch|cancel|pause|
 //! resume|workers|drain|undrain|dlq`.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,12 +11,11 @@ use haul_shared::proto::wire::{
 };
 use haul_shared::proto::{state_is_terminal, state_name, submission_to_wire};
 use haul_shared::rpc::{BearerToken, ClientOptions, RpcError};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::cli::JobRequest;
-use crate::progress::ProgressMode;
+use crate::progress::{ProgressMode, Reporter, Snapshot};
 
 type Authed = InterceptedService<Channel, BearerToken>;
 
@@ -88,7 +86,7 @@ pub async fn submit(
     if !wait {
         return Ok(status);
     }
-    follow(&mut c, &status.job_id, progress).await
+    follow(o, c, &status.job_id, progress).await
 }
 
 /// Follows a job to its end; `Err(JobEnded)` unless it succeeded.
@@ -97,38 +95,70 @@ pub async fn watch(
     job: &str,
     progress: ProgressMode,
 ) -> Result<JobStatus, ClientError> {
-    let mut c = jobs_client(o).await?;
-    follow(&mut c, job, progress).await
+    let c = jobs_client(o).await?;
+    follow(o, c, job, progress).await
 }
 
-async fn follow(
+/// How long following a job waits out a coordinator that went away (a failover: the
+/// standby takes over within about 10 s) before giving up with the last error.
+const FOLLOW_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Whether a call failed because the coordinator went away or stands by (the connection
+/// broke, or it answered `Unavailable`), not because of what was asked.
+fn connection_trouble(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// After connection trouble: waits a little and connects again, to whichever coordinator
+/// is active by then; past [`FOLLOW_PATIENCE`] since the trouble began, `err`.
+async fn reconnect(
+    o: &ClientOptions,
     c: &mut JobsClient<Authed>,
+    since: &mut Option<std::time::Instant>,
+    err: tonic::Status,
+) -> Result<(), ClientError> {
+    let t0 = match since {
+        Some(t) => *t,
+        None => {
+            tracing::warn!(error = %err.message(), "lost the coordinator; following the job again once one answers");
+            *since.insert(std::time::Instant::now())
+        }
+    };
+    if t0.elapsed() > FOLLOW_PATIENCE {
+        return Err(ClientError::Status(err));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Ok(fresh) = jobs_client(o).await {
+        *c = fresh;
+    }
+    Ok(())
+}
+
+/// Follows a job's status stream to its end, through a coordinator failover (given
+/// several addresses, it follows on the one that took over).
+async fn follow(
+    o: &ClientOptions,
+    mut c: JobsClient<Authed>,
     job: &str,
     mode: ProgressMode,
 ) -> Result<JobStatus, ClientError> {
-    let tty = std::io::stderr().is_terminal();
-    let bar = matches!(mode, ProgressMode::Bar) || (matches!(mode, ProgressMode::Auto) && tty);
-    let bar = bar.then(|| {
-        let b = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} chunks  {msg}  ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
-    let log = matches!(mode, ProgressMode::Log) || (matches!(mode, ProgressMode::Auto) && !tty);
+    // the same display as `haul run`'s
+    let mut reporter = Reporter::new(mode, job);
     let mut last: Option<JobStatus> = None;
-    let mut last_log = std::time::Instant::now() - Duration::from_secs(60);
+    let mut log_state: Option<i32> = None;
+    let mut trouble: Option<std::time::Instant> = None;
     // the stream ends at the job's end; a dropped connection is picked up again
     'outer: loop {
         let mut stream = match c.watch(job_ref(job)).await {
             Ok(s) => s.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            Err(s) if connection_trouble(&s) => {
+                reconnect(o, &mut c, &mut trouble, s).await?;
                 continue;
             }
             Err(s) => return Err(s.into()),
@@ -136,50 +166,35 @@ async fn follow(
         while let Some(ev) = stream.next().await {
             let s = match ev {
                 Ok(s) => s,
-                Err(e) if e.code() == tonic::Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                Err(e) if connection_trouble(&e) => {
+                    reconnect(o, &mut c, &mut trouble, e).await?;
                     continue 'outer;
                 }
                 Err(e) => return Err(e.into()),
             };
-            let waiting = match s.chunks_waiting {
-                0 => String::new(),
-                n => format!(", {n} waiting to retry"),
-            };
-            let msg = format!(
-                "{} rows, {:.1} MiB, {} running{waiting}{}",
-                s.rows_done,
-                s.bytes_done as f64 / (1024.0 * 1024.0),
-                s.chunks_running,
-                if s.state() == JobState::Paused {
-                    " (paused)"
-                } else {
-                    ""
-                }
-            );
-            if let Some(b) = &bar {
-                b.set_length(u64::from(s.chunks_total.max(1)));
-                b.set_position(u64::from(s.chunks_done));
-                b.set_message(msg.clone());
+            if trouble.take().is_some() {
+                tracing::info!(job_id = %s.job_id, "following the job again");
             }
-            let changed = last.as_ref().map(|l| l.state != s.state).unwrap_or(true);
-            if log && (changed || last_log.elapsed() >= Duration::from_secs(5)) {
-                eprintln!(
-                    "haul: job {} {}: {}/{} chunks, {msg}",
-                    s.job_id,
-                    state_name(s.state()),
-                    s.chunks_done,
-                    s.chunks_total
-                );
-                last_log = std::time::Instant::now();
+            if log_state != Some(s.state) && !matches!(mode, ProgressMode::None) {
+                tracing::info!(job_id = %s.job_id, state = state_name(s.state()), "job state");
+                log_state = Some(s.state);
             }
+            reporter.update(&Snapshot {
+                rows: s.rows_done,
+                bytes: s.bytes_done,
+                estimated_rows: s.estimated_rows,
+                chunks_total: s.chunks_total as usize,
+                chunks_done: s.chunks_done as usize,
+                chunks_running: s.chunks_running as usize,
+                chunks_waiting: s.chunks_waiting as usize,
+                chunks_failed: s.chunks_failed as usize,
+                paused: s.state() == JobState::Paused,
+            });
             last = Some(s);
         }
         break;
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    reporter.finish();
     let end = match last {
         Some(s) => s,
         None => c.get(job_ref(job)).await?.into_inner(),
@@ -378,7 +393,7 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         "wall_ms": wall_ms(s),
         "manifest": s.manifest,
         "load_target": s.load_target,
-        "loaders": s.loaders,
+        "loaders": s.loaders.iter().map(|l| haul_shared::rpc::flight_display(l)).collect::<Vec<_>>(),
     })
 }
 
@@ -461,7 +476,11 @@ pub fn status_text(s: &JobStatus) -> String {
             "load:      {} rows committed into {} (loaders {})\n",
             s.rows_done,
             s.load_target,
-            s.loaders.join(", ")
+            s.loaders
+                .iter()
+                .map(|l| haul_shared::rpc::flight_display(l))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if !s.reason.is_empty() {

@@ -6,6 +6,7 @@
 //! in-process on a loopback port.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use haul_coordinator::RunError;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::progress::{ProgressMode, Reporter};
+use crate::progress::{ProgressMode, Reporter, Snapshot};
 
 /// How often the progress display is brought up to date.
 const REPORT_EVERY: Duration = Duration::from_millis(200);
@@ -59,6 +60,8 @@ pub struct JobSummary {
     pub bytes: u64,
     pub files: usize,
     pub chunks: usize,
+    /// Rows this run extracted (not those of chunks an earlier run committed): the rate's.
+    pub rows_here: u64,
     pub wall: Duration,
     /// The job had already succeeded; nothing was done.
     pub already_done: bool,
@@ -87,41 +90,50 @@ impl JobSummary {
 
 impl std::fmt::Display for JobSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use indicatif::{HumanBytes, HumanCount};
         if self.already_done {
             return write!(
                 f,
                 "job {} had already succeeded: {} rows, {} files ({})",
-                self.job, self.rows, self.files, self.manifest
+                self.job,
+                HumanCount(self.rows),
+                self.files,
+                self.manifest
             );
         }
         let secs = self.wall.as_secs_f64().max(1e-6);
+        // the rate of what this run extracted (a resume's earlier chunks not counted)
+        let rate = HumanCount((self.rows_here as f64 / secs) as u64);
+        let resumed = match self.rows - self.rows_here {
+            0 => String::new(),
+            before => format!(
+                " ({} of them committed before this run)",
+                HumanCount(before)
+            ),
+        };
         if let (0, Some(t)) = (self.files, &self.loaded_into) {
             // a load-only job
             return write!(
                 f,
-                "job {} succeeded: {} rows loaded into {t} from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+                "job {} succeeded: {} rows{resumed} loaded into {t} from {} chunks, {secs:.2}s wall, {rate} rows/s\nmanifest: {}",
                 self.job,
-                self.rows,
+                HumanCount(self.rows),
                 self.chunks,
-                secs,
-                self.rows as f64 / secs,
                 self.manifest
             );
         }
         write!(
             f,
-            "job {} succeeded: {} rows, {:.1} MiB in {} files from {} chunks, {:.2}s wall, {:.0} rows/s\nmanifest: {}",
+            "job {} succeeded: {} rows{resumed}, {} in {} files from {} chunks, {secs:.2}s wall, {rate} rows/s\nmanifest: {}",
             self.job,
-            self.rows,
-            self.bytes as f64 / (1024.0 * 1024.0),
+            HumanCount(self.rows),
+            HumanBytes(self.bytes),
             self.files,
             self.chunks,
-            secs,
-            self.rows as f64 / secs,
             self.manifest
         )?;
         if let Some(t) = &self.loaded_into {
-            write!(f, "\nloaded: {} rows into {t}", self.rows)?;
+            write!(f, "\nloaded: {} rows into {t}", HumanCount(self.rows))?;
         }
         Ok(())
     }
@@ -154,6 +166,7 @@ pub async fn run(
         overwrite: opts.overwrite,
         parallelism: opts.workers,
         source_credentials: opts.source_credentials.clone(),
+        dry_run: false,
     };
     let mut p = match prepare(&opts.spec, &prepare_opts).await? {
         Preparation::AlreadyDone(m) => {
@@ -164,6 +177,7 @@ pub async fn run(
                 bytes: m.bytes,
                 files: m.files.len(),
                 chunks: m.chunks,
+                rows_here: 0,
                 wall: started.elapsed(),
                 already_done: true,
                 manifest: format!("{}/_haul/jobs/{}/_manifest.json", dest.url, m.job),
@@ -171,6 +185,7 @@ pub async fn run(
             });
         }
         Preparation::Ready(p) => *p,
+        Preparation::DryRun(_) => unreachable!("prepared without dry_run"),
     };
     let no_loader_given = opts.load_target.is_none()
         && opts
@@ -257,9 +272,11 @@ pub async fn run(
         changed: Arc::default(),
     };
     let reporting = CancellationToken::new();
+    let base_rows: u64 = committed.values().map(|m| m.rows).sum();
     let reporter = tokio::spawn(report(
-        Reporter::new(opts.progress, &job, plan.estimated_rows, plan.chunks.len()),
-        committed.values().map(|m| m.rows).sum(),
+        Reporter::new(opts.progress, job.as_str()),
+        (base_rows, committed.values().map(|m| m.bytes).sum()),
+        (plan.estimated_rows, plan.chunks.len()),
         Arc::clone(&progress),
         Arc::clone(&jobs),
         job.clone(),
@@ -300,6 +317,7 @@ pub async fn run(
     };
     Ok(JobSummary {
         job: job.clone(),
+        rows_here: manifest.rows.saturating_sub(base_rows),
         rows: manifest.rows,
         bytes: manifest.bytes,
         files: manifest.files.len(),
@@ -319,27 +337,36 @@ pub async fn run(
     })
 }
 
-/// Shows the job's progress until `stop` fires.
+/// Shows the job's progress until `stop` fires: rows and bytes from the workers'
+/// counters (on top of what earlier runs committed, `base`), chunks from the job store.
 async fn report(
     mut reporter: Reporter,
-    base_rows: u64,
+    base: (u64, u64),
+    (estimated_rows, chunks_total): (u64, usize),
     progress: Arc<Progress>,
     jobs: Arc<MemoryJobStore>,
     job: JobId,
     stop: CancellationToken,
 ) {
-    reporter.set_base(base_rows);
+    reporter.set_base(base.0, base.1);
     loop {
-        let done = jobs
-            .chunk_states(&job)
-            .await
-            .map(|s| {
-                s.values()
-                    .filter(|s| matches!(s, ChunkState::Committed { .. }))
-                    .count()
-            })
-            .unwrap_or(0);
-        reporter.update(&progress, done);
+        let mut snap = Snapshot {
+            rows: base.0 + progress.rows.load(Ordering::Relaxed),
+            bytes: base.1 + progress.source_bytes.load(Ordering::Relaxed),
+            estimated_rows,
+            chunks_total,
+            ..Snapshot::default()
+        };
+        for state in jobs.chunk_states(&job).await.unwrap_or_default().values() {
+            match state {
+                ChunkState::Committed { .. } => snap.chunks_done += 1,
+                ChunkState::Running { .. } => snap.chunks_running += 1,
+                ChunkState::Waiting { .. } => snap.chunks_waiting += 1,
+                ChunkState::Failed { .. } => snap.chunks_failed += 1,
+                ChunkState::Pending | ChunkState::Parked => {}
+            }
+        }
+        reporter.update(&snap);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(REPORT_EVERY) => {}

@@ -1,20 +1,71 @@
-//! Progress of a running job: a bar on a terminal, plain log lines otherwise.
+//! Progress of a running job, the same display in both modes: `haul run` feeds it from its
+//! workers' counters and its job store, `submit --wait` / `watch` from the coordinator's
+//! status stream. A bar on a terminal (rows, MiB/s, rows/s, chunks done/running/waiting/
+//! failed, ETA), with log lines printed above it ([`LogWriter`]); plain log lines every
+//! 5 s otherwise.
 
-use std::io::IsTerminal;
-use std::sync::atomic::Ordering;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use haul_shared::JobId;
-use haul_worker::executor::Progress;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProgressMode {
     /// A bar when stderr is a terminal, log lines otherwise.
     Auto,
+    /// A bar (log lines are printed above it).
     Bar,
+    /// A log line every 5 seconds.
     Log,
+    /// Nothing until the summary.
     None,
+}
+
+/// Where a job stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Rows read so far (committed chunks' and running ones').
+    pub rows: u64,
+    /// Bytes read from the source so far.
+    pub bytes: u64,
+    pub estimated_rows: u64,
+    pub chunks_total: usize,
+    pub chunks_done: usize,
+    pub chunks_running: usize,
+    /// Chunks waiting out a backoff before their next try.
+    pub chunks_waiting: usize,
+    pub chunks_failed: usize,
+    pub paused: bool,
+}
+
+/// The bar being drawn, if any: [`LogWriter`] prints log lines above it.
+static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// The log's writer: stderr, with a progress bar, if one is drawn, lifted out of the way
+/// of each line and drawn again below it (instead of stale bars piling up between lines).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = BAR.lock().map(|b| b.clone()).unwrap_or(None);
+        match bar {
+            Some(b) => b.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter
+    }
 }
 
 pub struct Reporter {
@@ -22,14 +73,14 @@ pub struct Reporter {
     log_every: Option<Duration>,
     last_log: Instant,
     started: Instant,
-    job: JobId,
-    estimated_rows: u64,
-    chunks: usize,
-    base_rows: u64,
+    job: String,
+    /// What was done before this process followed the job (a resume's committed chunks,
+    /// a job watched midway): not counted in the rates.
+    base: Option<(u64, u64)>,
 }
 
 impl Reporter {
-    pub fn new(mode: ProgressMode, job: &JobId, estimated_rows: u64, chunks: usize) -> Self {
+    pub fn new(mode: ProgressMode, job: &str) -> Self {
         let tty = std::io::stderr().is_terminal();
         let (bar, log_every) = match mode {
             ProgressMode::Bar => (true, None),
@@ -38,74 +89,106 @@ impl Reporter {
             ProgressMode::None => (false, None),
         };
         let bar = bar.then(|| {
-            let b = ProgressBar::with_draw_target(
-                Some(estimated_rows.max(1)),
-                ProgressDrawTarget::stderr(),
-            );
+            let b = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
             b.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} [{bar:30}] {human_pos}/~{human_len} rows  {msg}  ETA {eta}",
+                    "{spinner} {elapsed_precise} [{bar:25}] {human_pos}/~{human_len} rows  {msg}  ETA {eta}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
             );
             b.enable_steady_tick(Duration::from_millis(200));
+            if let Ok(mut g) = BAR.lock() {
+                *g = Some(b.clone());
+            }
             b
         });
         Self {
             bar,
             log_every,
+            // the first line after `log_every`: a job done sooner shows only its summary
             last_log: Instant::now(),
             started: Instant::now(),
-            job: job.clone(),
-            estimated_rows,
-            chunks,
-            base_rows: 0,
+            job: job.to_owned(),
+            base: None,
         }
     }
 
-    /// Rows already committed before this run (a resume).
-    pub fn set_base(&mut self, rows: u64) {
-        self.base_rows = rows;
+    /// Work done before this process followed the job (a resume's committed rows): shown,
+    /// not counted in the rates. Without it, the first snapshot is the base.
+    pub fn set_base(&mut self, rows: u64, bytes: u64) {
+        self.base = Some((rows, bytes));
     }
 
-    pub fn update(&mut self, p: &Progress, chunks_done: usize) {
-        let rows = self.base_rows + p.rows.load(Ordering::Relaxed);
-        let bytes = p.source_bytes.load(Ordering::Relaxed);
+    pub fn update(&mut self, s: &Snapshot) {
+        let (base_rows, base_bytes) = *self.base.get_or_insert((s.rows, s.bytes));
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let mibps = bytes as f64 / secs / (1024.0 * 1024.0);
+        let rows_per_s = s.rows.saturating_sub(base_rows) as f64 / secs;
+        let mib_per_s = s.bytes.saturating_sub(base_bytes) as f64 / secs / (1024.0 * 1024.0);
+        let mut chunks = format!(
+            "chunks {}/{} ({} running",
+            s.chunks_done, s.chunks_total, s.chunks_running
+        );
+        if s.chunks_waiting > 0 {
+            chunks += &format!(", {} waiting to retry", s.chunks_waiting);
+        }
+        if s.chunks_failed > 0 {
+            chunks += &format!(", {} failed", s.chunks_failed);
+        }
+        chunks.push(')');
+        let paused = if s.paused { "  (paused)" } else { "" };
         if let Some(b) = &self.bar {
-            if rows > b.length().unwrap_or(0) {
-                b.set_length(rows);
-            }
-            b.set_position(rows);
+            b.set_length(s.estimated_rows.max(s.rows).max(1));
+            b.set_position(s.rows);
             b.set_message(format!(
-                "chunks {chunks_done}/{}  {mibps:.1} MiB/s",
-                self.chunks
+                "{mib_per_s:.1} MiB/s  {}/s  {chunks}{paused}",
+                HumanCount(rows_per_s as u64)
             ));
         }
         if let Some(every) = self.log_every
             && self.last_log.elapsed() >= every
         {
             self.last_log = Instant::now();
-            let rate = rows as f64 / secs;
-            let eta = (self.estimated_rows.saturating_sub(rows) as f64 / rate.max(1.0)) as u64;
+            // unknown until rows come in
+            let eta = (rows_per_s >= 1.0)
+                .then(|| (s.estimated_rows.saturating_sub(s.rows) as f64 / rows_per_s) as u64);
             tracing::info!(
                 job_id = %self.job,
-                rows,
-                estimated_rows = self.estimated_rows,
-                chunks_done,
-                chunks = self.chunks,
-                mib_per_s = format!("{mibps:.1}"),
+                rows = s.rows,
+                estimated_rows = s.estimated_rows,
+                chunks_done = s.chunks_done,
+                chunks = s.chunks_total,
+                chunks_running = s.chunks_running,
+                chunks_waiting = s.chunks_waiting,
+                chunks_failed = s.chunks_failed,
+                mib_per_s = format!("{mib_per_s:.1}"),
+                rows_per_s = rows_per_s as u64,
                 eta_s = eta,
+                paused = s.paused,
                 "progress"
             );
         }
     }
 
+    /// Rows and bytes this process saw done (not counting the base), for the summary's
+    /// rates.
+    pub fn done_here(&self, s: &Snapshot) -> (u64, u64) {
+        let (r, b) = self.base.unwrap_or_default();
+        (s.rows.saturating_sub(r), s.bytes.saturating_sub(b))
+    }
+
     pub fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
+            if let Ok(mut g) = BAR.lock() {
+                *g = None;
+            }
         }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -31,6 +31,9 @@ pub struct PrepareOptions {
     pub parallelism: usize,
     /// How this process logs in to the source (the job carries no password).
     pub source_credentials: pg::Credentials,
+    /// Plan only (`haul plan`): nothing is written to the destination and no snapshot is
+    /// exported; the plan comes back as [`Preparation::DryRun`].
+    pub dry_run: bool,
 }
 
 /// A planned job, ready for its chunks to be queued.
@@ -56,6 +59,21 @@ pub enum Preparation {
     /// The job had already succeeded; nothing to do.
     AlreadyDone(Box<JobManifest>),
     Ready(Box<Prepared>),
+    /// What the job would do (with [`PrepareOptions::dry_run`]); nothing was written.
+    DryRun(Box<DryRun>),
+}
+
+/// A job planned and not started: its plan, and the session it was planned in (for the
+/// caller to ask the source about the chunks' queries).
+pub struct DryRun {
+    pub job: JobId,
+    pub spec: JobSpec,
+    pub plan: JobPlan,
+    pub dest: Dest,
+    pub table_dir: String,
+    pub session: pg::Session,
+    /// Chunks an earlier attempt committed (a dry run of `--resume`).
+    pub committed: usize,
 }
 
 /// Checks the destination, opens the snapshot, plans (or reloads the plan of a resumed
@@ -68,7 +86,9 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
     }
     let mut spec = spec.clone();
     let dest = Dest::open(&spec.dest, spec.output.fsync)?;
-    dest.check_writable().await?;
+    if !opts.dry_run {
+        dest.check_writable().await?;
+    }
     let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
 
     if let Some(m) = dest
@@ -159,7 +179,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
     // the snapshot is taken at the transaction's first statement: this one, whose start
     // time the rows' `_haul_extracted_at` carries (without a snapshot: planning's time)
     const AT: &str = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8";
-    let (snapshot, at_us) = if spec.use_snapshot {
+    let (snapshot, at_us) = if spec.use_snapshot && !opts.dry_run {
         let row = holder
             .client
             .query_one(&format!("SELECT pg_export_snapshot(), {AT}"), &[])
@@ -316,6 +336,18 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
             .batch_execute("COMMIT")
             .await
             .map_err(|e| SourceError::query("ending the planning transaction", e))?;
+    }
+    if opts.dry_run {
+        let committed = dest.chunk_manifests(&job).await?.len();
+        return Ok(Preparation::DryRun(Box::new(DryRun {
+            job,
+            spec,
+            plan,
+            dest,
+            table_dir: tdir,
+            session: holder,
+            committed,
+        })));
     }
     let plan_file = PlanFile {
         job: job.clone(),

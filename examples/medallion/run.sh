@@ -11,7 +11,7 @@
 # Its last two lines say where the source and the warehouse are.
 #
 # Needs: Postgres (scripts/services.sh starts one), the haul binary ($HAUL, else `haul` on
-# PATH, else the repository's target/release/haul, built if missing), and dbt with
+# PATH, else the repository's target/debug/haul, built if missing), and dbt with
 # dbt-duckdb ($DBT, else a venv made under target/venvs/dbt).
 # Settings: ROWS, NEW_ROWS (default ROWS/50), MEDALLION_DB, MEDALLION_DIR (lake and
 # warehouse; default examples/medallion/work), PGADMIN (default
@@ -29,8 +29,8 @@ log() { printf 'medallion: %s\n' "$*" >&2; }
 if [ -z "${HAUL:-}" ]; then
   if command -v haul >/dev/null; then HAUL=haul
   else
-    HAUL="$repo/target/release/haul"
-    [ -x "$HAUL" ] || { log "building haul (cargo build --release, about 10 minutes the first time)"; (cd "$repo" && cargo build --release --bin haul); }
+    HAUL="$repo/target/debug/haul"
+    [ -x "$HAUL" ] || { log "building haul (cargo build, the dev build scripts/demo.sh makes)"; (cd "$repo" && cargo build --bin haul); }
   fi
 fi
 if [ -z "${DBT:-}" ]; then

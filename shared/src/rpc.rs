@@ -37,16 +37,31 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
+    /// The addresses `url` lists (comma-separated: an active coordinator and its standbys).
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// The endpoint of `url`'s only (or first) address.
     pub fn endpoint(&self) -> Result<Endpoint, RpcError> {
+        let first = self.urls().first().copied().unwrap_or_default().to_owned();
+        self.endpoint_for(&first)
+    }
+
+    fn endpoint_for(&self, url: &str) -> Result<Endpoint, RpcError> {
         let bad = |e: &dyn std::fmt::Display| RpcError::BadAddress {
-            url: self.url.clone(),
+            url: url.to_owned(),
             reason: e.to_string(),
         };
-        let mut ep = Endpoint::from_shared(self.url.clone())
+        let mut ep = Endpoint::from_shared(url.to_owned())
             .map_err(|e| bad(&e))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Some(Duration::from_secs(30)));
-        if self.url.starts_with("https://") {
+        if url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &self.tls_ca {
                 let pem = std::fs::read(ca).map_err(|e| RpcError::TlsFile {
@@ -60,25 +75,95 @@ impl ClientOptions {
         Ok(ep)
     }
 
-    /// Connects now: an unreachable coordinator is an error naming it.
+    /// Connects now to the active coordinator: of several addresses, the first whose
+    /// gRPC health says its `Jobs` service is serving (standbys say not); an unreachable
+    /// coordinator is an error naming each address and why.
+    ///
+    /// While the coordinators that answer all stand by (one is starting, or taking over
+    /// from one that died), it waits for one to turn active, up to [`TAKEOVER_WAIT`];
+    /// then it connects to a standby anyway, whose answers say where the active one is.
     pub async fn connect(&self) -> Result<(Channel, BearerToken), RpcError> {
-        let ch = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| RpcError::Unreachable {
-                url: self.url.clone(),
-                reason: error_chain(&e),
-            })?;
-        Ok((ch, BearerToken::new(self.token.as_ref())?))
+        let token = BearerToken::new(self.token.as_ref())?;
+        let urls = self.urls();
+        let t0 = std::time::Instant::now();
+        loop {
+            let mut tried = Vec::new();
+            let mut standby = None;
+            for url in &urls {
+                match self.endpoint_for(url)?.connect().await {
+                    Ok(ch) if is_active(&ch).await => return Ok((ch, token)),
+                    Ok(ch) => {
+                        tried.push(format!("{url} is standing by"));
+                        standby.get_or_insert(ch);
+                    }
+                    Err(e) => tried.push(format!("{url}: {}", error_chain(&e))),
+                }
+            }
+            match standby {
+                Some(ch) if t0.elapsed() >= TAKEOVER_WAIT || !taking_over(&ch, &token).await => {
+                    return Ok((ch, token));
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                None => {
+                    return Err(RpcError::Unreachable {
+                        url: self.url.clone(),
+                        reason: tried.join("; "),
+                    });
+                }
+            }
+        }
     }
 
     /// Connects on first use and reconnects as needed (for long-lived workers).
     pub fn connect_lazy(&self) -> Result<(Channel, BearerToken), RpcError> {
+        self.connect_lazy_to(0)
+    }
+
+    /// [`Self::connect_lazy`] to the `i`-th address (modulo their number): a worker moves
+    /// on to the next when its calls fail.
+    pub fn connect_lazy_to(&self, i: usize) -> Result<(Channel, BearerToken), RpcError> {
+        let urls = self.urls();
+        let url = urls.get(i % urls.len().max(1)).copied().unwrap_or_default();
         Ok((
-            self.endpoint()?.connect_lazy(),
+            self.endpoint_for(url)?.connect_lazy(),
             BearerToken::new(self.token.as_ref())?,
         ))
+    }
+}
+
+/// How long a client waits for a standing-by coordinator to turn active: a standby takes
+/// over within about 10 s of the active one's end, and one starting up within a second.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+
+/// Whether the coordinator behind `ch` is the active one: its gRPC health reports the
+/// `Jobs` service serving (a standby reports it not serving). A coordinator that does not
+/// answer the health check counts as active; its calls will tell.
+async fn is_active(ch: &Channel) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(ch.clone());
+    let check = health.check(HealthCheckRequest {
+        service: crate::proto::wire::jobs_server::SERVICE_NAME.to_owned(),
+    });
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(r)) => r.into_inner().status() == ServingStatus::Serving,
+        Ok(Err(_)) | Err(_) => true,
+    }
+}
+
+/// Whether a standing-by coordinator says that none is active yet (one is starting or
+/// taking over): worth waiting for. One that names another, active coordinator is not.
+async fn taking_over(ch: &Channel, token: &BearerToken) -> bool {
+    let mut jobs =
+        crate::proto::wire::jobs_client::JobsClient::with_interceptor(ch.clone(), token.clone());
+    let probe = jobs.get(crate::proto::wire::JobRef {
+        job_id: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+            !s.message().contains("the active coordinator is")
+        }
+        _ => false,
     }
 }
 
@@ -185,9 +270,31 @@ pub fn flight_url(s: &str) -> Result<String, String> {
     ))
 }
 
+/// A loader's address as users write it: `http://` → `flight://`, `https://` →
+/// `flight+tls://` (the inverse of [`flight_url`], for messages and `haul status`).
+pub fn flight_display(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("http://") {
+        format!("flight://{rest}")
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        format!("flight+tls://{rest}")
+    } else {
+        url.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::flight_url;
+    use super::{flight_display, flight_url};
+
+    #[test]
+    fn loader_addresses_show_as_written() {
+        assert_eq!(flight_display("http://a:50052"), "flight://a:50052");
+        assert_eq!(flight_display("https://b:1"), "flight+tls://b:1");
+        assert_eq!(
+            flight_display(&flight_url("flight://c:2").unwrap()),
+            "flight://c:2"
+        );
+    }
 
     #[test]
     fn loader_addresses() {

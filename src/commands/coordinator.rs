@@ -6,6 +6,7 @@ use haul_shared::pg::Secret;
 
 pub(super) async fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     let opts = CoordinatorOptions {
+        advertise: a.advertise_url(),
         listen: a.listen,
         amqp: Secret::new(a.cluster.amqp.clone()),
         redis: Secret::new(a.cluster.redis.clone()),

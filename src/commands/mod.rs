@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run(a) => run::run(a).await,
+        Cmd::Plan(a) => run::plan(a).await,
         Cmd::Coordinator(a) => coordinator::run(a).await,
         Cmd::Worker(a) => worker::run(a).await,
         Cmd::Loader(a) => loader::run(a).await,
@@ -29,6 +30,9 @@ pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Undrain(a) => admin::undrain(a).await,
         Cmd::Dlq(a) => admin::dlq(a).await,
         Cmd::Ls(a) => lake::ls(a).await,
+        Cmd::Show(a) => lake::show(a).await,
+        Cmd::Verify(a) => lake::verify(a).await,
+        Cmd::Gc(a) => lake::gc(a).await,
         Cmd::Completions(a) => {
             use clap::CommandFactory;
             let mut cli = haul::cli::Cli::command();

@@ -175,16 +175,30 @@ fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
 /// The COPY statement of a chunk (of an incremental job: the rows of its range that are
 /// in the job's window).
 pub fn copy_statement(plan: &JobPlan, range: &ChunkRange) -> String {
-    let cols: Vec<String> = plan.table.columns.iter().map(|c| c.select_expr()).collect();
-    let mut filter = range.predicate(&plan.key);
-    if let Some(w) = &plan.window {
-        filter = format!("({filter}) AND {}", w.predicate());
-    }
     format!(
-        "COPY (SELECT {} FROM {} WHERE {filter}) TO STDOUT (FORMAT binary)",
+        "COPY ({}) TO STDOUT (FORMAT binary)",
+        select_statement(plan, range)
+    )
+}
+
+/// The query a chunk's COPY runs.
+pub fn select_statement(plan: &JobPlan, range: &ChunkRange) -> String {
+    let cols: Vec<String> = plan.table.columns.iter().map(|c| c.select_expr()).collect();
+    format!(
+        "SELECT {} FROM {} WHERE {}",
         cols.join(", "),
         plan.table.quoted(),
+        chunk_filter(plan, range)
     )
+}
+
+/// The rows of a chunk: its range, and of an incremental job, the job's window.
+pub fn chunk_filter(plan: &JobPlan, range: &ChunkRange) -> String {
+    let filter = range.predicate(&plan.key);
+    match &plan.window {
+        Some(w) => format!("({filter}) AND {}", w.predicate()),
+        None => filter,
+    }
 }
 
 /// Runs one attempt. See the module docs for the protocol.

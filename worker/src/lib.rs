@@ -9,11 +9,13 @@
 //! - [`executor`]: one chunk attempt and its commit.
 //! - [`worker`]: the consume → lease → run → settle loop, drain and abort.
 //! - [`node`]: the `haul worker` process: stores, heartbeat, signals.
+//! - [`verify`]: `haul verify`, an export read back and reconciled with its source.
 
 pub mod decode;
 pub mod executor;
 pub mod lineage;
 pub mod node;
 pub mod source;
+pub mod verify;
 pub mod worker;
 pub mod writer;

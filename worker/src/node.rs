@@ -21,9 +21,11 @@ use haul_shared::proto::wire::{HeartbeatRequest, WorkerRef};
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
-use haul_shared::rpc::{ClientOptions, RpcError};
+use haul_shared::rpc::{BearerToken, ClientOptions, RpcError};
 use haul_shared::shutdown::StopSignals;
 use haul_shared::workers::HEARTBEAT_INTERVAL_MS;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::executor::Progress;
@@ -136,6 +138,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
     let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS as u64));
     let mut grace_end: Option<tokio::time::Instant> = None;
     let mut coordinator_ok = true;
+    let mut coordinator_at = 0;
     let result = loop {
         let grace = async {
             match grace_end {
@@ -183,12 +186,14 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), NodeError> {
                             warn!(error = %status.message(), "heartbeat refused; working on");
                         }
                         coordinator_ok = false;
+                        coordinator_at = next_coordinator(&opts.coordinator, &mut membership, coordinator_at);
                     }
                     Err(_) => {
                         if coordinator_ok {
                             warn!("coordinator unreachable; working on and retrying");
                         }
                         coordinator_ok = false;
+                        coordinator_at = next_coordinator(&opts.coordinator, &mut membership, coordinator_at);
                     }
                 }
             }
@@ -315,4 +320,21 @@ fn stop_signal(
         );
         start_drain(ctl, opts, grace_end);
     }
+}
+
+/// After a failed heartbeat, the next of several coordinator addresses (an active
+/// coordinator and its standbys all take heartbeats); returns its index.
+fn next_coordinator(
+    opts: &ClientOptions,
+    membership: &mut MembershipClient<InterceptedService<Channel, BearerToken>>,
+    at: usize,
+) -> usize {
+    if opts.urls().len() < 2 {
+        return at;
+    }
+    let next = at + 1;
+    if let Ok((channel, token)) = opts.connect_lazy_to(next) {
+        *membership = MembershipClient::with_interceptor(channel, token);
+    }
+    next
 }

@@ -22,9 +22,11 @@ const LEADER_TTL: Duration = Duration::from_secs(10);
 pub(super) async fn lead(
     store: &RedisStore,
     shutdown: &CancellationToken,
+    advertise: &str,
 ) -> Result<CancellationToken, CoordinatorError> {
+    // the lease's holder names where clients reach it: `<host>-<pid> <url>`
     let me = WorkerId(format!(
-        "coordinator@{}-{}",
+        "coordinator@{}-{} {advertise}",
         haul_shared::workers::hostname(),
         std::process::id()
     ));
@@ -90,4 +92,10 @@ pub(super) async fn lead(
         }
     });
     Ok(lost)
+}
+
+/// Where clients reach the active coordinator, as it advertised itself, if one is active.
+pub(super) async fn active_address(store: &RedisStore) -> Option<String> {
+    let holder = store.holder(LEADER_KEY).await.ok()??;
+    holder.0.rsplit_once(' ').map(|(_, url)| url.to_owned())
 }

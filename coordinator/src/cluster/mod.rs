@@ -47,6 +47,8 @@ use crate::prepare::{Preparation, prepare, prepare_load, queue_chunks};
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
     pub listen: SocketAddr,
+    /// The address clients reach this coordinator at (what standbys tell callers).
+    pub advertise: String,
     pub amqp: Secret,
     pub redis: Secret,
     /// TLS files for an `amqps://` broker and a `rediss://` store.
@@ -120,7 +122,7 @@ impl Coordinator {
         opts: CoordinatorOptions,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, CoordinatorError> {
-        let lease_lost = leader::lead(&store, &shutdown).await?;
+        let lease_lost = leader::lead(&store, &shutdown, &opts.advertise).await?;
         let queue = Arc::new(
             RabbitQueue::connect_with_tls(
                 opts.amqp.expose(),
@@ -282,6 +284,11 @@ impl Coordinator {
                 return self.status(&m.job).await;
             }
             Preparation::Ready(p) => *p,
+            Preparation::DryRun(_) => {
+                return Err(Status::internal(
+                    "a submitted job was prepared as a dry run",
+                ));
+            }
         };
         prepare_load(
             &mut p,

@@ -58,23 +58,20 @@ pub async fn serve(
             .await
             .map_err(|e| CoordinatorError::Serve(format!("cannot serve metrics on {addr}: {e}")))?;
     }
-    let coordinator = match Coordinator::start(store, opts.clone(), shutdown.clone()).await {
-        Ok(c) => c,
-        // stopped while standing by for the active coordinator: nothing to clean up
-        Err(_) if shutdown.is_cancelled() => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let _ = active.set(Arc::clone(&coordinator));
+    // gRPC is served from the start: a standby answers where the active coordinator is
+    // (and serves worker heartbeats, which only touch the store); health says which it is
     let flight = crate::flight::JobsFlight {
-        jobs: Arc::new(coordinator.store.clone()),
+        jobs: Arc::new(store.clone()),
     };
-    let lease_lost = coordinator.lease_lost.clone();
-    let api = Api(coordinator);
+    let api = Api {
+        active: Arc::clone(&active),
+        store: store.clone(),
+        advertise: opts.advertise.clone(),
+    };
     let auth = RequireToken::new(opts.token.as_ref());
-
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<JobsServer<Api>>().await;
-    health.set_serving::<AdminServer<Api>>().await;
+    health.set_not_serving::<JobsServer<Api>>().await;
+    health.set_not_serving::<AdminServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(haul_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -93,14 +90,19 @@ pub async fn serve(
             .tls_config(ServerTlsConfig::new().identity(identity))
             .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
     }
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| CoordinatorError::Serve(format!("cannot listen on {}: {e}", opts.listen)))?;
     info!(
         listen = %opts.listen,
+        advertise = %opts.advertise,
         tls = opts.tls.is_some(),
         token = opts.token.is_some(),
         queue = %opts.queue,
         "coordinator serving"
     );
-    builder
+    let serving = shutdown.child_token();
+    let server = builder
         .add_service(health_service)
         // reflection describes the API: with a token set, only to callers that have it
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -114,8 +116,32 @@ pub async fn serve(
             arrow_flight::flight_service_server::FlightServiceServer::new(flight),
             auth,
         ))
-        .serve_with_shutdown(opts.listen, shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            serving.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+
+    let coordinator = match Coordinator::start(store, opts.clone(), shutdown.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            serving.cancel();
+            let _ = server.await;
+            // stopped while standing by for the active coordinator: nothing to clean up
+            return if shutdown.is_cancelled() {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+    };
+    let _ = active.set(Arc::clone(&coordinator));
+    health.set_serving::<JobsServer<Api>>().await;
+    health.set_serving::<AdminServer<Api>>().await;
+    let lease_lost = coordinator.lease_lost.clone();
+    server
         .await
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))?
         .map_err(|e| CoordinatorError::Serve(haul_shared::rpc::error_chain(&e)))?;
     if lease_lost.is_cancelled() {
         return Err(CoordinatorError::LeaseLost);

@@ -23,6 +23,8 @@ use haul_shared::workers::DrainOrder;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use haul_shared::redis_store::RedisStore;
+
 use super::{Coordinator, FORGET_GONE_MS, now_ms, store_status};
 use crate::prepare::PrepareOptions;
 
@@ -50,31 +52,76 @@ pub(super) fn spec_from_request(
         overwrite: s.overwrite,
         parallelism,
         source_credentials: source_credentials.clone(),
+        dry_run: false,
     };
     Ok((s.spec, popts))
 }
 
-/// The gRPC face of the coordinator.
+/// The gRPC face of the coordinator. It serves from start-up: until this process is the
+/// active coordinator, job and admin calls are answered `Unavailable` naming the active
+/// one (clients given several addresses move on to it), while worker heartbeats, which
+/// only touch the shared store, are served by either.
 #[derive(Clone)]
-pub struct Api(pub Arc<Coordinator>);
+pub struct Api {
+    pub active: Arc<std::sync::OnceLock<Arc<Coordinator>>>,
+    pub store: RedisStore,
+    /// This coordinator's own address, as it advertises it.
+    pub advertise: String,
+}
+
+impl Api {
+    /// The active coordinator this process is, or the standby's answer.
+    async fn c(&self) -> Result<&Arc<Coordinator>, Status> {
+        match self.active.get() {
+            Some(c) => Ok(c),
+            None => Err(Status::unavailable(
+                match super::leader::active_address(&self.store).await {
+                    Some(url) if url == self.advertise => {
+                        "this coordinator is starting (taking over the recorded jobs); retry in a moment".to_owned()
+                    }
+                    Some(url) => format!(
+                        "{STANDING_BY}; the active coordinator is {url} (give clients and workers every coordinator's address, comma-separated)"
+                    ),
+                    None => format!(
+                        "{STANDING_BY}; no coordinator is active at the moment (a standby takes over within 10 s)"
+                    ),
+                },
+            )),
+        }
+    }
+}
+
+/// How a standby's answers begin.
+pub const STANDING_BY: &str = "this coordinator is standing by";
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Jobs for Api {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<JobStatus>, Status> {
-        self.0.submit(req.into_inner()).await.map(Response::new)
+        self.c()
+            .await?
+            .submit(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn get(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        self.0.status(&id).await.map(Response::new)
+        self.c().await?.status(&id).await.map(Response::new)
     }
 
     async fn list(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
         let mut jobs = Vec::new();
-        for id in self.0.store.list_jobs().await.map_err(store_status)? {
-            match self.0.status(&id).await {
+        for id in self
+            .c()
+            .await?
+            .store
+            .list_jobs()
+            .await
+            .map_err(store_status)?
+        {
+            match self.c().await?.status(&id).await {
                 Ok(s) => jobs.push(s),
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Err(s) => return Err(s),
@@ -88,8 +135,8 @@ impl Jobs for Api {
 
     async fn watch(&self, req: Request<JobRef>) -> Result<Response<StatusStream>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        let first = self.0.status(&id).await?;
-        let c = Arc::clone(&self.0);
+        let first = self.c().await?.status(&id).await?;
+        let c = Arc::clone(self.c().await?);
         // one event now, then one whenever something changed, until the job ends; the job
         // store unreachable, or the job missing from it (Redis lost its data: the job's
         // driver restores it), is waited out for a while
@@ -134,7 +181,8 @@ impl Jobs for Api {
 
     async fn cancel(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        self.0
+        self.c()
+            .await?
             .set_state(&id, &["planning", "running", "paused"], JobState::Cancelled)
             .await
             .map(Response::new)
@@ -142,7 +190,8 @@ impl Jobs for Api {
 
     async fn pause(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        self.0
+        self.c()
+            .await?
             .set_state(&id, &["running"], JobState::Paused)
             .await
             .map(Response::new)
@@ -150,7 +199,8 @@ impl Jobs for Api {
 
     async fn resume(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        self.0
+        self.c()
+            .await?
             .set_state(&id, &["paused"], JobState::Running)
             .await
             .map(Response::new)
@@ -159,7 +209,8 @@ impl Jobs for Api {
 
 impl Api {
     async fn worker(&self, id: &str) -> Result<WorkerInfo, Status> {
-        self.0
+        self.c()
+            .await?
             .store
             .workers()
             .await
@@ -178,10 +229,17 @@ impl Admin for Api {
         _: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersReply>, Status> {
         let mut workers = Vec::new();
-        for (r, o) in self.0.store.workers().await.map_err(store_status)? {
+        for (r, o) in self
+            .c()
+            .await?
+            .store
+            .workers()
+            .await
+            .map_err(store_status)?
+        {
             // a worker silent for an hour is forgotten (it was killed without draining)
             if now_ms() - r.last_heartbeat_ms > FORGET_GONE_MS {
-                let _ = self.0.store.deregister(&r.id).await;
+                let _ = self.c().await?.store.deregister(&r.id).await;
                 continue;
             }
             workers.push(worker_to_wire(&r, o, now_ms()));
@@ -201,7 +259,8 @@ impl Admin for Api {
         };
         let id = WorkerId(r.worker_id.clone());
         if !self
-            .0
+            .c()
+            .await?
             .store
             .request_drain(&id, order)
             .await
@@ -220,7 +279,7 @@ impl Admin for Api {
         req: Request<JobRef>,
     ) -> Result<Response<DeadLetters>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        let dead = self.0.dead_letters(&id).await?;
+        let dead = self.c().await?.dead_letters(&id).await?;
         Ok(Response::new(dead_letters_to_wire(&id, &dead)))
     }
 
@@ -229,7 +288,7 @@ impl Admin for Api {
         req: Request<JobRef>,
     ) -> Result<Response<DeadLetters>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        let dead = self.0.requeue_dead_letters(&id).await?;
+        let dead = self.c().await?.requeue_dead_letters(&id).await?;
         Ok(Response::new(dead_letters_to_wire(&id, &dead)))
     }
 
@@ -238,7 +297,7 @@ impl Admin for Api {
         req: Request<JobRef>,
     ) -> Result<Response<DeadLetters>, Status> {
         let id = parse_job_id(&req.into_inner().job_id)?;
-        let dead = self.0.purge_dead_letters(&id).await?;
+        let dead = self.c().await?.purge_dead_letters(&id).await?;
         Ok(Response::new(dead_letters_to_wire(&id, &dead)))
     }
 
@@ -247,7 +306,8 @@ impl Admin for Api {
         req: Request<WorkerRef>,
     ) -> Result<Response<WorkerInfo>, Status> {
         let id = req.into_inner().worker_id;
-        self.0
+        self.c()
+            .await?
             .store
             .undrain(&WorkerId(id.clone()))
             .await
@@ -264,13 +324,13 @@ impl Membership for Api {
     ) -> Result<Response<HeartbeatReply>, Status> {
         let rec =
             worker_from_heartbeat(req.into_inner(), now_ms()).map_err(Status::invalid_argument)?;
-        let order = self.0.store.heartbeat(&rec).await.map_err(store_status)?;
+        let order = self.store.heartbeat(&rec).await.map_err(store_status)?;
         Ok(Response::new(drain_order_to_wire(order)))
     }
 
     async fn deregister(&self, req: Request<WorkerRef>) -> Result<Response<Empty>, Status> {
         let id = WorkerId(req.into_inner().worker_id);
-        self.0.store.deregister(&id).await.map_err(store_status)?;
+        self.store.deregister(&id).await.map_err(store_status)?;
         info!(worker_id = %id, "worker left");
         Ok(Response::new(Empty {}))
     }

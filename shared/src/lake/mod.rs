@@ -26,6 +26,7 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod gc;
 pub mod manifest;
 
 use std::sync::Arc;

@@ -133,8 +133,9 @@ impl LoadClient {
                     return Ok((url.clone(), client));
                 }
                 Err(e) => {
-                    tracing::warn!(loader = %url, error = %error_chain(&e), "loader unreachable; trying the next");
-                    tried.push(format!("{url}: {}", error_chain(&e)));
+                    let shown = crate::rpc::flight_display(url);
+                    tracing::warn!(loader = %shown, error = %error_chain(&e), "loader unreachable; trying the next");
+                    tried.push(format!("{shown}: {}", error_chain(&e)));
                 }
             }
         }

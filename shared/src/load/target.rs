@@ -119,7 +119,7 @@ fn pg_type_for(dt: &DataType) -> Option<String> {
     })
 }
 
-/// Creates the target table: each column gets the source's type (from the field's
+/// Creates the target table (and its schema, if missing): each column gets the source's type (from the field's
 /// `haul.pg_type` metadata) when the target knows that type and it can take the stream's
 /// values, otherwise the type of its Arrow mapping.
 pub(super) async fn create_table(
@@ -159,6 +159,15 @@ pub(super) async fn create_table(
         };
         let not_null = if f.is_nullable() { "" } else { " NOT NULL" };
         defs.push(format!("{} {ty}{not_null}", quote_ident(f.name())));
+    }
+    if let [schema, _] = parts.as_slice() {
+        // `--create-table` into a schema that does not exist yet creates it too
+        c.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+        .map_err(|e| LoadError::query("creating the target table's schema", e))?;
     }
     c.batch_execute(&format!("CREATE TABLE {quoted} ({})", defs.join(", ")))
         .await

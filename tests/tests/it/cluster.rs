@@ -418,39 +418,71 @@ async fn the_job_survives_a_broker_connection_blip() {
 #[tokio::test]
 async fn a_restarted_coordinator_carries_on() {
     let _broker = BROKER.write().await;
-    let (db, dest, mut cl) = two_workers_on_skewed(200_000, &[]).await;
+    // chunks slowed down, so that the job runs while its coordinator dies
+    let (db, dest, mut cl) =
+        two_workers_on_skewed(200_000, &[("HAUL_FAULT_CHUNK_DELAY_MS", "700")]).await;
 
-    // a second coordinator on the same Redis prefix stands by while the first is active
+    // a second coordinator on the same Redis prefix stands by while the first is active;
+    // it listens, and clients given both addresses use the active one, whichever is first
     let standby_port = free_port();
+    let standby_url = format!("http://127.0.0.1:{standby_port}");
     let mut standby = cl.spawn_coordinator(standby_port, free_port(), "standby");
+    cl.wait_listening(standby_port, "the standby");
+    let both = format!("{standby_url},{}", cl.url);
 
+    // asked alone, the standby says where the active coordinator is
+    let out = cl
+        .command(&["jobs"])
+        .env("HAUL_COORDINATOR", &standby_url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "this coordinator is standing by; the active coordinator is {}",
+            cl.url
+        )),
+        "{err}"
+    );
     // without a snapshot, the job carries on under the new coordinator
     let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "restart1", "10000");
     args.push("--no-snapshot");
-    cl.haul_ok(&args);
-    cl.wait_chunks("restart1", "two committed chunks", committed_at_least(2))
-        .await;
+    let out = cl
+        .command(&args)
+        .env("HAUL_COORDINATOR", &both)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", cl.logs());
     assert!(
         cl.log_of("standby").contains("standing by"),
         "{}",
         cl.log_of("standby")
     );
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", standby_port)).is_err(),
-        "the standby serves while another coordinator is active"
-    );
-    cl.kill_coordinator();
-    // the standby takes over once the dead one's lease expires
-    cl.wait_listening(standby_port, "coordinator");
-    let out = cl
+    // a watcher given both addresses follows the job through the active one's death
+    let watcher = cl
         .command(&["watch", "restart1"])
-        .env(
-            "HAUL_COORDINATOR",
-            format!("http://127.0.0.1:{standby_port}"),
-        )
-        .output()
+        .env("HAUL_COORDINATOR", &both)
+        .env("HAUL_PROGRESS", "log")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.status.success(), "{out:?}\n{}", cl.logs());
+    cl.wait_chunks("restart1", "two committed chunks", committed_at_least(2))
+        .await;
+    cl.kill_coordinator();
+    let killed = std::time::Instant::now();
+    // the standby takes over once the dead one's lease expires
+    cl.wait_active(&standby_url, "the standby");
+    eprintln!(
+        "the standby took over {:?} after the kill",
+        killed.elapsed()
+    );
+    let out = watcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", cl.logs());
+    assert!(err.contains("lost the coordinator"), "{err}");
+    assert!(err.contains("following the job again"), "{err}");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
     standby.kill().unwrap();
     standby.wait().unwrap();

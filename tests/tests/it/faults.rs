@@ -209,6 +209,10 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = committed_chunks(&dest, "killed");
+    let rows_before: u64 = chunk_manifests(&dest, "killed")
+        .iter()
+        .map(|c| c.rows)
+        .sum();
     assert!(before < 150, "the run finished before the kill");
     assert!(!dest.0.join("big/_manifest.json").exists());
 
@@ -235,7 +239,21 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
         .output()
         .unwrap();
     assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("150000 rows"));
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(summary.contains("150,000 rows ("), "{summary}");
+    // the summary tells the killed run's rows apart (the rate counts only this run's)
+    let grouped = rows_before
+        .to_string()
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        summary.contains(&format!("({grouped} of them committed before this run)")),
+        "{summary}"
+    );
     assert_same(&db.client, "big", &dest.0.join("big")).await;
     let ids: std::collections::HashSet<i64> = read_batches(&dest.0.join("big"))
         .iter()

@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod incremental;
 mod kubernetes;
+mod lake_tools;
 mod load;
 mod pipeline;
 mod s3;

@@ -188,6 +188,9 @@ async fn the_medallion_example_runs_under_dbt_prefect_dagster_and_airflow() {
         .arg(example("orchestrators/prefect_flow.py"))
         .env("PREFECT_HOME", work.0.join("prefect"))
         .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        // its temporary API server's first start (a fresh database) can take over the
+        // default 20 s on a loaded 2-core machine
+        .env("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         .output()
         .unwrap();
     let printed = ok(out, "the Prefect flow");

@@ -2,7 +2,7 @@
 //! signals, metrics scrapes, certificates, the broker's memory alarm.
 
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,36 @@ impl Cluster {
     pub(crate) fn start_coordinator(&mut self) {
         let child = self.spawn_coordinator(self.port, self.metrics_port, "coordinator");
         self.coordinator = Some(child);
-        self.wait_listening(self.port, "coordinator");
+        self.wait_active(&self.url.clone(), "coordinator");
+    }
+
+    /// Waits until the coordinator at `url` is the active one (it listens from the start,
+    /// and answers job calls once it has taken over): its gRPC health says so.
+    pub(crate) fn wait_active(&self, url: &str, what: &str) {
+        let t0 = Instant::now();
+        loop {
+            let mut cmd = self.command(&["jobs", "--json"]);
+            if let Some((cert, _)) = &self.tls {
+                // test_certs() keeps its CA beside the certificate
+                let ca = Path::new(cert).with_file_name("ca.pem");
+                cmd.env("HAUL_TLS_CA", ca);
+            }
+            let out = cmd
+                .env("HAUL_COORDINATOR", url)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what} did not turn active: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until a process of this cluster (`what`) listens on `port`.
