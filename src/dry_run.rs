@@ -5,7 +5,7 @@
 //! the whole table shows before a night is spent on it. Nothing is written anywhere.
 
 use haul_coordinator::RunError;
-use haul_coordinator::prepare::{DryRun, Preparation, PrepareOptions, prepare};
+use haul_coordinator::prepare::{DryRun, Preparation, prepare};
 use haul_shared::ChunkRange;
 use haul_shared::pg::{SourceError, quote_ident};
 use haul_worker::executor::{copy_statement, select_statement};
@@ -55,16 +55,7 @@ pub struct PlannedChunk {
 
 /// Plans the job `opts` describes and asks the source how it would read each chunk.
 pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
-    let popts = PrepareOptions {
-        job_id: opts.job_id.clone(),
-        resume: opts.resume,
-        fresh_snapshot: opts.fresh_snapshot,
-        overwrite: opts.overwrite,
-        parallelism: opts.workers,
-        source_credentials: opts.source_credentials.clone(),
-        dry_run: true,
-    };
-    let d: DryRun = match prepare(&opts.spec, &popts).await? {
+    let d: DryRun = match prepare(&opts.spec, &opts.prepare_options(true)).await? {
         Preparation::DryRun(d) => *d,
         Preparation::AlreadyDone(m) => {
             return Ok(PlanReport {

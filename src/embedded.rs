@@ -52,6 +52,21 @@ pub struct RunOptions {
     pub ledger_schema: String,
 }
 
+impl RunOptions {
+    /// How the job is prepared (`dry_run`: planned only, for `haul plan`).
+    pub fn prepare_options(&self, dry_run: bool) -> PrepareOptions {
+        PrepareOptions {
+            job_id: self.job_id.clone(),
+            resume: self.resume,
+            fresh_snapshot: self.fresh_snapshot,
+            overwrite: self.overwrite,
+            parallelism: self.workers,
+            source_credentials: self.source_credentials.clone(),
+            dry_run,
+        }
+    }
+}
+
 /// The end-of-run summary.
 #[derive(Clone, Debug)]
 pub struct JobSummary {
@@ -159,15 +174,7 @@ pub async fn run(
             l.endpoints = vec![url];
         }
     }
-    let prepare_opts = PrepareOptions {
-        job_id: opts.job_id.clone(),
-        resume: opts.resume,
-        fresh_snapshot: opts.fresh_snapshot,
-        overwrite: opts.overwrite,
-        parallelism: opts.workers,
-        source_credentials: opts.source_credentials.clone(),
-        dry_run: false,
-    };
+    let prepare_opts = opts.prepare_options(false);
     let mut p = match prepare(&opts.spec, &prepare_opts).await? {
         Preparation::AlreadyDone(m) => {
             let dest = Dest::open(&opts.spec.dest, false)?;

@@ -20,20 +20,12 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
 use arrow_schema::{Schema, SchemaRef};
-use bytes::Bytes;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryStreamExt};
 use haul_shared::JobId;
 use haul_shared::jobs::{JobRecord, JobState, JobStore};
+use haul_shared::lake::reader::PartReader;
 use haul_shared::lake::{Dest, JobManifest};
-use object_store::ObjectStore;
-use object_store::path::Path;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::AsyncFileReader;
-use parquet::errors::ParquetError;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Rows per batch sent to a reader.
@@ -197,11 +189,7 @@ impl FlightService for JobsFlight {
         let target = Arc::clone(&schema);
         let batches = futures::stream::iter(m.files.clone())
             .then(move |f| {
-                let reader = StoreReader {
-                    store: Arc::clone(&store),
-                    path: dest.path(&f.path),
-                    size: f.bytes,
-                };
+                let reader = PartReader::new(Arc::clone(&store), dest.path(&f.path), f.bytes);
                 async move {
                     let builder = ParquetRecordBatchStreamBuilder::new(reader)
                         .await
@@ -259,58 +247,5 @@ impl FlightService for JobsFlight {
         _: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         Ok(Response::new(Box::pin(futures::stream::empty())))
-    }
-}
-
-/// Reads one Parquet file of known size from the object store (ranged GETs).
-struct StoreReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-}
-
-fn external(e: object_store::Error) -> ParquetError {
-    ParquetError::External(Box::new(e))
-}
-
-impl AsyncFileReader for StoreReader {
-    fn get_bytes(
-        &mut self,
-        range: std::ops::Range<u64>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            object_store::ObjectStoreExt::get_range(self.store.as_ref(), &self.path, range)
-                .await
-                .map_err(external)
-        }
-        .boxed()
-    }
-
-    fn get_byte_ranges(
-        &mut self,
-        ranges: Vec<std::ops::Range<u64>>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
-        async move {
-            self.store
-                .get_ranges(&self.path, &ranges)
-                .await
-                .map_err(external)
-        }
-        .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let size = self.size;
-            let m = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_and_finish(self, size)
-                .await?;
-            Ok(Arc::new(m))
-        }
-        .boxed()
     }
 }

@@ -25,26 +25,19 @@ use arrow_array::types::{
     Int64Type, Time64MicrosecondType, TimestampMicrosecondType,
 };
 use arrow_array::{Array, ArrayRef, RecordBatch};
-use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::{FutureExt, TryFutureExt, TryStreamExt};
+use futures::TryStreamExt;
 use haul_shared::JobId;
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::jobs::JobPlan;
+use haul_shared::lake::reader::PartReader;
 use haul_shared::lake::{ChunkManifest, Dest, DestError, JobManifest, PlanFile};
 use haul_shared::pg::{
     self, DATE_INFINITY, DATE_NEG_INFINITY, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_US, PgKind,
     SourceError, TS_INFINITY, TS_NEG_INFINITY, quote_literal,
 };
 use md5::{Digest, Md5};
-use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::{
-    AsyncFileReader, MetadataSuffixFetch, ParquetRecordBatchStreamBuilder,
-};
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use serde::Serialize;
 
 use crate::executor::chunk_filter;
@@ -337,10 +330,7 @@ async fn export_side(
             path: f.path.clone(),
             reason: e.to_string(),
         };
-        let reader = StoreReader {
-            store: Arc::clone(&dest.store),
-            path: path.clone(),
-        };
+        let reader = PartReader::new(Arc::clone(&dest.store), path.clone(), f.bytes);
         let builder = ParquetRecordBatchStreamBuilder::new(reader)
             .await
             .map_err(perr)?;
@@ -373,61 +363,6 @@ async fn export_side(
         }
     }
     Ok((rows, sum.to_string()))
-}
-
-/// A Parquet file in the object store, read by ranges (parquet's own reader for
-/// object_store, as its `object_store` example writes it).
-struct StoreReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-}
-
-fn parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
-    parquet::errors::ParquetError::External(Box::new(e))
-}
-
-impl AsyncFileReader for StoreReader {
-    fn get_bytes(
-        &mut self,
-        range: std::ops::Range<u64>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        self.store
-            .get_range(&self.path, range)
-            .map_err(parquet_err)
-            .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let metadata = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_via_suffix_and_finish(self)
-                .await?;
-            Ok(Arc::new(metadata))
-        }
-        .boxed()
-    }
-}
-
-impl MetadataSuffixFetch for &mut StoreReader {
-    fn fetch_suffix(&mut self, suffix: usize) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        let options = GetOptions {
-            range: Some(GetRange::Suffix(suffix as u64)),
-            ..Default::default()
-        };
-        async move {
-            let resp = self
-                .store
-                .get_opts(&self.path, options)
-                .await
-                .map_err(parquet_err)?;
-            resp.bytes().await.map_err(parquet_err)
-        }
-        .boxed()
-    }
 }
 
 /// Rows of a batch and the sum of their hashes.

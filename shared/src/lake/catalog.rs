@@ -6,8 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::{Dest, DestError, JobManifest, PlanFile, store_err};
-use crate::JobId;
+use super::{Dest, DestError, JobManifest, PlanFile};
 
 /// One job in a lake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,22 +43,10 @@ pub struct LakeJob {
 
 /// Every job whose records are in `dest`, oldest first within each table.
 pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
-    let jobs_dir = dest.path("_haul/jobs");
-    let listed = dest
-        .store
-        .list_with_delimiter(Some(&jobs_dir))
-        .await
-        .map_err(store_err(&jobs_dir))?;
     // which jobs each table's manifest names as published
     let mut published: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
-    for prefix in listed.common_prefixes {
-        let Some(name) = prefix.filename() else {
-            continue;
-        };
-        let Ok(job) = JobId::parse(name) else {
-            continue;
-        };
+    for job in dest.job_ids().await? {
         // the plan names the table's folder (written at planning, kept after the commit)
         let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
         let tdir = plan

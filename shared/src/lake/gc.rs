@@ -21,7 +21,7 @@ use std::time::Duration;
 use object_store::path::Path;
 use serde::Serialize;
 
-use super::{ChunkManifest, Dest, DestError, JobManifest, PlanFile, store_err, table_dir};
+use super::{ChunkManifest, Dest, DestError, JobManifest, PlanFile, table_dir};
 use crate::JobId;
 
 /// One object that no manifest needs.
@@ -59,18 +59,9 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
     let mut too_young = 0;
 
     // every job's records: its table's folder, and its manifest if committed
-    let jobs_dir = dest.path("_haul/jobs");
-    let listed = dest
-        .store
-        .list_with_delimiter(Some(&jobs_dir))
-        .await
-        .map_err(store_err(&jobs_dir))?;
     let mut committed: HashMap<JobId, Option<JobManifest>> = HashMap::new();
     let mut by_table: BTreeMap<String, Vec<JobManifest>> = BTreeMap::new();
-    for prefix in listed.common_prefixes {
-        let Some(job) = prefix.filename().and_then(|n| JobId::parse(n).ok()) else {
-            continue;
-        };
+    for job in dest.job_ids().await? {
         let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
         let manifest: Option<JobManifest> = dest.get_json(&dest.job_manifest_path(&job)).await?;
         if let Some(p) = &plan

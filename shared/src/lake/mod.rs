@@ -28,6 +28,7 @@ pub mod catalog;
 pub mod commit;
 pub mod gc;
 pub mod manifest;
+pub mod reader;
 
 use std::sync::Arc;
 
@@ -373,6 +374,21 @@ impl Dest {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_err(path)(e)),
         }
+    }
+
+    /// Every job whose records (`_haul/jobs/<job>/`) are in this destination.
+    pub async fn job_ids(&self) -> Result<Vec<JobId>, DestError> {
+        let jobs_dir = self.path("_haul/jobs");
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&jobs_dir))
+            .await
+            .map_err(store_err(&jobs_dir))?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(|n| JobId::parse(n).ok()))
+            .collect())
     }
 
     /// All committed chunk manifests of a job.
