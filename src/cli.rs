@@ -31,57 +31,92 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run one job whole in this process (coordinator + N workers, in-process queue).
+    #[command(
+        after_help = "Example:\n  haul run --source postgresql://etl@db/shop --table public.orders --dest s3://lake/bronze --partition-by created_at:day --workers 4"
+    )]
     Run(RunArgs),
     /// Plan a job without running it: key, chunks, estimated rows per chunk, how the
     /// source would read each (EXPLAIN) and the statements; nothing is read or written.
     /// Takes `haul run`'s flags: `haul plan --source postgresql://127.0.0.1/shop --table orders --dest ./lake`.
+    #[command(
+        after_help = "Example:\n  haul plan --source postgresql://etl@db/shop --table public.orders --dest ./lake"
+    )]
     Plan(RunArgs),
     /// Serve the cluster's gRPC API: plan jobs, queue their chunks, commit them.
+    #[command(
+        after_help = "Example:\n  haul coordinator --listen 0.0.0.0:50051 --amqp amqp://haul:secret@mq:5672/%2f --redis redis://cache:6379/ --metrics-listen 0.0.0.0:9090"
+    )]
     Coordinator(CoordinatorArgs),
     /// Extract chunks from the queue (one process per machine; scale freely).
+    #[command(
+        after_help = "Example:\n  haul worker --coordinator http://coord-a:50051,http://coord-b:50051 --slots 4"
+    )]
     Worker(WorkerArgs),
     /// Serve Arrow Flight: load the chunks workers stream into a target Postgres, once each.
+    #[command(
+        after_help = "Example:\n  haul loader --listen 0.0.0.0:50052 --target postgresql://loader@warehouse/analytics"
+    )]
     Loader(LoaderArgs),
     /// Submit a job to the coordinator (`--wait` follows it and sets the exit code).
+    #[command(
+        after_help = "Example:\n  haul submit --source postgresql://etl@db/shop --table public.orders --dest s3://lake/bronze --wait"
+    )]
     Submit(SubmitArgs),
     /// List the coordinator's jobs.
+    #[command(after_help = "Example:\n  haul jobs --json")]
     Jobs(ClientArgs),
     /// Show one job.
+    #[command(after_help = "Example:\n  haul status orders-2026-11-30")]
     Status(JobCmdArgs),
     /// Follow one job until it ends (exit code 0 only if it succeeded).
+    #[command(after_help = "Example:\n  haul watch orders-2026-11-30")]
     Watch(JobCmdArgs),
     /// Cancel a job (its running chunks stop within seconds).
+    #[command(after_help = "Example:\n  haul cancel orders-2026-11-30")]
     Cancel(JobCmdArgs),
     /// Pause a job: no new chunks start; running ones finish.
+    #[command(after_help = "Example:\n  haul pause orders-2026-11-30")]
     Pause(JobCmdArgs),
     /// Resume a paused job.
+    #[command(after_help = "Example:\n  haul resume orders-2026-11-30")]
     Resume(JobCmdArgs),
     /// List the workers: id, host, slots, in-flight chunks, last heartbeat, state.
+    #[command(after_help = "Example:\n  haul workers --json")]
     Workers(ClientArgs),
     /// Drain a worker: no new chunks, in-flight ones finish, then it exits 0.
+    #[command(after_help = "Example:\n  haul drain node-7-1234 --wait")]
     Drain(DrainArgs),
     /// Withdraw a drain order that the worker has not acted on yet.
+    #[command(after_help = "Example:\n  haul undrain node-7-1234")]
     Undrain(WorkerCmdArgs),
     /// A job's dead-lettered chunks: list them, queue them again, or forget them.
+    #[command(after_help = "Example:\n  haul dlq list orders-2026-11-30")]
     Dlq(DlqArgs),
     /// List what a lake holds, from its manifests: every job (embedded or cluster), its
     /// table, rows, files, size, increment window and times, committed or not.
     /// `haul ls ./lake`, `haul ls s3://bucket/lake --json` (JSON Lines, one job a line).
+    #[command(after_help = "Example:\n  haul ls s3://lake/bronze --json")]
     Ls(LsArgs),
     /// Show one table of a lake: its committed export (job, rows, files, size, snapshot,
     /// partitions, increment window), its columns with their Postgres and Arrow types, and
     /// every job that wrote to it. `haul show ./lake/orders`, `haul show s3://bucket/lake/orders --json`.
+    #[command(after_help = "Example:\n  haul show ./lake/orders")]
     Show(ShowArgs),
     /// Reconcile a committed export with its source, chunk by chunk: Postgres counts and
     /// checksums each chunk's rows, haul reads the chunk's Parquet back and does the same;
     /// exits 1 naming each chunk that differs.
     /// `haul verify ./lake/orders --source postgresql://127.0.0.1/shop`.
+    #[command(
+        after_help = "Example:\n  haul verify ./lake/orders --source postgresql://etl@db/shop"
+    )]
     Verify(VerifyArgs),
     /// List what a lake holds that no manifest needs (staged parts of attempts that never
     /// committed, parts of exports since replaced, parts no manifest lists); with
     /// `--delete`, remove it. Records are never touched. `haul gc ./lake --delete`.
+    #[command(after_help = "Example:\n  haul gc ./lake --older-than 24h --delete")]
     Gc(GcArgs),
     /// Print a shell completion script, e.g. `haul completions bash > /etc/bash_completion.d/haul`.
+    #[command(after_help = "Example:\n  haul completions bash > /etc/bash_completion.d/haul")]
     Completions(CompletionsArgs),
 }
 
@@ -941,6 +976,50 @@ mod tests {
         match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.cmd {
             Cmd::Run(a) => RunOptions::try_from(a),
             _ => unreachable!(),
+        }
+    }
+
+    /// Every command's help ends with an example that parses, and every value of every
+    /// enum flag says what it means.
+    #[test]
+    fn every_command_has_an_example_that_parses_and_described_values() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let example = help
+                .strip_prefix("Example:\n  ")
+                .unwrap_or_else(|| panic!("haul {name} has no example"));
+            let argv: Vec<&str> = example
+                .split(" > ")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            assert_eq!(argv[..2], ["haul", name]);
+            if let Err(e) = Cli::try_parse_from(&argv) {
+                panic!("haul {name}'s example does not parse: {e}");
+            }
+            for arg in sub
+                .get_arguments()
+                .filter(|a| a.get_action().takes_values())
+            {
+                for v in arg.get_possible_values() {
+                    if ["bash", "zsh", "fish", "elvish", "powershell"].contains(&v.get_name()) {
+                        continue; // clap_complete's shells
+                    }
+                    assert!(
+                        v.get_help().is_some(),
+                        "haul {name} --{}: value {} is not described",
+                        arg.get_id(),
+                        v.get_name()
+                    );
+                }
+            }
         }
     }
 
