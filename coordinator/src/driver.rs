@@ -227,8 +227,11 @@ impl Driver {
                 };
                 if let Err(e) = self.requeue(id, *chunk, &plan.chunks, retry).await {
                     warn!(job_id = %id, chunk_id = %chunk, error = %e, "queueing a chunk again failed; retrying");
-                    // its task may not exist: the state says so, and the next look tries again
+                    // its task may not exist: the state says so, and the next look tries
+                    // again; the queue already retried for a while, so the other chunks
+                    // wait for that look too (the job stays responsive to a cancel)
                     let _ = self.jobs.set_chunk_state(id, *chunk, st).await;
+                    break;
                 }
             }
             let done = states

@@ -389,4 +389,16 @@ pub async fn job_store_suite<S: JobStore>(store: &S) {
     assert_eq!(store.get_job(&id).await.unwrap().unwrap().state, failed);
     assert_eq!(store.job_state(&id).await.unwrap(), Some(failed));
     assert_eq!(store.job_state(&JobId::generate()).await.unwrap(), None);
+
+    // planned again (the same id to another destination, say): nothing of the old plan's
+    // chunks or dead letters is read as the new one's, committed ones included
+    job.state = JobState::Planning;
+    job.spec.dest = "file:///tmp/elsewhere".into();
+    store.replan_job(&job).await.unwrap();
+    let back = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!(back.state, JobState::Planning);
+    assert_eq!(back.spec.dest, "file:///tmp/elsewhere");
+    assert!(store.chunk_states(&id).await.unwrap().is_empty());
+    assert!(store.dead_letters(&id).await.unwrap().is_empty());
+    assert!(store.list_jobs().await.unwrap().contains(&id));
 }

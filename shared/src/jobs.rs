@@ -397,8 +397,13 @@ pub struct JobRecord {
 
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Creates or replaces a job record.
+    /// Creates or replaces a job record; its chunk states and dead letters stay.
     async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Records a job planned (again): replaces its record and forgets the chunk states and
+    /// dead letters an earlier run under the same id left, so that nothing of an old plan
+    /// (another destination, another table) is read as this one's. What this plan's
+    /// chunks already hold is in its destination: the caller records that next.
+    async fn replan_job(&self, job: &JobRecord) -> Result<(), StoreError>;
     async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError>;
     /// Just the job's state: what pollers read, without the (possibly large) plan.
     async fn job_state(&self, id: &JobId) -> Result<Option<JobState>, StoreError> {
@@ -452,6 +457,13 @@ impl JobStore for MemoryJobStore {
         let mut g = self.inner.lock().expect("job store lock");
         let chunks = g.remove(&job.id).map(|(_, c)| c).unwrap_or_default();
         g.insert(job.id.clone(), (job.clone(), chunks));
+        Ok(())
+    }
+
+    async fn replan_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.dead.lock().expect("job store lock").remove(&job.id);
+        let mut g = self.inner.lock().expect("job store lock");
+        g.insert(job.id.clone(), (job.clone(), BTreeMap::new()));
         Ok(())
     }
 

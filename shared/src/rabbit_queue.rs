@@ -2,7 +2,8 @@
 //!
 //! One durable quorum queue per name, with
 //! - persistent messages published with confirms (`publish` returns once the broker
-//!   confirmed);
+//!   confirmed, and rides out a broker blip — a connection being recovered, a confirm
+//!   that does not come — by retrying for up to 30 s);
 //! - `x-delivery-limit = max_deliveries - 1`: the broker counts failed attempts in
 //!   `x-delivery-count` and dead-letters a message past the limit;
 //! - at-least-once dead-lettering (`x-dead-letter-strategy`, which needs
@@ -12,7 +13,10 @@
 //! RabbitMQ 3.10 (Debian's) has no per-queue consumer timeout: chunks must finish well
 //! inside the broker's `consumer_timeout` (30 minutes by default).
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
@@ -23,7 +27,9 @@ use lapin::options::{
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use tracing::warn;
 
+use crate::error::{Classify, ErrorClass};
 use crate::links::LinkTls;
 use crate::queue::{ChunkQueue, Delivery, QueueError, Settle, Subscription};
 
@@ -208,21 +214,37 @@ impl RabbitQueue {
     }
 }
 
-#[async_trait]
-impl ChunkQueue for RabbitQueue {
-    async fn publish(&self, body: Bytes) -> Result<(), QueueError> {
-        let confirm = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                self.name.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
+/// How long a publish keeps trying through a broker blip (a connection closed and being
+/// recovered, a confirm that does not come) before its caller hears that the queue is
+/// unavailable. A task published twice (its first confirm lost) is harmless: a chunk
+/// commits once.
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long one publish waits for the broker's confirm (a broker under a memory or disk
+/// alarm blocks publishers).
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+
+impl RabbitQueue {
+    /// One publish, answered by the broker's confirm.
+    async fn publish_once(&self, body: &[u8]) -> Result<(), QueueError> {
+        let confirmed = async {
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    self.name.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(CONFIRM_WAIT, confirmed)
             .await
-            .map_err(unavailable)?
-            .await
+            .map_err(|_| {
+                QueueError::Unavailable(format!(
+                    "no confirm from the broker within {CONFIRM_WAIT:?} (is it under a memory or disk alarm?)"
+                ))
+            })?
             .map_err(unavailable)?;
         if confirm.is_ack() {
             Ok(())
@@ -232,6 +254,27 @@ impl ChunkQueue for RabbitQueue {
                 self.name
             )))
         }
+    }
+}
+
+#[async_trait]
+impl ChunkQueue for RabbitQueue {
+    /// Publishes with confirms, retrying with backoff for up to [`PUBLISH_RETRY_FOR`]
+    /// while the broker cannot take it (lapin recovers a closed connection meanwhile).
+    async fn publish(&self, body: Bytes) -> Result<(), QueueError> {
+        let until = Instant::now() + PUBLISH_RETRY_FOR;
+        (|| self.publish_once(&body))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .without_max_times(),
+            )
+            .when(|e| e.class() == ErrorClass::Transient && Instant::now() < until)
+            .notify(|e, wait| {
+                warn!(queue = %self.name, error = %e, ?wait, "publishing a chunk task failed; retrying");
+            })
+            .await
     }
 
     async fn subscribe(&self, prefetch: u16) -> Result<Box<dyn Subscription>, QueueError> {

@@ -345,24 +345,44 @@ impl LeaseStore for RedisStore {
     }
 }
 
-#[async_trait]
-impl JobStore for RedisStore {
-    async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+impl RedisStore {
+    /// The job's record and state in one transaction; `forget_chunks` also drops the
+    /// chunk states and dead letters an earlier plan left.
+    async fn record_job(&self, job: &JobRecord, forget_chunks: bool) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let key = self.k(&format!("job:{}", job.id));
         let record = serde_json::to_string(job).map_err(|e| corrupt(&key, e))?;
         let state = serde_json::to_string(&job.state).map_err(|e| corrupt(&key, e))?;
-        let _: () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set(&key, record)
+            .ignore()
             .set(format!("{key}:state"), state)
+            .ignore()
             // a job recorded (again) has not ended yet
             .del(format!("{key}:finished_at"))
+            .ignore()
             .sadd(self.k("jobs"), job.id.to_string())
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .ignore();
+        if forget_chunks {
+            pipe.del(format!("{key}:chunks"))
+                .ignore()
+                .del(format!("{key}:dlq"))
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl JobStore for RedisStore {
+    async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.record_job(job, false).await
+    }
+
+    async fn replan_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.record_job(job, true).await
     }
 
     async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {

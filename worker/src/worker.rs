@@ -33,6 +33,9 @@ use haul_shared::lake::Dest;
 use haul_shared::load::{LoadAuth, LoadClient};
 use haul_shared::pg::{Credentials, Database};
 
+/// The destinations this worker has opened, by URL and fsync setting.
+type Dests = HashMap<(String, bool), Dest>;
+
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub id: WorkerId,
@@ -86,7 +89,7 @@ pub async fn run_worker(
     progress.consuming.store(true, Ordering::Relaxed);
     let slots = Arc::new(Semaphore::new(cfg.slots.max(1)));
     let tracker = TaskTracker::new();
-    let dests: Arc<Mutex<HashMap<JobId, Dest>>> = Arc::default();
+    let dests: Arc<Mutex<Dests>> = Arc::default();
     loop {
         let permit = tokio::select! {
             _ = ctl.drain.cancelled() => break,
@@ -148,7 +151,7 @@ async fn handle(
     cfg: &WorkerConfig,
     svc: &Services,
     progress: &Arc<Progress>,
-    dests: &Mutex<HashMap<JobId, Dest>>,
+    dests: &Mutex<Dests>,
     abort: CancellationToken,
 ) {
     let task = match Task::decode(&d.body) {
@@ -342,7 +345,7 @@ async fn attempt_chunk(
     cfg: &WorkerConfig,
     svc: &Services,
     progress: &Arc<Progress>,
-    dests: &Mutex<HashMap<JobId, Dest>>,
+    dests: &Mutex<Dests>,
     stop: CancellationToken,
     attempt: u32,
 ) -> Result<ChunkOutcome, crate::executor::ChunkError> {
@@ -354,12 +357,15 @@ async fn attempt_chunk(
             reason: "job has no plan yet".into(),
         })?;
     let dest = {
+        // by what the record names, not by job id: an id submitted again after its job
+        // ended may name another destination
         let mut g = dests.lock().await;
-        match g.get(&job.id) {
+        let named = (job.spec.dest.clone(), job.spec.output.fsync);
+        match g.get(&named) {
             Some(d) => d.clone(),
             None => {
                 let d = Dest::open(&job.spec.dest, job.spec.output.fsync)?;
-                g.insert(job.id.clone(), d.clone());
+                g.insert(named, d.clone());
                 d
             }
         }

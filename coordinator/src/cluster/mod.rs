@@ -306,7 +306,9 @@ impl Coordinator {
             state: JobState::Planning,
             submitted_at: p.started_at.clone(),
         };
-        self.store.put_job(&rec).await.map_err(store_status)?;
+        // what an earlier run under this id left in the store is not this plan's: its
+        // chunks' states come from the destination (`p.committed`), recorded next
+        self.store.replan_job(&rec).await.map_err(store_status)?;
         if let Err(e) = queue_chunks(&rec, &p.committed, &self.store, self.queue.as_ref()).await {
             // the job ends here, and says how to finish it; the error keeps its class
             let reason = format!(

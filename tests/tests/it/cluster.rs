@@ -746,10 +746,11 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
-/// A broker connection closed while a submitted job's chunks are being queued reaches the
-/// client as UNAVAILABLE with a retry hint (the queue's error keeps its class all the way
-/// to the wire), the job is recorded as failed with the way to finish it, and that way
-/// works.
+/// A broker that cannot take a submitted job's chunks for longer than the queue's retry
+/// window (its connections closed while it stays under a memory alarm: no confirm comes)
+/// reaches the client as UNAVAILABLE with a retry hint (the queue's error keeps its class
+/// all the way to the wire), the job is recorded as failed with the way to finish it, and
+/// that way works.
 #[tokio::test]
 async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
     use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
@@ -782,7 +783,8 @@ async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         rabbitmqctl(&["close_all_connections", "haul test: outage while queueing"]);
-        tokio::time::timeout(Duration::from_secs(30), call)
+        // the queue retries for 30 s, each publish waiting 10 s for its confirm
+        tokio::time::timeout(Duration::from_secs(90), call)
             .await
             .expect("the submit ended")
             .unwrap()
@@ -804,6 +806,82 @@ async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
     cl.wait_workers(1);
     cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "outage");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+/// A broker connection closed while a submitted job's chunks are being queued (as a
+/// broker restarting, or closing a connection on an internal error, does) is ridden out:
+/// the coordinator's publishes wait for the connection to come back and the job runs.
+#[tokio::test]
+async fn a_broker_blip_while_queueing_is_ridden_out() {
+    use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, g::text FROM generate_series(1, 20000) g; ANALYZE t;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let mut client = JobsClient::connect(cl.url.clone()).await.unwrap();
+    let req = SubmitRequest {
+        source: db.dsn.clone(),
+        table: "public.t".into(),
+        dest: dest.0.to_str().unwrap().into(),
+        job_id: "blip-queueing".into(),
+        chunk_rows: 1000,
+        ..Default::default()
+    };
+    let submitted = {
+        // with the alarm on, the coordinator's first chunk task waits for its confirm
+        let alarm = MemoryAlarm::raise();
+        let call = tokio::spawn(async move { client.submit(req).await });
+        let t0 = Instant::now();
+        while !cl.log_of("coordinator").contains("planned") {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{}", cl.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rabbitmqctl(&["close_all_connections", "haul test: blip while queueing"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(alarm);
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("the submit ended")
+            .unwrap()
+    };
+    assert!(submitted.is_ok(), "{submitted:?}\n{}", cl.logs());
+    assert!(
+        cl.log_of("coordinator")
+            .contains("publishing a chunk task failed; retrying"),
+        "the blip did not reach the publishes:\n{}",
+        cl.logs()
+    );
+    cl.haul_ok(&["watch", "blip-queueing"]);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+/// A job id submitted again after its job ended, to another destination, is planned anew:
+/// nothing the first run left in the job store (its committed chunks) is taken for the
+/// second's, which extracts every row again.
+#[tokio::test]
+async fn a_job_id_submitted_again_to_another_destination_extracts_it_all() {
+    let _broker = BROKER.read().await;
+    let (db, first, cl) = two_workers_on_skewed(20_000, &[]).await;
+    let mut args = submit_args(&db.dsn, first.0.to_str().unwrap(), "again", "2000");
+    args.push("--wait");
+    cl.haul_ok(&args);
+    assert_same(&db.client, "t", &first.0.join("t")).await;
+
+    let second = TempDest::new();
+    let mut args = submit_args(&db.dsn, second.0.to_str().unwrap(), "again", "5000");
+    args.push("--wait");
+    cl.haul_ok(&args);
+    assert_same(&db.client, "t", &second.0.join("t")).await;
+    let shown = cl.haul_ok(&["status", "again"]);
+    assert!(shown.contains(second.0.to_str().unwrap()), "{shown}");
 }
 
 /// Starts a job `job` of 4 chunks over `skewed` table `t` while a dead holder ("ghost")

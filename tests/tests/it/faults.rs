@@ -521,6 +521,12 @@ impl haul_shared::jobs::JobStore for FlakyJobStore {
     ) -> Result<(), haul_shared::lease::StoreError> {
         self.inner.put_job(job).await
     }
+    async fn replan_job(
+        &self,
+        job: &haul_shared::jobs::JobRecord,
+    ) -> Result<(), haul_shared::lease::StoreError> {
+        self.inner.replan_job(job).await
+    }
     async fn get_job(
         &self,
         id: &JobId,
