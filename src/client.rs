@@ -11,6 +11,7 @@ use haul_shared::proto::wire::{
 };
 use haul_shared::proto::{state_is_terminal, state_name, submission_to_wire};
 use haul_shared::rpc::{BearerToken, ClientOptions, RpcError};
+use indicatif::{HumanBytes, HumanCount};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -433,7 +434,7 @@ fn wall_ms(s: &JobStatus) -> Option<i64> {
 /// `haul status` as `key: value` lines.
 pub fn status_text(s: &JobStatus) -> String {
     let mut out = format!(
-        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} waiting to retry, {} failed\nrows:      {} (~{} estimated)\nbytes:     {:.1} MiB ({})\n",
+        "job:       {}\nstate:     {}\ntable:     {}\nsource:    {}\ndest:      {}\nchunks:    {}/{} done, {} running, {} waiting to retry, {} failed\nrows:      {} (~{} estimated)\nbytes:     {} ({} bytes)\n",
         s.job_id,
         state_name(s.state()),
         s.table,
@@ -444,10 +445,10 @@ pub fn status_text(s: &JobStatus) -> String {
         s.chunks_running,
         s.chunks_waiting,
         s.chunks_failed,
-        s.rows_done,
-        s.estimated_rows,
-        s.bytes_done as f64 / (1024.0 * 1024.0),
-        s.bytes_done
+        HumanCount(s.rows_done),
+        HumanCount(s.estimated_rows),
+        HumanBytes(s.bytes_done),
+        HumanCount(s.bytes_done)
     );
     if !s.snapshot.is_empty() {
         // an open snapshot holds back vacuum on the source: say for how long
@@ -465,10 +466,9 @@ pub fn status_text(s: &JobStatus) -> String {
         // the rates of the whole job, planning and commit included
         let secs = (ms as f64 / 1000.0).max(0.001);
         out.push_str(&format!(
-            "wall:      {:.1} s ({:.0} rows/s, {:.1} MiB/s)\n",
-            secs,
-            s.rows_done as f64 / secs,
-            s.bytes_done as f64 / (1024.0 * 1024.0) / secs
+            "wall:      {secs:.1} s ({} rows/s, {}/s)\n",
+            HumanCount((s.rows_done as f64 / secs) as u64),
+            HumanBytes((s.bytes_done as f64 / secs) as u64)
         ));
     }
     if !s.load_target.is_empty() {

@@ -62,7 +62,7 @@ async fn two_worker_processes_extract_a_skewed_million_rows() {
         "{jobs}"
     );
     let status = cl.haul_ok(&["status", "e2e"]);
-    assert!(status.contains("rows:      1000000"), "{status}");
+    assert!(status.contains("rows:      1,000,000"), "{status}");
     // an ended job says how long it ran, and how fast
     assert!(
         status
