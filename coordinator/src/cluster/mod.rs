@@ -154,7 +154,7 @@ impl Coordinator {
             lease_lost,
             snapshots: Default::default(),
         });
-        c.recover().await?;
+        tokio::spawn(Arc::clone(&c).recover());
         tokio::spawn(Arc::clone(&c).reap_gone_workers());
         Ok(c)
     }

@@ -2,52 +2,53 @@
 //! with that coordinator is failed with the way to finish it; a job reading without a
 //! snapshot (or whose chunks are all committed) carries on. A job whose destination or
 //! store cannot be read just now is tried again later: one job's transient trouble does
-//! not stop the coordinator.
+//! not stop the coordinator, nor delay its serving (the takeover runs in the background).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use haul_shared::JobId;
 use haul_shared::error::Classify;
 use haul_shared::jobs::{JobState, JobStore};
 use haul_shared::lake::Dest;
 use tracing::{info, warn};
 
-use super::{Coordinator, CoordinatorError};
+use super::Coordinator;
 use crate::error::RunError;
 use crate::prepare::queue_chunks;
 
 /// How long a job whose recovery failed transiently waits before the next try.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// Jobs taken over at once (each lists its destination's chunk manifests).
+const AT_ONCE: usize = 8;
 
 impl Coordinator {
-    pub(super) async fn recover(self: &Arc<Self>) -> Result<(), CoordinatorError> {
-        for id in self.store.list_jobs().await? {
-            match self.recover_job(&id).await {
-                Ok(()) => {}
-                Err(e) if e.class().is_retryable() => {
-                    warn!(job_id = %id, error = %e, "cannot take the job over yet; retrying in the background");
-                    let me = Arc::clone(self);
-                    tokio::spawn(async move { me.retry_recovery(id).await });
-                }
+    /// Takes over every unfinished job, in the background of a coordinator that already
+    /// serves: the takeover is the lease and the broker connection, whatever the number
+    /// of jobs recorded, and one job's unreachable destination delays no other.
+    pub(super) async fn recover(self: Arc<Self>) {
+        let ids = loop {
+            match self.store.list_jobs().await {
+                Ok(ids) => break ids,
                 Err(e) => {
-                    self.fail(
-                        &id,
-                        format!("cannot carry on after a coordinator restart: {e}"),
-                    )
-                    .await
+                    warn!(error = %e, "cannot list the jobs to take over; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY_EVERY) => {}
+                    }
                 }
             }
-        }
-        Ok(())
+        };
+        futures::stream::iter(ids)
+            .for_each_concurrent(AT_ONCE, |id| Arc::clone(&self).recover_until_done(id))
+            .await;
     }
 
-    async fn retry_recovery(self: Arc<Self>, id: JobId) {
+    /// Takes one job over, trying again while its trouble is transient; a permanent one
+    /// fails the job, saying why.
+    async fn recover_until_done(self: Arc<Self>, id: JobId) {
         loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(RETRY_EVERY) => {}
-            }
             match self.recover_job(&id).await {
                 Ok(()) => return,
                 Err(e) if e.class().is_retryable() => {
@@ -57,6 +58,10 @@ impl Coordinator {
                     let reason = format!("cannot carry on after a coordinator restart: {e}");
                     return self.fail(&id, reason).await;
                 }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
             }
         }
     }

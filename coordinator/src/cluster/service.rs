@@ -77,7 +77,8 @@ impl Api {
             None => Err(Status::unavailable(
                 match super::leader::active_address(&self.store).await {
                     Some(url) if url == self.advertise => {
-                        "this coordinator is starting (taking over the recorded jobs); retry in a moment".to_owned()
+                        "this coordinator is starting (connecting to the broker); retry in a moment"
+                            .to_owned()
                     }
                     Some(url) => format!(
                         "{STANDING_BY}; the active coordinator is {url} (give clients and workers every coordinator's address, comma-separated)"

@@ -509,6 +509,50 @@ async fn a_restarted_coordinator_carries_on() {
     assert_same(&db.client, "t", &dest2.0.join("t")).await;
 }
 
+/// A coordinator taking over serves at once, whatever the jobs it takes over: one whose
+/// destination hangs (an S3 endpoint that accepts connections and never answers, as
+/// behind a network partition) is taken over in the background, while `haul jobs`
+/// answers and another job runs to the end.
+#[tokio::test]
+async fn a_takeover_is_not_held_up_by_a_job_whose_destination_hangs() {
+    use haul_shared::jobs::{JobRecord, JobState};
+    let _broker = BROKER.read().await;
+    let hangs = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hangs.local_addr().unwrap());
+    let env = [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "haul"),
+        ("AWS_SECRET_ACCESS_KEY", "haul"),
+    ];
+    let (db, dest, mut cl) = two_workers_on_skewed(20_000, &env).await;
+    let mut spec = options(&db.dsn, "t", &dest).spec;
+    spec.dest = "s3://haul-hangs/lake".into();
+    cl.store()
+        .await
+        .put_job(&JobRecord {
+            id: JobId::parse("hangs").unwrap(),
+            spec,
+            plan: Some(one_chunk_plan(&db, "t", vec![], 20_000).await),
+            state: JobState::Running,
+            submitted_at: String::new(),
+        })
+        .await
+        .unwrap();
+    cl.kill_coordinator();
+    // waits until `haul jobs` answers (a minute at most): the job's destination would
+    // hold a takeover that waited for it for longer (object_store's retries)
+    cl.start_coordinator();
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), "other", "5000");
+    args.push("--wait");
+    cl.haul_ok(&args);
+    assert_same(&db.client, "t", &dest.0.join("t")).await;
+    let shown = cl.haul_ok(&["status", "hangs"]);
+    assert!(shown.contains("state:     running"), "{shown}");
+    drop(hangs);
+}
+
 #[tokio::test]
 async fn pause_resume_and_cancel() {
     let _broker = BROKER.write().await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arrow_array::Array;
 use arrow_array::cast::AsArray;
-use haul_shared::jobs::{JobPlan, KeyColumn};
+use haul_shared::jobs::KeyColumn;
 use haul_shared::lake::Dest;
 use haul_shared::lease::{LeaseStore, MemoryLeaseStore};
 use haul_shared::{ChunkId, ChunkRange, JobId, WorkerId};
@@ -270,24 +270,6 @@ async fn a_killed_run_resumes_without_loss_or_duplicates() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("already succeeded"));
-}
-
-/// A hand-made plan of `table` as one chunk, without a snapshot, for tests that drive the
-/// executor or worker loop directly.
-async fn one_chunk_plan(db: &TestDb, table: &str, key: Vec<KeyColumn>, rows: u64) -> JobPlan {
-    let session = haul_shared::pg::connect(&database(&db.dsn)).await.unwrap();
-    let table = haul_shared::pg::resolve_table(&session.client, table, &[], &Default::default())
-        .await
-        .unwrap();
-    JobPlan {
-        snapshot_at: None,
-        table,
-        key,
-        chunks: vec![ChunkRange::All],
-        estimated_rows: rows,
-        snapshot: None,
-        window: None,
-    }
 }
 
 #[tokio::test]

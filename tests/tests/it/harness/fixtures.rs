@@ -176,6 +176,29 @@ pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
     }
 }
 
+/// A hand-made plan of `table` as one chunk, without a snapshot, for tests that drive the
+/// executor or worker loop directly, or record a job by hand.
+pub async fn one_chunk_plan(
+    db: &TestDb,
+    table: &str,
+    key: Vec<haul_shared::jobs::KeyColumn>,
+    rows: u64,
+) -> haul_shared::jobs::JobPlan {
+    let session = haul_shared::pg::connect(&database(&db.dsn)).await.unwrap();
+    let table = haul_shared::pg::resolve_table(&session.client, table, &[], &Default::default())
+        .await
+        .unwrap();
+    haul_shared::jobs::JobPlan {
+        snapshot_at: None,
+        table,
+        key,
+        chunks: vec![haul_shared::ChunkRange::All],
+        estimated_rows: rows,
+        snapshot: None,
+        window: None,
+    }
+}
+
 /// Asserts a spawned `haul` exited 0, showing its stderr if not.
 pub fn assert_success(out: &std::process::Output) {
     assert!(
