@@ -790,6 +790,57 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
+/// A database with a 20,000-row table `t`, and a submit of job `job` over it to `dest`
+/// made while the broker is under a memory alarm (so the coordinator's first chunk task
+/// waits for its confirm): once the job is planned, every broker connection is closed,
+/// and the alarm lifted after `lift_after` (with `None`, only once the call has ended).
+/// Returns the database and the call's outcome.
+async fn submit_through_a_broker_blip(
+    cl: &Cluster,
+    dest: &TempDest,
+    job: &str,
+    lift_after: Option<Duration>,
+) -> (
+    TestDb,
+    Result<tonic::Response<haul_shared::proto::wire::JobStatus>, tonic::Status>,
+) {
+    use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, g::text FROM generate_series(1, 20000) g; ANALYZE t;",
+    )
+    .await;
+    let mut client = JobsClient::connect(cl.url.clone()).await.unwrap();
+    let req = SubmitRequest {
+        source: db.dsn.clone(),
+        table: "public.t".into(),
+        dest: dest.0.to_str().unwrap().into(),
+        job_id: job.into(),
+        chunk_rows: 1000,
+        ..Default::default()
+    };
+    let alarm = MemoryAlarm::raise();
+    let call = tokio::spawn(async move { client.submit(req).await });
+    let t0 = Instant::now();
+    while !cl.log_of("coordinator").contains("planned") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", cl.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rabbitmqctl(&["close_all_connections", "haul test: a blip while queueing"]);
+    if let Some(after) = lift_after {
+        tokio::time::sleep(after).await;
+        drop(alarm);
+    }
+    // the queue retries for 30 s, each publish waiting 10 s for its confirm
+    let outcome = tokio::time::timeout(Duration::from_secs(90), call)
+        .await
+        .expect("the submit ended")
+        .unwrap();
+    (db, outcome)
+}
+
 /// A broker that cannot take a submitted job's chunks for longer than the queue's retry
 /// window (its connections closed while it stays under a memory alarm: no confirm comes)
 /// reaches the client as UNAVAILABLE with a retry hint (the queue's error keeps its class
@@ -797,43 +848,11 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
 /// that way works.
 #[tokio::test]
 async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
-    use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    db.exec(
-        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, g::text FROM generate_series(1, 20000) g; ANALYZE t;",
-    )
-    .await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(None);
-    let mut client = JobsClient::connect(cl.url.clone()).await.unwrap();
-    let req = SubmitRequest {
-        source: db.dsn.clone(),
-        table: "public.t".into(),
-        dest: dest.0.to_str().unwrap().into(),
-        job_id: "outage".into(),
-        chunk_rows: 1000,
-        ..Default::default()
-    };
-    let status = {
-        // with the alarm on, the coordinator's first chunk task waits for its confirm
-        let _alarm = MemoryAlarm::raise();
-        let call = tokio::spawn(async move { client.submit(req).await });
-        let t0 = Instant::now();
-        while !cl.log_of("coordinator").contains("planned") {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{}", cl.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        rabbitmqctl(&["close_all_connections", "haul test: outage while queueing"]);
-        // the queue retries for 30 s, each publish waiting 10 s for its confirm
-        tokio::time::timeout(Duration::from_secs(90), call)
-            .await
-            .expect("the submit ended")
-            .unwrap()
-            .expect_err("the submit failed")
-    };
+    let (db, outcome) = submit_through_a_broker_blip(&cl, &dest, "outage", None).await;
+    let status = outcome.expect_err("the submit failed");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("chunk queue")
@@ -857,46 +876,15 @@ async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
 /// the coordinator's publishes wait for the connection to come back and the job runs.
 #[tokio::test]
 async fn a_broker_blip_while_queueing_is_ridden_out() {
-    use haul_shared::proto::wire::{SubmitRequest, jobs_client::JobsClient};
     let _broker = BROKER.write().await;
-    let db = TestDb::new().await;
-    db.exec(
-        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, g::text FROM generate_series(1, 20000) g; ANALYZE t;",
-    )
-    .await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(None);
     cl.start_worker("w1", &[]);
     cl.wait_workers(1);
-    let mut client = JobsClient::connect(cl.url.clone()).await.unwrap();
-    let req = SubmitRequest {
-        source: db.dsn.clone(),
-        table: "public.t".into(),
-        dest: dest.0.to_str().unwrap().into(),
-        job_id: "blip-queueing".into(),
-        chunk_rows: 1000,
-        ..Default::default()
-    };
-    let submitted = {
-        // with the alarm on, the coordinator's first chunk task waits for its confirm
-        let alarm = MemoryAlarm::raise();
-        let call = tokio::spawn(async move { client.submit(req).await });
-        let t0 = Instant::now();
-        while !cl.log_of("coordinator").contains("planned") {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{}", cl.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        rabbitmqctl(&["close_all_connections", "haul test: blip while queueing"]);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        drop(alarm);
-        tokio::time::timeout(Duration::from_secs(60), call)
-            .await
-            .expect("the submit ended")
-            .unwrap()
-    };
-    assert!(submitted.is_ok(), "{submitted:?}\n{}", cl.logs());
+    let (db, outcome) =
+        submit_through_a_broker_blip(&cl, &dest, "blip-queueing", Some(Duration::from_secs(1)))
+            .await;
+    assert!(outcome.is_ok(), "{outcome:?}\n{}", cl.logs());
     assert!(
         cl.log_of("coordinator")
             .contains("publishing a chunk task failed; retrying"),
