@@ -5,7 +5,7 @@
 //! the whole table shows before a night is spent on it. Nothing is written anywhere.
 
 use haul_coordinator::RunError;
-use haul_coordinator::prepare::{DryRun, Preparation, prepare};
+use haul_coordinator::prepare::{DryRun, Preparation, plan_only};
 use haul_shared::ChunkRange;
 use haul_shared::pg::{SourceError, quote_ident};
 use haul_worker::executor::{copy_statement, select_statement};
@@ -55,8 +55,8 @@ pub struct PlannedChunk {
 
 /// Plans the job `opts` describes and asks the source how it would read each chunk.
 pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
-    let d: DryRun = match prepare(&opts.spec, &opts.prepare_options(true)).await? {
-        Preparation::DryRun(d) => *d,
+    let d: DryRun = match plan_only(&opts.spec, &opts.prepare_options()).await? {
+        Preparation::Ready(d) => *d,
         Preparation::AlreadyDone(m) => {
             return Ok(PlanReport {
                 job_id: m.job.to_string(),
@@ -73,7 +73,6 @@ pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
                 chunks: Vec::new(),
             });
         }
-        Preparation::Ready(_) => unreachable!("a dry run is never made ready"),
     };
     let mut chunks = Vec::with_capacity(d.plan.chunks.len());
     for (i, range) in d.plan.chunks.iter().enumerate() {

@@ -53,8 +53,8 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// How the job is prepared (`dry_run`: planned only, for `haul plan`).
-    pub fn prepare_options(&self, dry_run: bool) -> PrepareOptions {
+    /// How the job is prepared (or planned only, for `haul plan`).
+    pub fn prepare_options(&self) -> PrepareOptions {
         PrepareOptions {
             job_id: self.job_id.clone(),
             resume: self.resume,
@@ -62,7 +62,6 @@ impl RunOptions {
             overwrite: self.overwrite,
             parallelism: self.workers,
             source_credentials: self.source_credentials.clone(),
-            dry_run,
         }
     }
 }
@@ -174,7 +173,7 @@ pub async fn run(
             l.endpoints = vec![url];
         }
     }
-    let prepare_opts = opts.prepare_options(false);
+    let prepare_opts = opts.prepare_options();
     let mut p = match prepare(&opts.spec, &prepare_opts).await? {
         Preparation::AlreadyDone(m) => {
             let dest = Dest::open(&opts.spec.dest, false)?;
@@ -192,7 +191,6 @@ pub async fn run(
             });
         }
         Preparation::Ready(p) => *p,
-        Preparation::DryRun(_) => unreachable!("prepared without dry_run"),
     };
     let no_loader_given = opts.load_target.is_none()
         && opts

@@ -31,9 +31,6 @@ pub struct PrepareOptions {
     pub parallelism: usize,
     /// How this process logs in to the source (the job carries no password).
     pub source_credentials: pg::Credentials,
-    /// Plan only (`haul plan`): nothing is written to the destination and no snapshot is
-    /// exported; the plan comes back as [`Preparation::DryRun`].
-    pub dry_run: bool,
 }
 
 /// A planned job, ready for its chunks to be queued.
@@ -54,13 +51,12 @@ pub struct Prepared {
     pub planned_now: bool,
 }
 
-/// The outcome of preparing a job.
-pub enum Preparation {
+/// The outcome of preparing a job ([`prepare`]: [`Prepared`]) or of planning it only
+/// ([`plan_only`]: [`DryRun`]).
+pub enum Preparation<T = Prepared> {
     /// The job had already succeeded; nothing to do.
     AlreadyDone(Box<JobManifest>),
-    Ready(Box<Prepared>),
-    /// What the job would do (with [`PrepareOptions::dry_run`]); nothing was written.
-    DryRun(Box<DryRun>),
+    Ready(Box<T>),
 }
 
 /// A job planned and not started: its plan, and the session it was planned in (for the
@@ -80,13 +76,125 @@ pub struct DryRun {
 /// job), writes `plan.json`, and republishes chunks committed earlier. Shared by
 /// `haul run` and the cluster coordinator.
 pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparation, RunError> {
+    let p = match plan_job(spec, opts, false).await? {
+        Preparation::AlreadyDone(m) => return Ok(Preparation::AlreadyDone(m)),
+        Preparation::Ready(p) => *p,
+    };
+    let Planned {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        tdir,
+        previous,
+        started_at,
+    } = p;
+    let plan_file = PlanFile {
+        job: job.clone(),
+        table: spec.table.clone(),
+        dest: spec.dest.clone(),
+        columns: spec.columns.clone(),
+        key: spec.key.clone(),
+        split: spec.split,
+        casts: spec.casts.clone(),
+        chunk_rows: spec.chunk_rows,
+        output: spec.output.clone(),
+        use_snapshot: spec.use_snapshot,
+        incremental: spec.incremental.clone(),
+        load: spec.load.clone(),
+        plan: plan.clone(),
+        created_at: started_at.clone(),
+    };
+    if !dest
+        .put_json(&dest.plan_path(&job), &plan_file, previous.is_none())
+        .await?
+    {
+        // another process planned the same job id between our check and now
+        return Err(RunError::AlreadyStarted { job });
+    }
+
+    // Chunks committed by an earlier run are skipped (their parts stay staged until the
+    // job commits). A chunk manifest whose parts are gone (neither published nor staged)
+    // is not trusted: the chunk is extracted again.
+    let mut committed = BTreeMap::new();
+    for m in dest.chunk_manifests(&job).await? {
+        match dest.check_parts(&m).await {
+            Ok(()) => {
+                committed.insert(m.chunk, m);
+            }
+            Err(e) if e.is_missing_object() => {
+                warn!(job_id = %job, chunk_id = %m.chunk, error = %e, "a committed chunk's parts are missing; extracting it again");
+                dest.delete_if_exists(&dest.chunk_manifest_path(&job, m.chunk))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    Ok(Preparation::Ready(Box::new(Prepared {
+        job,
+        spec,
+        plan,
+        dest,
+        holder,
+        committed,
+        table_dir: tdir,
+        started_at,
+        planned_now: previous.is_none(),
+    })))
+}
+
+/// Plans a job without starting it (`haul plan`): the destination is read, never written,
+/// and no snapshot is exported. The job's first steps are [`prepare`]'s.
+pub async fn plan_only(
+    spec: &JobSpec,
+    opts: &PrepareOptions,
+) -> Result<Preparation<DryRun>, RunError> {
+    let p = match plan_job(spec, opts, true).await? {
+        Preparation::AlreadyDone(m) => return Ok(Preparation::AlreadyDone(m)),
+        Preparation::Ready(p) => *p,
+    };
+    let committed = p.dest.chunk_manifests(&p.job).await?.len();
+    Ok(Preparation::Ready(Box::new(DryRun {
+        job: p.job,
+        spec: p.spec,
+        plan: p.plan,
+        dest: p.dest,
+        table_dir: p.tdir,
+        session: p.holder,
+        committed,
+    })))
+}
+
+/// A job planned, before anything is written for it.
+struct Planned {
+    job: JobId,
+    spec: JobSpec,
+    plan: JobPlan,
+    dest: Dest,
+    holder: pg::Session,
+    tdir: String,
+    /// The plan an earlier run wrote (a resume).
+    previous: Option<PlanFile>,
+    started_at: String,
+}
+
+/// What [`prepare`] and [`plan_only`] share: the destination checked (for writing too,
+/// unless `dry_run`), the job id's record read, the snapshot opened (exported unless
+/// `dry_run`) and the job planned in it.
+async fn plan_job(
+    spec: &JobSpec,
+    opts: &PrepareOptions,
+    dry_run: bool,
+) -> Result<Preparation<Planned>, RunError> {
     let started_at = chrono::Utc::now().to_rfc3339();
     if spec.incremental.is_some() && spec.load.is_some() {
         return Err(RunError::IncrementalLoad);
     }
     let mut spec = spec.clone();
     let dest = Dest::open(&spec.dest, spec.output.fsync)?;
-    if !opts.dry_run {
+    if !dry_run {
         dest.check_writable().await?;
     }
     let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
@@ -179,7 +287,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
     // the snapshot is taken at the transaction's first statement: this one, whose start
     // time the rows' `_haul_extracted_at` carries (without a snapshot: planning's time)
     const AT: &str = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8";
-    let (snapshot, at_us) = if spec.use_snapshot && !opts.dry_run {
+    let (snapshot, at_us) = if spec.use_snapshot && !dry_run {
         let row = holder
             .client
             .query_one(&format!("SELECT pg_export_snapshot(), {AT}"), &[])
@@ -337,70 +445,15 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
             .await
             .map_err(|e| SourceError::query("ending the planning transaction", e))?;
     }
-    if opts.dry_run {
-        let committed = dest.chunk_manifests(&job).await?.len();
-        return Ok(Preparation::DryRun(Box::new(DryRun {
-            job,
-            spec,
-            plan,
-            dest,
-            table_dir: tdir,
-            session: holder,
-            committed,
-        })));
-    }
-    let plan_file = PlanFile {
-        job: job.clone(),
-        table: spec.table.clone(),
-        dest: spec.dest.clone(),
-        columns: spec.columns.clone(),
-        key: spec.key.clone(),
-        split: spec.split,
-        casts: spec.casts.clone(),
-        chunk_rows: spec.chunk_rows,
-        output: spec.output.clone(),
-        use_snapshot: spec.use_snapshot,
-        incremental: spec.incremental.clone(),
-        load: spec.load.clone(),
-        plan: plan.clone(),
-        created_at: started_at.clone(),
-    };
-    if !dest
-        .put_json(&dest.plan_path(&job), &plan_file, previous.is_none())
-        .await?
-    {
-        // another process planned the same job id between our check and now
-        return Err(RunError::AlreadyStarted { job });
-    }
-
-    // Chunks committed by an earlier run are skipped (their parts stay staged until the
-    // job commits). A chunk manifest whose parts are gone (neither published nor staged)
-    // is not trusted: the chunk is extracted again.
-    let mut committed = BTreeMap::new();
-    for m in dest.chunk_manifests(&job).await? {
-        match dest.check_parts(&m).await {
-            Ok(()) => {
-                committed.insert(m.chunk, m);
-            }
-            Err(e) if e.is_missing_object() => {
-                warn!(job_id = %job, chunk_id = %m.chunk, error = %e, "a committed chunk's parts are missing; extracting it again");
-                dest.delete_if_exists(&dest.chunk_manifest_path(&job, m.chunk))
-                    .await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-
-    Ok(Preparation::Ready(Box::new(Prepared {
+    Ok(Preparation::Ready(Box::new(Planned {
         job,
         spec,
         plan,
         dest,
         holder,
-        committed,
-        table_dir: tdir,
+        tdir,
+        previous,
         started_at,
-        planned_now: previous.is_none(),
     })))
 }
 

@@ -284,11 +284,6 @@ impl Coordinator {
                 return self.status(&m.job).await;
             }
             Preparation::Ready(p) => *p,
-            Preparation::DryRun(_) => {
-                return Err(Status::internal(
-                    "a submitted job was prepared as a dry run",
-                ));
-            }
         };
         prepare_load(
             &mut p,

@@ -52,7 +52,6 @@ pub(super) fn spec_from_request(
         overwrite: s.overwrite,
         parallelism,
         source_credentials: source_credentials.clone(),
-        dry_run: false,
     };
     Ok((s.spec, popts))
 }
