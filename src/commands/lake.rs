@@ -33,7 +33,8 @@ pub(super) async fn ls(a: LsArgs) -> anyhow::Result<()> {
 pub(super) async fn show(a: ShowArgs) -> anyhow::Result<()> {
     let (lake, table_dir) = split_table_path(&a.table)?;
     let dest = open_lake(lake)?;
-    let manifest: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(table_dir)).await?;
+    let manifest: Option<JobManifest> =
+        dest.get_json(&dest.table_manifest_path(&table_dir)).await?;
     let jobs: Vec<LakeJob> = catalog::list(&dest)
         .await?
         .into_iter()
@@ -218,11 +219,13 @@ pub(super) async fn gc(a: GcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `<lake>/<table folder>` split at its last `/`.
-fn split_table_path(path: &str) -> anyhow::Result<(&str, &str)> {
+/// `<lake>/<table folder>` split at its last `/`; the table may also be named as in the
+/// source (`Odd "Table"` is the folder `Odd__Table_`).
+fn split_table_path(path: &str) -> anyhow::Result<(&str, String)> {
     path.trim_end_matches('/')
         .rsplit_once('/')
         .filter(|(l, t)| !l.is_empty() && !t.is_empty() && !l.ends_with(':') && !l.ends_with('/'))
+        .map(|(l, t)| (l, haul_shared::lake::table_dir(t)))
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "{path}: name a table's folder in a lake, <dest>/<table> (e.g. ./lake/orders); `haul ls <dest>` lists them"

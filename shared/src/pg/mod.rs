@@ -88,10 +88,10 @@ pub enum SourceError {
         "column {column:?} does not exist in {table}; check --columns/--key/--partition-by/--cast"
     )]
     ColumnNotFound { table: String, column: String },
-    #[error(
-        "column {column:?} has type {pg_type}, which haul cannot map to Arrow; pass --cast {column}=text to export its text form"
-    )]
-    UnsupportedType { column: String, pg_type: String },
+    /// Every column of the table whose type haul cannot map, `(column, type)`: named
+    /// together, so that one rerun with the casts given fixes them all.
+    #[error("{}", unsupported_types(.columns))]
+    UnsupportedTypes { columns: Vec<(String, String)> },
     #[error("--cast {column}={target}: {reason}")]
     BadCast {
         column: String,
@@ -143,6 +143,43 @@ impl Classify for SourceError {
             // under a fresh one)
             _ => ErrorClass::User,
         }
+    }
+}
+
+/// `column "r" has type int4range, which haul cannot map to Arrow; pass --cast r=text to
+/// export its text form`, or the same for several columns at once.
+fn unsupported_types(columns: &[(String, String)]) -> String {
+    let casts = columns
+        .iter()
+        .map(|(c, _)| cast_flag(c))
+        .collect::<Vec<_>>()
+        .join(" ");
+    match columns {
+        [(c, t)] => format!(
+            "column {c:?} has type {t}, which haul cannot map to Arrow; pass {casts} to export its text form"
+        ),
+        _ => {
+            let named = columns
+                .iter()
+                .map(|(c, t)| format!("{c:?} ({t})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "columns {named} have types haul cannot map to Arrow; pass {casts} to export their text form"
+            )
+        }
+    }
+}
+
+/// `--cast <column>=text`, quoted for a shell when the name needs it.
+fn cast_flag(column: &str) -> String {
+    if column
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        format!("--cast {column}=text")
+    } else {
+        format!("--cast '{}=text'", column.replace('\'', "'\\''"))
     }
 }
 
@@ -896,6 +933,7 @@ pub async fn resolve_table(
         }
     }
     let mut out = Vec::new();
+    let mut unsupported = Vec::new();
     for (col, type_oid, typmod, not_null, pg_type) in all {
         if !columns.is_empty() && !columns.contains(&col) {
             continue;
@@ -936,12 +974,13 @@ pub async fn resolve_table(
                 };
                 (kind, Select::Cast(cast))
             }
-            None => resolve_kind(client, type_oid, typmod)
-                .await?
-                .ok_or_else(|| SourceError::UnsupportedType {
-                    column: col.clone(),
-                    pg_type: pg_type.clone(),
-                })?,
+            None => match resolve_kind(client, type_oid, typmod).await? {
+                Some(resolved) => resolved,
+                None => {
+                    unsupported.push((col, pg_type));
+                    continue;
+                }
+            },
         };
         out.push(ColumnInfo {
             name: col,
@@ -949,6 +988,11 @@ pub async fn resolve_table(
             not_null,
             kind: resolved.0,
             select: resolved.1,
+        });
+    }
+    if !unsupported.is_empty() {
+        return Err(SourceError::UnsupportedTypes {
+            columns: unsupported,
         });
     }
     Ok(TableInfo {
@@ -973,6 +1017,27 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn unmappable_columns_are_named_together_with_their_casts() {
+        let one = SourceError::UnsupportedTypes {
+            columns: vec![("r".into(), "int4range".into())],
+        };
+        assert_eq!(
+            one.to_string(),
+            "column \"r\" has type int4range, which haul cannot map to Arrow; pass --cast r=text to export its text form"
+        );
+        let two = SourceError::UnsupportedTypes {
+            columns: vec![
+                ("r".into(), "int4range".into()),
+                ("it's odd".into(), "pair".into()),
+            ],
+        };
+        assert_eq!(
+            two.to_string(),
+            "columns \"r\" (int4range), \"it's odd\" (pair) have types haul cannot map to Arrow; pass --cast r=text --cast 'it'\\''s odd=text' to export their text form"
+        );
+    }
 
     #[test]
     fn secrets_print_masked() {

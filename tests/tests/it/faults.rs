@@ -35,7 +35,8 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     db.exec(
         "CREATE TABLE t (id int PRIMARY KEY, p point, j json, v text);
          INSERT INTO t SELECT g, point(g, g), '{}', 'v' FROM generate_series(1, 100) g;
-         CREATE TABLE ok (id int PRIMARY KEY, v text); INSERT INTO ok VALUES (1, 'a');",
+         CREATE TABLE ok (id int PRIMARY KEY, v text); INSERT INTO ok VALUES (1, 'a');
+         CREATE TABLE two (id int PRIMARY KEY, \"a range\" int4range, p point);",
     )
     .await;
     let dest = TempDest::new();
@@ -43,6 +44,16 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 
     expect_error(o("public.nope"), &dest, &["public.nope", "does not exist"]).await;
     expect_error(o("t"), &dest, &["\"p\"", "point", "--cast p=text"]).await;
+    // every unmappable column at once, with the casts to pass (quoted for a shell)
+    expect_error(
+        o("two"),
+        &dest,
+        &[
+            "columns \"a range\" (int4range), \"p\" (point)",
+            "--cast 'a range=text' --cast p=text",
+        ],
+    )
+    .await;
     // refused before planning: nothing of haul's is left in the destination (issue 16)
     let left: Vec<_> = std::fs::read_dir(&dest.0)
         .unwrap()

@@ -186,6 +186,21 @@ async fn show_describes_a_tables_export_and_jobs() {
         "{text}"
     );
 
+    // a table whose name is not a folder name: named either way
+    db.exec(
+        "CREATE TABLE \"Odd Name\" (id int PRIMARY KEY); INSERT INTO \"Odd Name\" VALUES (1), (2);",
+    )
+    .await;
+    run(options(&db.dsn, "\"Odd Name\"", &dest)).await.unwrap();
+    for named in ["Odd Name", "Odd_Name"] {
+        let v = stdout_json(&haul(&[
+            "show",
+            &format!("{}/{named}", dest.0.display()),
+            "--json",
+        ]));
+        assert_eq!(v["export"]["rows"], 2, "{named}: {v}");
+    }
+
     let out = haul(&["show", &format!("{}/nope", dest.0.display())]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
