@@ -101,7 +101,7 @@ pub async fn watch(
 }
 
 /// How long following a job waits out a coordinator that went away (a failover: the
-/// standby takes over within about 10 s) before giving up with the last error.
+/// standby takes over within about 15 s) before giving up with the last error.
 const FOLLOW_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Whether a call failed because the coordinator went away or stands by (the connection

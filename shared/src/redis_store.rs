@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use crate::jobs::{ChunkState, DeadLetter, JobRecord, JobState, JobStore};
@@ -140,7 +140,13 @@ impl RedisStore {
             redis::Client::open(url)
         }
         .map_err(unavailable)?;
-        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        // reconnecting after an outage: tries at most 1 s apart, so that every role is
+        // back within a second of Redis (the active coordinator retakes its lease before a
+        // standby may take it)
+        let config = ConnectionManagerConfig::new().set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),

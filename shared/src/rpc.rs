@@ -132,8 +132,8 @@ impl ClientOptions {
 }
 
 /// How long a client waits for a standing-by coordinator to turn active: a standby takes
-/// over within about 10 s of the active one's end, and one starting up within a second.
-pub const TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+/// over within about 15 s of the active one's end, and one starting up within a second.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(20);
 
 /// Whether the coordinator behind `ch` is the active one: its gRPC health reports the
 /// `Jobs` service serving (a standby reports it not serving). A coordinator that does not

@@ -1,9 +1,10 @@
 //! One active coordinator per Redis prefix: it holds the `coordinator` lease; a second
 //! one (e.g. during a rolling deploy) stands by until the lease is free.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use haul_shared::WorkerId;
+use haul_shared::error::Classify;
 use haul_shared::lease::LeaseStore;
 use haul_shared::redis_store::RedisStore;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +15,10 @@ use super::CoordinatorError;
 /// The lease that makes one coordinator per Redis prefix the active one.
 const LEADER_KEY: &str = "coordinator";
 const LEADER_TTL: Duration = Duration::from_secs(10);
+/// The active coordinator renews its lease this often.
+const RENEW_EVERY: Duration = Duration::from_millis(2500);
+/// How long a standby sees the lease free before it takes it.
+const FREE_FOR: Duration = Duration::from_secs(5);
 
 /// Waits until this process is the only active coordinator, then keeps the lease renewed
 /// until `shutdown` fires. Returns a token that fires if the lease is ever lost (this
@@ -30,25 +35,7 @@ pub(super) async fn lead(
         haul_shared::workers::hostname(),
         std::process::id()
     ));
-    let mut waiting_logged = false;
-    let lease = loop {
-        if let Some(l) = store.acquire(LEADER_KEY, &me, LEADER_TTL).await? {
-            break l;
-        }
-        if !waiting_logged {
-            let other = store
-                .holder(LEADER_KEY)
-                .await?
-                .map(|h| h.0)
-                .unwrap_or_default();
-            info!(active = %other, "another coordinator is active on this Redis prefix; standing by");
-            waiting_logged = true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(CoordinatorError::StoppedStandingBy),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    };
+    let lease = stand_by(store, shutdown, &me).await?;
     info!(epoch = %lease.epoch, "this coordinator is the active one");
     let lost = CancellationToken::new();
     let (store, shutdown, on_loss) = (store.clone(), shutdown.clone(), lost.clone());
@@ -60,7 +47,7 @@ pub(super) async fn lead(
                     let _ = store.release(&lease).await;
                     return;
                 }
-                _ = tokio::time::sleep(LEADER_TTL / 4) => {}
+                _ = tokio::time::sleep(RENEW_EVERY) => {}
             }
             match store.renew(&lease, LEADER_TTL).await {
                 Ok(true) => {}
@@ -92,6 +79,60 @@ pub(super) async fn lead(
         }
     });
     Ok(lost)
+}
+
+/// Waits for the lease and takes it. A lease free at the first look is taken at once (a
+/// coordinator starting alone). After that, a standby takes it only once it has seen it
+/// free, with Redis answering, for [`FREE_FOR`]: two of the active coordinator's renewal
+/// periods. A lease that expired while Redis was unreachable to every coordinator, or that
+/// Redis lost (flushed, failed over), is taken back by the active one within a renewal
+/// period, and a standby must not win that race: taking over fails every job whose
+/// snapshot the active one holds.
+async fn stand_by(
+    store: &RedisStore,
+    shutdown: &CancellationToken,
+    me: &WorkerId,
+) -> Result<haul_shared::lease::Lease, CoordinatorError> {
+    let mut free_since: Option<Instant> = None;
+    let mut first_look = true;
+    let mut waiting_logged = false;
+    loop {
+        match store.holder(LEADER_KEY).await {
+            Ok(None) => {
+                let since = *free_since.get_or_insert_with(Instant::now);
+                if first_look || since.elapsed() >= FREE_FOR {
+                    match store.acquire(LEADER_KEY, me, LEADER_TTL).await {
+                        Ok(Some(l)) => return Ok(l),
+                        Ok(None) => free_since = None,
+                        Err(e) if e.class().is_retryable() => {
+                            warn!(error = %e, "cannot reach Redis for the coordinator lease; retrying");
+                            free_since = None;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Ok(Some(active)) => {
+                free_since = None;
+                if !waiting_logged {
+                    info!(active = %active.0, "another coordinator is active on this Redis prefix; standing by");
+                    waiting_logged = true;
+                }
+            }
+            // a standby rides out a Redis blip (it was reachable when this process
+            // started); the lease's freedom counts again from when it answers
+            Err(e) if e.class().is_retryable() => {
+                warn!(error = %e, "cannot reach Redis for the coordinator lease; retrying");
+                free_since = None;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        first_look = false;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(CoordinatorError::StoppedStandingBy),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Where clients reach the active coordinator, as it advertised itself, if one is active.

@@ -83,7 +83,7 @@ impl Api {
                         "{STANDING_BY}; the active coordinator is {url} (give clients and workers every coordinator's address, comma-separated)"
                     ),
                     None => format!(
-                        "{STANDING_BY}; no coordinator is active at the moment (a standby takes over within 10 s)"
+                        "{STANDING_BY}; no coordinator is active at the moment (a standby takes over within 15 s)"
                     ),
                 },
             )),

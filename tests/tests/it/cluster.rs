@@ -424,10 +424,7 @@ async fn a_restarted_coordinator_carries_on() {
 
     // a second coordinator on the same Redis prefix stands by while the first is active;
     // it listens, and clients given both addresses use the active one, whichever is first
-    let standby_port = free_port();
-    let standby_url = format!("http://127.0.0.1:{standby_port}");
-    let mut standby = cl.spawn_coordinator(standby_port, free_port(), "standby");
-    cl.wait_listening(standby_port, "the standby");
+    let (mut standby, standby_url) = cl.start_standby();
     let both = format!("{standby_url},{}", cl.url);
 
     // asked alone, the standby says where the active coordinator is
@@ -1103,6 +1100,8 @@ async fn a_job_survives_redis_losing_its_data() {
     skewed(&db, 20_000).await;
     let dest = TempDest::new();
     let mut cl = Cluster::new(None);
+    // with a standby there: the lease Redis lost is the active coordinator's to take back
+    let (standby, _) = cl.start_standby();
     let submit = slow_job_under_way(&mut cl, &db, &dest, "flushed").await;
     lose_redis_data(&cl);
     assert!(
@@ -1122,12 +1121,13 @@ async fn a_job_survives_redis_losing_its_data() {
         cl.logs()
     );
     assert!(cl.haul_ok(&["status", "flushed"]).contains("succeeded"));
+    cl.stop_standby(standby);
 }
 
 /// Regression (issue 12): Redis unreachable for a while (here 20 s, longer than the
 /// coordinator's lease) left the coordinator alive but no longer serving, and
-/// `submit --wait` waited forever. Every role now waits Redis out: the job succeeds with
-/// every row once it is back.
+/// `submit --wait` waited forever. Every role (a standby too) now waits Redis out: the job
+/// succeeds with every row once it is back.
 #[tokio::test]
 async fn a_job_rides_out_redis_down_for_20_seconds() {
     let _broker = BROKER.read().await;
@@ -1141,6 +1141,9 @@ async fn a_job_rides_out_redis_down_for_20_seconds() {
     );
     let via = format!("redis://{}/", redis.addr());
     let mut cl = Cluster::with(None, None, &[("HAUL_REDIS", via.as_str())]);
+    // a standby rides it out too, still standing by: the lease expired while nobody could
+    // reach Redis, and the active coordinator takes it back
+    let (standby, _) = cl.start_standby();
     let submit = slow_job_under_way(&mut cl, &db, &dest, "redisdown").await;
     redis.down();
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -1151,6 +1154,7 @@ async fn a_job_rides_out_redis_down_for_20_seconds() {
         cl.logs()
     );
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+    cl.stop_standby(standby);
 }
 
 /// Regression (issue 16): a relative `--dest` on `haul submit` was resolved in the

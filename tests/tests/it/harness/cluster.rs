@@ -166,6 +166,32 @@ impl Cluster {
         }
     }
 
+    /// A second coordinator on this cluster's Redis prefix and queue (its log is
+    /// `standby`), listening: it stands by while this cluster's is active. Returns it and
+    /// its URL.
+    pub(crate) fn start_standby(&self) -> (Child, String) {
+        let port = free_port();
+        let child = self.spawn_coordinator(port, free_port(), "standby");
+        self.wait_listening(port, "the standby");
+        (child, format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Asserts the standby is alive and still standing by, then stops it.
+    pub(crate) fn stop_standby(&self, mut standby: Child) {
+        assert!(
+            standby.try_wait().unwrap().is_none(),
+            "the standby died:\n{}",
+            self.log_of("standby")
+        );
+        let log = self.log_of("standby");
+        assert!(
+            log.contains("standing by") && !log.contains("this coordinator is the active one"),
+            "{log}"
+        );
+        standby.kill().unwrap();
+        standby.wait().unwrap();
+    }
+
     /// A coordinator serving gRPC on `port` and metrics and health on `metrics_port`.
     pub(crate) fn spawn_coordinator(&self, port: u16, metrics_port: u16, log: &str) -> Child {
         let listen = format!("127.0.0.1:{port}");
