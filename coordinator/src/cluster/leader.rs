@@ -17,8 +17,8 @@ const LEADER_KEY: &str = "coordinator";
 const LEADER_TTL: Duration = Duration::from_secs(10);
 /// The active coordinator renews its lease this often.
 const RENEW_EVERY: Duration = Duration::from_millis(2500);
-/// How long a standby sees the lease free before it takes it.
-const FREE_FOR: Duration = Duration::from_secs(5);
+/// How long a standby sees the lease free before it takes it: two renewal periods.
+const FREE_FOR: Duration = RENEW_EVERY.saturating_mul(2);
 
 /// Waits until this process is the only active coordinator, then keeps the lease renewed
 /// until `shutdown` fires. Returns a token that fires if the lease is ever lost (this
