@@ -154,7 +154,8 @@ impl Coordinator {
             lease_lost,
             snapshots: Default::default(),
         });
-        tokio::spawn(Arc::clone(&c).recover());
+        let left = c.left_unfinished().await?;
+        tokio::spawn(Arc::clone(&c).recover(left));
         tokio::spawn(Arc::clone(&c).reap_gone_workers());
         Ok(c)
     }

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use haul_shared::JobId;
 use haul_shared::error::Classify;
-use haul_shared::jobs::{JobState, JobStore};
+use haul_shared::jobs::{JobRecord, JobState, JobStore};
 use haul_shared::lake::Dest;
 use tracing::{info, warn};
 
-use super::Coordinator;
+use super::{Coordinator, CoordinatorError};
 use crate::error::RunError;
 use crate::prepare::queue_chunks;
 
@@ -24,39 +23,45 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 const AT_ONCE: usize = 8;
 
 impl Coordinator {
-    /// Takes over every unfinished job, in the background of a coordinator that already
-    /// serves: the takeover is the lease and the broker connection, whatever the number
-    /// of jobs recorded, and one job's unreachable destination delays no other.
-    pub(super) async fn recover(self: Arc<Self>) {
-        let ids = loop {
-            match self.store.list_jobs().await {
-                Ok(ids) => break ids,
-                Err(e) => {
-                    warn!(error = %e, "cannot list the jobs to take over; retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY_EVERY) => {}
-                    }
-                }
+    /// The jobs an earlier coordinator left unfinished, read before this one serves, so
+    /// that no job submitted to this one is taken for one of them.
+    pub(super) async fn left_unfinished(&self) -> Result<Vec<JobRecord>, CoordinatorError> {
+        let mut left = Vec::new();
+        for id in self.store.list_jobs().await? {
+            if self
+                .store
+                .job_state(&id)
+                .await?
+                .is_some_and(|s| !s.is_terminal())
+                && let Some(rec) = self.store.get_job(&id).await?
+            {
+                left.push(rec);
             }
-        };
-        futures::stream::iter(ids)
-            .for_each_concurrent(AT_ONCE, |id| Arc::clone(&self).recover_until_done(id))
+        }
+        Ok(left)
+    }
+
+    /// Takes those jobs over in the background of a coordinator that already serves: the
+    /// takeover is the lease and the broker connection, whatever the number of jobs, and
+    /// one job's unreachable destination delays no other.
+    pub(super) async fn recover(self: Arc<Self>, left: Vec<JobRecord>) {
+        futures::stream::iter(left)
+            .for_each_concurrent(AT_ONCE, |rec| Arc::clone(&self).recover_until_done(rec))
             .await;
     }
 
     /// Takes one job over, trying again while its trouble is transient; a permanent one
     /// fails the job, saying why.
-    async fn recover_until_done(self: Arc<Self>, id: JobId) {
+    async fn recover_until_done(self: Arc<Self>, left: JobRecord) {
         loop {
-            match self.recover_job(&id).await {
+            match self.recover_job(&left).await {
                 Ok(()) => return,
                 Err(e) if e.class().is_retryable() => {
-                    warn!(job_id = %id, error = %e, "cannot take the job over yet; retrying");
+                    warn!(job_id = %left.id, error = %e, "cannot take the job over yet; retrying");
                 }
                 Err(e) => {
                     let reason = format!("cannot carry on after a coordinator restart: {e}");
-                    return self.fail(&id, reason).await;
+                    return self.fail(&left.id, reason).await;
                 }
             }
             tokio::select! {
@@ -66,11 +71,14 @@ impl Coordinator {
         }
     }
 
-    async fn recover_job(self: &Arc<Self>, id: &JobId) -> Result<(), RunError> {
+    async fn recover_job(self: &Arc<Self>, left: &JobRecord) -> Result<(), RunError> {
+        let id = &left.id;
+        // the job as it is now: one that ended meanwhile (cancelled), or was submitted
+        // again to this coordinator (a new record), is not this takeover's
         let Some(rec) = self.store.get_job(id).await? else {
             return Ok(());
         };
-        if rec.state.is_terminal() {
+        if rec.state.is_terminal() || rec.submitted_at != left.submitted_at {
             return Ok(());
         }
         let Some(plan) = rec.plan.clone() else {
