@@ -110,9 +110,10 @@ pub enum Cmd {
         after_help = "Example:\n  haul verify ./lake/orders --source postgresql://etl@db/shop"
     )]
     Verify(VerifyArgs),
-    /// List what a lake holds that no manifest needs (staged parts of attempts that never
-    /// committed, parts of exports since replaced, parts no manifest lists); with
-    /// `--delete`, remove it. Records are never touched. `haul gc ./lake --delete`.
+    /// List what a lake holds that nothing needs (staged parts of attempts that never
+    /// committed, parts of exports since replaced, parts no table log names); with
+    /// `--delete`, finish or roll back table commits cut short, then remove it. Records
+    /// and logs are never touched. `haul gc ./lake --delete`.
     #[command(after_help = "Example:\n  haul gc ./lake --older-than 24h --delete")]
     Gc(GcArgs),
     /// Print a shell completion script, e.g. `haul completions bash > /etc/bash_completion.d/haul`.
@@ -482,8 +483,9 @@ pub struct GcArgs {
     /// Remove what is listed (without it, only list: a dry run).
     #[arg(long)]
     pub delete: bool,
-    /// Objects no committed manifest accounts for are garbage only once older than this
-    /// (a running attempt's parts are young): `0`, `90s`, `30m`, `6h`.
+    /// Objects no record accounts for are garbage only once older than this (a running
+    /// attempt's parts are young), and a table commit cut short is recovered only once its
+    /// intent is: `0`, `90s`, `30m`, `6h`.
     #[arg(long, default_value = "6h", value_parser = age)]
     pub older_than: Secs,
     /// Print the report as one JSON object.

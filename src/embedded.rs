@@ -15,7 +15,7 @@ use haul_coordinator::prepare::{
     Preparation, PrepareOptions, Prepared, prepare, prepare_load, queue_chunks,
 };
 use haul_shared::jobs::{ChunkState, JobRecord, JobSpec, JobState, JobStore, MemoryJobStore};
-use haul_shared::lake::{Dest, table_dir};
+use haul_shared::lake::Dest;
 use haul_shared::lease::MemoryLeaseStore;
 use haul_shared::load::{LoadAuth, Loader, LoaderOptions, serve};
 use haul_shared::pg;
@@ -330,11 +330,7 @@ pub async fn run(
         wall: started.elapsed(),
         already_done: false,
         manifest: if spec.output.parquet {
-            format!(
-                "{}/{}/_manifest.json",
-                dest.url,
-                table_dir(&plan.table.name)
-            )
+            format!("{}/{}/_manifest.json", dest.url, plan.table_dir())
         } else {
             format!("{}/_haul/jobs/{job}/_manifest.json", dest.url)
         },

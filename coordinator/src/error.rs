@@ -4,6 +4,7 @@
 use haul_shared::error::{Classify, ErrorClass};
 use haul_shared::lake::DestError;
 use haul_shared::lake::commit::CommitError;
+use haul_shared::lake::table::TableError;
 use haul_shared::lease::StoreError;
 use haul_shared::load::{LoadClientError, LoadError};
 use haul_shared::pg::SourceError;
@@ -43,12 +44,12 @@ pub enum RunError {
     #[error("the columns of {table} changed since job {job} was planned; rerun it as a new job")]
     TableChanged { job: JobId, table: String },
     #[error(
-        "{table_dir}/_manifest.json in {dest} belongs to job {other}; pass --overwrite to replace that export, or choose another --dest"
+        "{dest}/{table_dir} holds job {other}'s export; pass --overwrite to replace that export, or choose another --dest"
     )]
     DestinationTaken {
         dest: String,
         table_dir: String,
-        other: JobId,
+        other: String,
     },
     #[error("chunk {chunk} failed: {reason}")]
     ChunkFailed { chunk: ChunkId, reason: String },
@@ -87,7 +88,7 @@ pub enum RunError {
     )]
     LineageColumnTaken { table: String, column: String },
     #[error(
-        "--incremental {column}: {table_dir}/_manifest.json in {dest} is a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
+        "--incremental {column}: {dest}/{table_dir} holds a full export, not a series of increments; start the increments in another --dest (the first one reads everything up to its high mark)"
     )]
     NotIncremental {
         column: String,
@@ -112,6 +113,8 @@ pub enum RunError {
     IncrementalLoad,
     #[error(transparent)]
     Commit(#[from] CommitError),
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error("job store: {0}")]
     Store(#[from] StoreError),
     #[error("chunk queue: {0}")]
@@ -133,6 +136,7 @@ impl Classify for RunError {
             RunError::Load(e) => e.class(),
             RunError::Loader(e) => e.class(),
             RunError::Commit(e) => e.class(),
+            RunError::Table(e) => e.class(),
             RunError::Store(e) => e.class(),
             RunError::Queue(e) => e.class(),
             RunError::Internal(_) => ErrorClass::Internal,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use haul_shared::error::Classify;
 use haul_shared::jobs::{ChunkState, JobPlan, JobRecord, JobSpec, JobStore, LoadSpec};
+use haul_shared::lake::table::{self, TableError, TableIdentity, TableNow};
 use haul_shared::lake::{ChunkManifest, Dest, JobManifest, PlanFile, table_dir};
 use haul_shared::load::{LoadAuth, LoadClient};
 use haul_shared::pg::{self, SourceError, quote_ident};
@@ -199,6 +200,20 @@ async fn plan_job(
     }
     let job = opts.job_id.clone().unwrap_or_else(JobId::generate);
 
+    let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
+    if let Some(p) = &previous
+        && p.output.parquet
+        && !dry_run
+    {
+        // a commit of this job cut short is finished first (then the job is done)
+        table::recover(
+            &dest,
+            &p.plan.table_dir(),
+            Some(&job),
+            table::INTENT_PATIENCE,
+        )
+        .await?;
+    }
     if let Some(m) = dest
         .get_json::<JobManifest>(&dest.job_manifest_path(&job))
         .await?
@@ -218,7 +233,6 @@ async fn plan_job(
         }
         return Ok(Preparation::AlreadyDone(Box::new(m)));
     }
-    let previous: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
     match (&previous, opts.resume) {
         (Some(_), false) => return Err(RunError::AlreadyStarted { job }),
         (None, true) => {
@@ -363,7 +377,37 @@ async fn plan_job(
             }
         }
     }
-    let tdir = table_dir(&table.name);
+    let tdir = table_dir(&table.schema, &table.name);
+    let database: String = holder
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| SourceError::query("reading the database's name", e))?
+        .get(0);
+    let lake_table = if spec.output.parquet {
+        if !dry_run {
+            // an interrupted commit to the table is finished or rolled back first
+            table::recover(&dest, &tdir, Some(&job), table::INTENT_PATIENCE).await?;
+        }
+        let now = table::read(&dest, &tdir).await?;
+        let ours = TableIdentity {
+            database: database.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+        };
+        if let Some(owner) = now.owner.as_ref().filter(|o| **o != ours) {
+            return Err(TableError::OtherTable {
+                dest: dest.url.clone(),
+                table_dir: tdir,
+                owner: owner.to_string(),
+                ours: ours.to_string(),
+            }
+            .into());
+        }
+        now
+    } else {
+        TableNow::default()
+    };
     if let Some(l) = spec.load.as_mut()
         && l.target_table.is_empty()
     {
@@ -379,28 +423,61 @@ async fn plan_job(
                     table: table.quoted(),
                 });
             }
+            let mut base = p.plan.base.clone();
+            if spec.output.parquet && lake_table.base.seq != base.seq {
+                // the table moved on since the job was planned (its own commit would
+                // have been finished above, and the job found done)
+                if opts.overwrite && p.plan.window.is_none() {
+                    base = lake_table.base.clone();
+                } else {
+                    let other = format!("job {}", lake_table.job.as_deref().unwrap_or("?"));
+                    return Err(match &p.plan.window {
+                        Some(_) => TableError::IncrementRaced {
+                            job,
+                            other,
+                            dest: dest.url.clone(),
+                            table_dir: tdir,
+                        },
+                        None => TableError::NewerExport {
+                            job,
+                            base: match &base.job {
+                                Some(j) => format!("job {j}'s export"),
+                                None => "an empty table".into(),
+                            },
+                            other,
+                            dest: dest.url.clone(),
+                            table_dir: tdir,
+                        },
+                    }
+                    .into());
+                }
+            }
             JobPlan {
                 snapshot: snapshot.clone(),
                 snapshot_at: snapshot_at.clone(),
+                base,
+                database: if p.plan.database.is_empty() {
+                    database.clone()
+                } else {
+                    p.plan.database.clone()
+                },
                 ..p.plan.clone()
             }
         }
         None => {
-            let existing: Option<JobManifest> =
-                dest.get_json(&dest.table_manifest_path(&tdir)).await?;
             let window = match &spec.incremental {
-                Some(inc) => Some(
-                    window(&holder.client, &table, inc, existing.as_ref(), &dest, &tdir).await?,
-                ),
+                Some(inc) => {
+                    Some(window(&holder.client, &table, inc, &lake_table, &dest, &tdir).await?)
+                }
                 None => {
                     if !opts.overwrite
                         && spec.output.parquet
-                        && let Some(m) = existing
+                        && let Some(other) = &lake_table.job
                     {
                         return Err(RunError::DestinationTaken {
                             dest: dest.url.clone(),
                             table_dir: tdir,
-                            other: m.job,
+                            other: other.clone(),
                         });
                     }
                     None
@@ -433,6 +510,8 @@ async fn plan_job(
                 snapshot: snapshot.clone(),
                 snapshot_at: snapshot_at.clone(),
                 window,
+                base: lake_table.base.clone(),
+                database: database.clone(),
             }
         }
     };
@@ -569,29 +648,27 @@ async fn window(
     client: &tokio_postgres::Client,
     table: &pg::TableInfo,
     inc: &haul_shared::jobs::Incremental,
-    existing: Option<&JobManifest>,
+    existing: &TableNow,
     dest: &Dest,
     tdir: &str,
 ) -> Result<haul_shared::jobs::Window, RunError> {
-    let low = match existing {
-        None => None,
-        Some(m) => match &m.watermark {
-            None => {
-                return Err(RunError::NotIncremental {
-                    column: inc.column.clone(),
-                    dest: dest.url.clone(),
-                    table_dir: tdir.to_owned(),
-                });
-            }
-            Some(w) if w.column != inc.column => {
-                return Err(RunError::OtherWatermark {
-                    column: inc.column.clone(),
-                    other: w.column.clone(),
-                    dest: dest.url.clone(),
-                });
-            }
-            Some(w) => Some(w.high.clone()),
-        },
+    let low = match (&existing.job, &existing.watermark) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(RunError::NotIncremental {
+                column: inc.column.clone(),
+                dest: dest.url.clone(),
+                table_dir: tdir.to_owned(),
+            });
+        }
+        (Some(_), Some((column, _))) if *column != inc.column => {
+            return Err(RunError::OtherWatermark {
+                column: inc.column.clone(),
+                other: column.clone(),
+                dest: dest.url.clone(),
+            });
+        }
+        (Some(_), Some((_, high))) => Some(high.clone()),
     };
     let row = client
         .query_opt(

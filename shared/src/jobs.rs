@@ -275,6 +275,61 @@ pub struct JobPlan {
     /// An incremental job's window; every chunk reads only the rows in it.
     #[serde(default)]
     pub window: Option<Window>,
+    /// The table in the destination as the job was planned against it: its commit
+    /// applies only while the table's log still follows on from it.
+    #[serde(default)]
+    pub base: TableBase,
+    /// The source's database (`current_database()`), recorded as the table's owner in
+    /// the lake with the table's schema and name.
+    #[serde(default)]
+    pub database: String,
+}
+
+impl JobPlan {
+    /// The table's folder in the destination.
+    pub fn table_dir(&self) -> String {
+        crate::lake::table_dir(&self.table.schema, &self.table.name)
+    }
+}
+
+/// The fields `--lineage-columns` adds to the Parquet output (see [`LINEAGE_COLUMNS`]).
+pub fn lineage_fields() -> [arrow_schema::Field; 2] {
+    use arrow_schema::{DataType, Field, TimeUnit};
+    [
+        Field::new(LINEAGE_COLUMNS[0], DataType::Utf8, false),
+        Field::new(
+            LINEAGE_COLUMNS[1],
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]
+}
+
+/// The schema of a job's Parquet parts: the table's columns, then the lineage columns
+/// when asked for.
+pub fn export_schema(table: &crate::pg::TableInfo, lineage: bool) -> arrow_schema::Schema {
+    let schema = table.arrow_schema();
+    if !lineage {
+        return schema;
+    }
+    let mut fields: Vec<arrow_schema::Field> =
+        schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.extend(lineage_fields());
+    arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone())
+}
+
+/// A table of the lake as a job was planned against it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableBase {
+    /// How many haul jobs the table's log held (its haul `txn` version): the job commits
+    /// as the next one.
+    pub seq: u64,
+    /// The log version read (`None`: no log).
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// The table's latest job then, if any.
+    #[serde(default)]
+    pub job: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -422,7 +422,7 @@ pub fn job_status_to_wire(
         s.manifest = format!(
             "{}/{}/_manifest.json",
             rec.spec.dest.trim_end_matches('/'),
-            crate::lake::table_dir(&p.table.name)
+            p.table_dir()
         );
     }
     s

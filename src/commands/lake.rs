@@ -33,8 +33,9 @@ pub(super) async fn ls(a: LsArgs) -> anyhow::Result<()> {
 pub(super) async fn show(a: ShowArgs) -> anyhow::Result<()> {
     let (lake, table_dir) = split_table_path(&a.table)?;
     let dest = open_lake(lake)?;
-    let manifest: Option<JobManifest> =
-        dest.get_json(&dest.table_manifest_path(&table_dir)).await?;
+    let current = haul_shared::lake::table::current(&dest, &table_dir).await?;
+    let version = current.as_ref().and_then(|(now, _)| now.base.version);
+    let manifest: Option<JobManifest> = current.map(|(_, m)| m);
     let jobs: Vec<LakeJob> = catalog::list(&dest)
         .await?
         .into_iter()
@@ -50,6 +51,7 @@ pub(super) async fn show(a: ShowArgs) -> anyhow::Result<()> {
     if a.json {
         let v = serde_json::json!({
             "table_dir": table_dir,
+            "version": version,
             "export": manifest,
             "partitions": partitions.iter().map(|(p, (files, rows))| {
                 serde_json::json!({"partition": p, "files": files, "rows": rows})
@@ -64,11 +66,18 @@ pub(super) async fn show(a: ShowArgs) -> anyhow::Result<()> {
         None => println!("{url}: nothing committed yet (the jobs below have not finished)"),
         Some(m) => {
             println!("{url}: {} from {}", m.table, m.source);
-            let what = if m.increments.is_empty() {
+            let increments = jobs
+                .iter()
+                .filter(|j| j.state == "committed" && j.watermark_column.is_some())
+                .count();
+            let what = if m.watermark.is_none() {
                 format!("job {}", m.job)
             } else {
-                format!("{} increments, the last {}", m.increments.len(), m.job)
+                format!("{increments} increments, the last {}", m.job)
             };
+            if let Some(v) = version {
+                println!("log:       {url}/_delta_log, version {v} (Delta Lake)");
+            }
             println!(
                 "export:    {what}, committed {}: {} rows, {} files, {}",
                 m.finished_at,
@@ -225,7 +234,13 @@ fn split_table_path(path: &str) -> anyhow::Result<(&str, String)> {
     path.trim_end_matches('/')
         .rsplit_once('/')
         .filter(|(l, t)| !l.is_empty() && !t.is_empty() && !l.ends_with(':') && !l.ends_with('/'))
-        .map(|(l, t)| (l, haul_shared::lake::table_dir(t)))
+        .map(|(l, t)| {
+            let dir = match t.split_once('.') {
+                Some((schema, name)) => haul_shared::lake::table_dir(schema, name),
+                None => haul_shared::lake::table_dir("public", t),
+            };
+            (l, dir)
+        })
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "{path}: name a table's folder in a lake, <dest>/<table> (e.g. ./lake/orders); `haul ls <dest>` lists them"

@@ -23,7 +23,7 @@ use haul_shared::{ChunkId, ChunkRange, JobId};
 use tokio_util::sync::CancellationToken;
 
 use haul_shared::lake::commit::{self, ChunkCommit};
-use haul_shared::lake::{ChunkManifest, Dest, DestError, PartFile, table_dir};
+use haul_shared::lake::{ChunkManifest, Dest, DestError, PartFile};
 use haul_shared::load::{ChunkLoad, LoadClient, LoadClientError};
 
 use crate::decode::CopyDecoder;
@@ -281,7 +281,7 @@ async fn extract(c: &ChunkJob<'_>, staging: &str) -> Result<(Vec<PartFile>, u64)
             c.dest.clone(),
             WriterConfig {
                 output: c.spec.output.clone(),
-                table_dir: table_dir(&c.plan.table.name),
+                table_dir: c.plan.table_dir(),
                 staging: staging.to_owned(),
                 stem: format!("part-{}-{}", c.job_id, c.chunk),
             },

@@ -6,8 +6,7 @@
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
-use haul_shared::jobs::LINEAGE_COLUMNS;
+use arrow_schema::{ArrowError, Field, Schema, SchemaRef};
 
 /// Adds the lineage columns to the batches of one chunk.
 pub struct Lineage {
@@ -23,12 +22,7 @@ impl Lineage {
         let at = chrono::DateTime::parse_from_rfc3339(snapshot_at)
             .map_err(|e| format!("the plan's snapshot time {snapshot_at:?}: {e}"))?;
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        fields.push(Field::new(LINEAGE_COLUMNS[0], DataType::Utf8, false));
-        fields.push(Field::new(
-            LINEAGE_COLUMNS[1],
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ));
+        fields.extend(haul_shared::jobs::lineage_fields());
         Ok(Self {
             job: job.to_owned(),
             at_us: at.timestamp_micros(),
@@ -61,6 +55,7 @@ mod tests {
     use arrow_array::Int64Array;
     use arrow_array::cast::AsArray;
     use arrow_array::types::TimestampMicrosecondType;
+    use arrow_schema::DataType;
 
     #[test]
     fn every_row_gets_the_job_and_the_snapshot_time() {

@@ -138,10 +138,8 @@ pub struct VerifyReport {
 /// Compares the export's chunks with the source; see the module docs.
 pub async fn verify(req: VerifyRequest) -> Result<VerifyReport, VerifyError> {
     let dest = &req.dest;
-    let table: Option<JobManifest> = dest
-        .get_json(&dest.table_manifest_path(&req.table_dir))
-        .await?;
-    let Some(table) = table else {
+    let current = haul_shared::lake::table::current(dest, &req.table_dir).await?;
+    let Some((now, table)) = current else {
         return Err(VerifyError::NothingCommitted {
             dest: dest.url.clone(),
             table_dir: req.table_dir.clone(),
@@ -149,13 +147,23 @@ pub async fn verify(req: VerifyRequest) -> Result<VerifyReport, VerifyError> {
     };
     let job = match &req.job {
         None => table.job.clone(),
-        Some(j) if *j == table.job || table.increments.contains(j) => j.clone(),
+        Some(j) if *j == table.job => j.clone(),
         Some(j) => {
-            return Err(VerifyError::NoSuchJob {
-                job: j.clone(),
-                dest: dest.url.clone(),
-                table_dir: req.table_dir.clone(),
-            });
+            let held = match dest
+                .get_json::<JobManifest>(&dest.job_manifest_path(j))
+                .await?
+            {
+                Some(m) => haul_shared::lake::table::holds(&now, &m),
+                None => false,
+            };
+            if !held {
+                return Err(VerifyError::NoSuchJob {
+                    job: j.clone(),
+                    dest: dest.url.clone(),
+                    table_dir: req.table_dir.clone(),
+                });
+            }
+            j.clone()
         }
     };
     let missing = |what| VerifyError::RecordsMissing {

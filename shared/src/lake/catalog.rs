@@ -2,10 +2,11 @@
 //! it, committed or not, with its table, rows, files, bytes, increment window and times.
 //! A lineage tool, or `read_json` in a warehouse, can take it as a small table.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::Serialize;
 
+use super::table::{self, TableNow};
 use super::{Dest, DestError, JobManifest, PlanFile};
 
 /// One job in a lake.
@@ -43,34 +44,25 @@ pub struct LakeJob {
 
 /// Every job whose records are in `dest`, oldest first within each table.
 pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
-    // which jobs each table's manifest names as published
-    let mut published: HashMap<String, HashSet<String>> = HashMap::new();
+    // each table as its log holds it now
+    let mut tables: HashMap<String, TableNow> = HashMap::new();
     let mut out = Vec::new();
     for job in dest.job_ids().await? {
         // the plan names the table's folder (written at planning, kept after the commit)
         let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
         let tdir = plan
             .as_ref()
-            .map(|p| super::table_dir(&p.plan.table.name))
+            .map(|p| p.plan.table_dir())
             .unwrap_or_default();
         if let Some(m) = dest
             .get_json::<JobManifest>(&dest.job_manifest_path(&job))
             .await?
         {
-            if !published.contains_key(&tdir) {
-                let names = match dest
-                    .get_json::<JobManifest>(&dest.table_manifest_path(&tdir))
-                    .await?
-                {
-                    Some(t) if !t.increments.is_empty() => {
-                        t.increments.iter().map(|j| j.to_string()).collect()
-                    }
-                    Some(t) => HashSet::from([t.job.to_string()]),
-                    None => HashSet::new(),
-                };
-                published.insert(tdir.clone(), names);
+            if !tables.contains_key(&tdir) {
+                let now = table::read(dest, &tdir).await?;
+                tables.insert(tdir.clone(), now);
             }
-            let is_published = published[&tdir].contains(job.as_str());
+            let is_published = table::holds(&tables[&tdir], &m);
             out.push(LakeJob {
                 table_dir: tdir,
                 table: m.table.clone(),

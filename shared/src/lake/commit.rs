@@ -1,50 +1,39 @@
 //! The commit protocol's object-store side: a chunk is committed by creating its manifest
 //! (create-if-absent: the first attempt wins); its parts stay staged. A job is committed
-//! once every chunk is: its chunks' parts are published to their final names, then its
-//! manifest and the table's are written (for an increment, the table's manifest is the
-//! commit point, written before anything is published). Until then readers of the table's
-//! folder see nothing of the job, whether it later fails, is cancelled or succeeds.
+//! once every chunk is: for a Parquet export, by its table's commit ([`super::table`]:
+//! intent, publish, one new version of the table's Delta log, clean-up); for a load-only
+//! job, by its manifest. Until its table commit, readers of the table see nothing of the
+//! job, whether it later fails, is cancelled or succeeds.
 //!
-//! Every step here is safe to repeat: publishing skips parts already in place, and a job
-//! whose table manifest already names it only writes what is missing.
+//! Every step here is safe to repeat: a job already in its table's log is only cleaned
+//! up after.
 
-use tracing::warn;
-
-use super::{ChunkManifest, Dest, DestError, JobManifest, table_dir};
+use super::table::{self, TableCommit, TableError, TableIdentity};
+use super::{ChunkManifest, Dest, DestError, JobManifest};
 use crate::error::{Classify, ErrorClass};
-use crate::jobs::{JobPlan, JobSpec, Window};
+use crate::jobs::{JobPlan, JobSpec};
 use crate::{ChunkId, JobId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error(transparent)]
     Dest(#[from] DestError),
-    #[error(
-        "job {job}: another increment ({other}) was committed to {dest} while this one ran; its window no longer follows on, so it was not recorded. Run again"
-    )]
-    IncrementRaced {
-        job: JobId,
-        other: JobId,
-        dest: String,
-    },
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error("job {job}: {found} chunk manifests for {planned} chunks")]
     ChunksMissing {
         job: JobId,
         found: usize,
         planned: usize,
     },
-    #[error("the increments' manifest {table_dir}/_manifest.json vanished")]
-    IncrementsVanished { table_dir: String },
 }
 
 impl Classify for CommitError {
     fn class(&self) -> ErrorClass {
         match self {
             CommitError::Dest(e) => e.class(),
-            CommitError::IncrementRaced { .. } => ErrorClass::User,
-            CommitError::ChunksMissing { .. } | CommitError::IncrementsVanished { .. } => {
-                ErrorClass::Internal
-            }
+            CommitError::Table(e) => e.class(),
+            CommitError::ChunksMissing { .. } => ErrorClass::Internal,
         }
     }
 }
@@ -71,40 +60,40 @@ pub async fn committed_chunk(
 
 /// Commits a chunk whose parts are staged under `staging`: creates its manifest if no
 /// attempt did. The parts stay staged until the job commits. The caller has checked that
-/// its lease is current.
+/// its lease is current. An attempt that finds the manifest there deletes its staged
+/// parts only if the manifest names another attempt's (it may be this attempt's own,
+/// created by a try whose answer was lost).
 pub async fn commit_chunk(
     dest: &Dest,
     manifest: ChunkManifest,
     staging: &str,
 ) -> Result<ChunkCommit, DestError> {
     let path = dest.chunk_manifest_path(&manifest.job, manifest.chunk);
-    if !dest.put_json(&path, &manifest, true).await? {
-        // a concurrent attempt committed first: ours is void
-        dest.delete_prefix(staging).await?;
-        let winner = dest
-            .get_json::<ChunkManifest>(&path)
-            .await?
-            .ok_or_else(|| DestError::BadManifest {
-                path: path.to_string(),
-                reason: "vanished after an already-exists answer".into(),
-            })?;
-        return Ok(ChunkCommit::Lost(winner));
+    if dest.put_json(&path, &manifest, true).await? {
+        return Ok(ChunkCommit::Won(manifest));
     }
-    Ok(ChunkCommit::Won(manifest))
+    let winner = dest
+        .get_json::<ChunkManifest>(&path)
+        .await?
+        .ok_or_else(|| DestError::BadManifest {
+            path: path.to_string(),
+            reason: "vanished after an already-exists answer".into(),
+        })?;
+    let ours = format!("{}/", staging.trim_end_matches('/'));
+    if winner.files.iter().any(|f| f.staged.starts_with(&ours))
+        || (winner.files.is_empty()
+            && winner.epoch == manifest.epoch
+            && winner.worker == manifest.worker
+            && winner.committed_at == manifest.committed_at)
+    {
+        return Ok(ChunkCommit::Won(winner));
+    }
+    // a concurrent attempt committed first: ours is void
+    dest.delete_prefix(staging).await?;
+    Ok(ChunkCommit::Lost(winner))
 }
 
-/// Publishes every chunk's staged parts (see [`Dest::publish`]).
-async fn publish_all(dest: &Dest, chunks: &[ChunkManifest]) -> Result<(), DestError> {
-    for m in chunks {
-        dest.publish(m).await?;
-    }
-    Ok(())
-}
-
-/// Commits a job whose chunks are all committed: its parts are published, the job
-/// manifest is written, then the table's manifest (an increment's table manifest first:
-/// it is the commit point); parts of an export it replaces and the staging area are
-/// removed.
+/// Commits a job whose chunks are all committed (see the module docs).
 pub async fn commit_job(
     dest: &Dest,
     job: &JobId,
@@ -112,6 +101,8 @@ pub async fn commit_job(
     plan: &JobPlan,
     started_at: String,
 ) -> Result<JobManifest, CommitError> {
+    #[cfg(feature = "testsuite")]
+    let _armed = super::faults::arm();
     let chunks = dest.chunk_manifests(job).await?;
     if chunks.len() != plan.chunks.len() {
         return Err(CommitError::ChunksMissing {
@@ -123,94 +114,26 @@ pub async fn commit_job(
     let manifest = JobManifest::new(job, spec, plan, &chunks, started_at);
     if !spec.output.parquet {
         // a load-only job: its manifest records it as done; there is no export to name
-        publish_all(dest, &chunks).await?;
         dest.put_json(&dest.job_manifest_path(job), &manifest, true)
             .await?;
         dest.clear_staging(job).await?;
         return Ok(manifest);
     }
-    let tdir = table_dir(&plan.table.name);
-    let old: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(&tdir)).await?;
-    if let Some(w) = &plan.window {
-        // The table's manifest is the increment's commit point, so it is written before
-        // anything is published (an increment that lost a race publishes nothing) and
-        // before the job's own manifest: a job manifest never exists for an increment
-        // the table's manifest does not list.
-        match old {
-            // recorded before the process stopped; only the job's own manifest is missing
-            Some(o) if o.job == *job => {}
-            old => {
-                let table = increments_with(old, w, job, &manifest, dest, &tdir)?;
-                dest.put_json(&dest.table_manifest_path(&tdir), &table, false)
-                    .await?;
-            }
-        }
-        publish_all(dest, &chunks).await?;
-        dest.put_json(&dest.job_manifest_path(job), &manifest, true)
-            .await?;
-        dest.clear_staging(job).await?;
-        return Ok(manifest);
-    }
-    publish_all(dest, &chunks).await?;
-    dest.put_json(&dest.job_manifest_path(job), &manifest, true)
-        .await?;
-    dest.put_json(&dest.table_manifest_path(&tdir), &manifest, false)
-        .await?;
-    if let Some(old) = old.filter(|o| &o.job != job) {
-        // --overwrite: the previous export's parts go once the new one is committed
-        for f in &old.files {
-            if let Err(e) = dest.delete_if_exists(&dest.path(&f.path)).await {
-                warn!(error = %e, file = %f.path, "could not remove a part of the replaced export");
-            }
-        }
-    }
-    dest.clear_staging(job).await?;
-    Ok(manifest)
-}
-
-/// The table's manifest of a series of increments with `increment` added: it must follow
-/// on from the last one recorded in `old` (or be the first), and it then lists every
-/// increment's files and rows, and the new high mark.
-fn increments_with(
-    old: Option<JobManifest>,
-    w: &Window,
-    job: &JobId,
-    increment: &JobManifest,
-    dest: &Dest,
-    tdir: &str,
-) -> Result<JobManifest, CommitError> {
-    let mut table = match old {
-        Some(o) if o.watermark.as_ref().map(|ow| &ow.high) != w.low.as_ref() => {
-            return Err(CommitError::IncrementRaced {
-                job: job.clone(),
-                other: o.job,
-                dest: dest.url.clone(),
-            });
-        }
-        Some(o) => o,
-        None if w.low.is_some() => {
-            return Err(CommitError::IncrementsVanished {
-                table_dir: tdir.to_owned(),
-            });
-        }
-        None => JobManifest {
-            increments: Vec::new(),
-            chunks: 0,
-            rows: 0,
-            bytes: 0,
-            files: Vec::new(),
-            ..increment.clone()
+    let schema = crate::jobs::export_schema(&plan.table, spec.output.lineage);
+    let table_dir = plan.table_dir();
+    let commit = TableCommit {
+        job,
+        table_dir: &table_dir,
+        identity: TableIdentity {
+            database: plan.database.clone(),
+            schema: plan.table.schema.clone(),
+            table: plan.table.name.clone(),
         },
+        window: plan.window.as_ref(),
+        base: &plan.base,
+        schema: &schema,
+        partition_field: spec.output.partition_by.as_ref().map(|p| p.field.as_str()),
+        manifest,
     };
-    table.increments.push(job.clone());
-    table.job = job.clone();
-    table.snapshot = increment.snapshot.clone();
-    table.columns = increment.columns.clone();
-    table.chunks += increment.chunks;
-    table.rows += increment.rows;
-    table.bytes += increment.bytes;
-    table.files.extend(increment.files.iter().cloned());
-    table.finished_at = increment.finished_at.clone();
-    table.watermark = increment.watermark.clone();
-    Ok(table)
+    Ok(table::commit(dest, commit).await?)
 }

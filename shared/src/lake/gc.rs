@@ -7,13 +7,22 @@
 //! - staged parts of an unfinished job that none of its committed chunks lists (attempts
 //!   that never committed), once older than the grace period: a running attempt's parts
 //!   are young, and committed chunks' parts are kept for `--resume`;
-//! - parts in a table's folder of an export replaced by `--overwrite` (the new export's
-//!   commit removes them; one cut short leaves them, and glob readers see them);
-//! - parts in a table's folder that no job's manifest lists, once older than the grace
-//!   period (a job's commit publishes its parts just before it writes its manifest).
+//! - parts in a table's folder of an export replaced by `--overwrite`: a log version
+//!   added them and a later one removed them (the replacing commit deletes them; one cut
+//!   short leaves them, and glob readers see them);
+//! - parts in a table's folder that no version of its log names and no commit under way
+//!   is publishing, once older than the grace period.
 //!
-//! Records (`_haul/jobs/`) are never garbage: they are what `--resume`, `haul ls` and
-//! `haul verify` read. Folders no haul job wrote to are not looked at.
+//! Before it looks (when it deletes), each table's interrupted commits older than the
+//! grace period are finished or rolled back ([`super::table::recover`]): that removes
+//! the parts an `--overwrite` replaced, and takes back what a commit cut short
+//! published. Nothing any log version, intent or committed chunk names is garbage, and
+//! each folder is listed before the records that could name what it holds are read, so
+//! a part published during the look is never taken for garbage.
+//!
+//! Records (`_haul/jobs/`), logs and intents are never garbage: they are what
+//! `--resume`, `haul ls`, `haul verify` and readers read. Folders no haul job wrote to
+//! are not looked at.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -21,7 +30,9 @@ use std::time::Duration;
 use object_store::path::Path;
 use serde::Serialize;
 
-use super::{ChunkManifest, Dest, DestError, JobManifest, PlanFile, table_dir};
+use super::delta::{self, Action, DeltaLog};
+use super::table::{self, Intent};
+use super::{ChunkManifest, Dest, DestError, JobManifest, PlanFile};
 use crate::JobId;
 
 /// One object that no manifest needs.
@@ -58,22 +69,25 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
     let mut objects = Vec::new();
     let mut too_young = 0;
 
-    // every job's records: its table's folder, and its manifest if committed
-    let mut committed: HashMap<JobId, Option<JobManifest>> = HashMap::new();
-    let mut by_table: BTreeMap<String, Vec<JobManifest>> = BTreeMap::new();
-    for job in dest.job_ids().await? {
-        let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(&job)).await?;
-        let manifest: Option<JobManifest> = dest.get_json(&dest.job_manifest_path(&job)).await?;
+    // every job's table folder, with the manifests of its committed jobs
+    let mut tables: BTreeMap<String, Vec<JobManifest>> = BTreeMap::new();
+    let jobs = dest.job_ids().await?;
+    for job in &jobs {
+        let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(job)).await?;
         if let Some(p) = &plan
             && p.output.parquet
         {
-            let list = by_table.entry(table_dir(&p.plan.table.name)).or_default();
-            list.extend(manifest.clone());
+            let done: Option<JobManifest> = dest.get_json(&dest.job_manifest_path(job)).await?;
+            tables.entry(p.plan.table_dir()).or_default().extend(done);
         }
-        committed.insert(job, manifest);
+    }
+    if delete {
+        for tdir in tables.keys() {
+            table::recover(dest, tdir, None, grace).await?;
+        }
     }
 
-    // staging
+    // staging: listed first, then the records that keep what it holds
     let staging = dest.path("_haul/staging");
     let mut staged: BTreeMap<String, Vec<object_store::ObjectMeta>> = BTreeMap::new();
     for m in dest.list(&staging).await? {
@@ -83,10 +97,13 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
     }
     for (job, metas) in staged {
         let id = JobId::parse(&job).ok();
-        let done = id
-            .as_ref()
-            .and_then(|j| committed.get(j))
-            .is_some_and(Option::is_some);
+        let done = match &id {
+            Some(j) => dest
+                .get_json::<JobManifest>(&dest.job_manifest_path(j))
+                .await?
+                .is_some(),
+            None => false,
+        };
         let keep: HashSet<Path> = match &id {
             Some(j) if !done => dest
                 .chunk_manifests(j)
@@ -116,44 +133,31 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
         }
     }
 
-    // tables' folders
-    for (tdir, mut jobs) in by_table {
-        let current: Option<JobManifest> = dest.get_json(&dest.table_manifest_path(&tdir)).await?;
-        // parts a reader may be shown: the current export's, and a job's that committed
-        // after it (its table manifest not written yet); replaced exports' are garbage
-        let mut wanted: HashSet<String> = HashSet::new();
-        let mut replaced: HashMap<String, JobId> = HashMap::new();
-        jobs.sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
-        for j in &jobs {
-            let listed_now = current
-                .as_ref()
-                .is_some_and(|c| c.job == j.job || c.increments.contains(&j.job));
-            let newer = current
-                .as_ref()
-                .is_none_or(|c| j.finished_at > c.finished_at);
-            for f in &j.files {
-                if listed_now || newer {
-                    wanted.insert(f.path.clone());
-                } else {
-                    replaced.insert(f.path.clone(), j.job.clone());
-                }
-            }
-        }
-        if let Some(c) = &current {
-            wanted.extend(c.files.iter().map(|f| f.path.clone()));
-        }
-        for m in dest.list(&dest.path(&tdir)).await? {
+    // tables' folders: listed first, then every log version and intent
+    for (tdir, committed) in tables {
+        let log_dir = format!("{tdir}/{}/", delta::LOG_DIR);
+        let listed: Vec<object_store::ObjectMeta> = dest
+            .list(&dest.path(&tdir))
+            .await?
+            .into_iter()
+            .filter(|m| {
+                let rel = relative(dest, &m.location);
+                rel.ends_with(".parquet") && !rel.starts_with(&log_dir)
+            })
+            .collect();
+        let named = named_parts(dest, &tdir, &committed).await?;
+        for m in listed {
             let rel = relative(dest, &m.location);
-            if !rel.ends_with(".parquet") || wanted.contains(&rel) {
+            if named.current.contains(&rel) {
                 continue;
             }
-            let reason = match replaced.get(&rel) {
-                Some(job) => format!("a part of job {job}, an export since replaced"),
+            let reason = match named.removed.get(&rel) {
+                Some(by) => format!("a part of an export since replaced ({by})"),
                 None if young(&m) => {
                     too_young += 1;
                     continue;
                 }
-                None => "a part no job's manifest lists".to_owned(),
+                None => "a part no version of the table's log names".to_owned(),
             };
             objects.push(Garbage {
                 path: rel,
@@ -183,6 +187,72 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
         objects,
         too_young,
     })
+}
+
+/// The parts of a table's folder its records account for (relative to the lake's root).
+struct Named {
+    /// Parts the table holds now, or a commit under way publishes: never garbage.
+    current: HashSet<String>,
+    /// Parts a log version (or an older haul's job manifest) added that a later commit
+    /// removed (`--overwrite` deletes them once it commits; one cut short leaves them,
+    /// and glob readers see them): garbage, whatever their age. With what removed them.
+    removed: HashMap<String, String>,
+}
+
+/// What the table's records say of the parts in its folder: every version of its log
+/// (an added part removed by a later version is a replaced export's), an older haul's
+/// manifests, and the commits under way (their intents).
+async fn named_parts(dest: &Dest, tdir: &str, jobs: &[JobManifest]) -> Result<Named, DestError> {
+    let mut added: HashMap<String, u64> = HashMap::new();
+    let mut removed: HashMap<String, String> = HashMap::new();
+    let log = DeltaLog::new(dest, tdir);
+    let mut v = 0;
+    while let Some(actions) = log.read_version(v).await? {
+        for a in actions {
+            match a {
+                Action::Add(add) => {
+                    let rel = format!("{tdir}/{}", delta::decode_path(&add.path));
+                    removed.remove(&rel);
+                    added.insert(rel, v);
+                }
+                Action::Remove(r) => {
+                    let rel = format!("{tdir}/{}", delta::decode_path(&r.path));
+                    if added.remove(&rel).is_some() {
+                        removed.insert(rel, format!("removed by log version {v}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        v += 1;
+    }
+    let mut current: HashSet<String> = added.into_keys().collect();
+    let now = table::read(dest, tdir).await?;
+    current.extend(now.files.into_iter().map(|f| f.path));
+    // an older haul's exports: a committed job's parts the table no longer lists
+    for m in jobs {
+        for f in &m.files {
+            if !current.contains(&f.path) {
+                removed
+                    .entry(f.path.clone())
+                    .or_insert_with(|| format!("job {}", m.job));
+            }
+        }
+    }
+    for m in dest
+        .list(&dest.path(&format!("_haul/intents/{tdir}")))
+        .await?
+    {
+        if let Some(i) = dest.get_json::<Intent>(&m.location).await? {
+            for f in i.parts {
+                current.insert(f.path);
+            }
+        }
+    }
+    for p in &current {
+        removed.remove(p);
+    }
+    Ok(Named { current, removed })
 }
 
 /// An object's path relative to the lake's root.

@@ -1,6 +1,6 @@
 //! What the lake's manifests hold: a chunk's (its commit point), a job's plan (what a
-//! resume needs), a job's (its commit point, written last) and a table's (the latest
-//! export, or the series of increments).
+//! resume needs) and a job's (written once its table commit is in the table's log; a
+//! copy of the latest is the table's `_manifest.json`, for convenience only).
 
 use serde::{Deserialize, Serialize};
 
@@ -88,10 +88,14 @@ pub struct JobManifest {
     /// `files`, `rows`, `bytes` and `chunks` count every increment so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<crate::jobs::Window>,
-    /// In the table's `_manifest.json` of a series of increments: their job ids, oldest
-    /// first.
+    /// Written by an older haul in the table's `_manifest.json` of a series of
+    /// increments: their job ids, oldest first (read to take such a table over).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub increments: Vec<JobId>,
+    /// The version of the table's Delta log that committed the job (in the table's
+    /// `_manifest.json` copy: the log version it was copied from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_version: Option<u64>,
 }
 
 impl JobManifest {
@@ -133,6 +137,7 @@ impl JobManifest {
             finished_at: chrono::Utc::now().to_rfc3339(),
             watermark: plan.window.clone(),
             increments: Vec::new(),
+            table_version: None,
         }
     }
 }

@@ -3,32 +3,39 @@
 //! destination's layout goes through this module.
 //!
 //! ```text
-//! <dest>/<table>/dt=YYYY-MM-DD/part-<job>-<chunk>-<n>.parquet   published parts (glob-safe)
-//! <dest>/<table>/_manifest.json                                 the table's latest committed job
+//! <dest>/<table>/dt=YYYY-MM-DD/part-<job>-<chunk>-<n>.parquet   published parts (glob: **/part-*.parquet)
+//! <dest>/<table>/_delta_log/<version>.json                      the table's commits: its truth
+//! <dest>/<table>/_manifest.json                                 a copy of the latest job's manifest
 //! <dest>/_haul/jobs/<job>/plan.json                             the job's plan (resume reads it)
 //! <dest>/_haul/jobs/<job>/chunks/<chunk>.json                   chunk manifests: the commit points
-//! <dest>/_haul/jobs/<job>/_manifest.json                        the job manifest, written last
-//! <dest>/_haul/staging/<job>/<chunk>/<epoch>/...                one attempt's parts until the job commits
+//! <dest>/_haul/jobs/<job>/_manifest.json                        the job manifest, once it is in the log
+//! <dest>/_haul/staging/<job>/<chunk>/<epoch>-<attempt>/...      one attempt's parts until the job commits
+//! <dest>/_haul/intents/<table>/<job>.json                       a table commit under way
 //! ```
 //!
-//! Architecture invariant: a part file appears under `<dest>/<table>/` only when its job
-//! commits: committed chunks' parts stay staged until every chunk is committed, so a job
-//! that fails or is cancelled publishes nothing (a resume finishes it from the staged
-//! parts). Only parts named in a chunk manifest are published.
+//! Architecture invariant: a part file stays under `<dest>/<table>/` only if the table's
+//! log names it: committed chunks' parts stay staged until every chunk is committed, and
+//! a table commit publishes them just before it creates the log version that adds them;
+//! a commit that gives up, or is rolled back by recovery, takes them back to staging
+//! ([`table`]). Only parts named in a chunk manifest are published.
 //!
 //! Architecture invariant: an attempt's parts are written under its own staging prefix
-//! (job, chunk, epoch); the chunk manifest is created with create-if-absent, so of two
-//! attempts at most one commits, and the loser deletes its staging files.
+//! (job, chunk, epoch and a random attempt id); the chunk manifest is created with
+//! create-if-absent, so of two attempts at most one commits, and an attempt deletes its
+//! staging files only once the manifest it lost to names another attempt's.
 //!
-//! Architecture invariant: the job manifest is written last, after every chunk manifest;
-//! readers trust it, never a directory listing. An increment's commit point is the
-//! table's `_manifest.json`, rewritten only if it still records the increment's `low`.
+//! Architecture invariant: a table's state is its Delta log, never a listing or a
+//! manifest: a job is in the table when a log version commits it ([`delta`], [`table`]).
 
 pub mod catalog;
 pub mod commit;
+pub mod delta;
+#[cfg(feature = "testsuite")]
+pub mod faults;
 pub mod gc;
 pub mod manifest;
 pub mod reader;
+pub mod table;
 
 use std::sync::Arc;
 
@@ -57,6 +64,8 @@ pub enum DestError {
     },
     #[error("unreadable manifest {path}: {reason}")]
     BadManifest { path: String, reason: String },
+    #[error("haul cannot commit to the table in {table_dir}: {reason}")]
+    UnsupportedTable { table_dir: String, reason: String },
     #[error(
         "no S3 credentials for {dest}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT and AWS_REGION for a server other than AWS), AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or run where an instance or pod role provides them (the instance metadata service at {endpoint}: {reason})"
     )]
@@ -85,7 +94,8 @@ impl Classify for DestError {
         match self {
             DestError::Invalid { .. }
             | DestError::NotWritable { .. }
-            | DestError::NoCredentials { .. } => ErrorClass::User,
+            | DestError::NoCredentials { .. }
+            | DestError::UnsupportedTable { .. } => ErrorClass::User,
             DestError::Store { source, .. } => match source {
                 object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. } => ErrorClass::User,
@@ -151,7 +161,7 @@ impl Dest {
                 .map_err(|e| invalid(e.to_string()))?
                 .with_fsync(fsync);
             return Ok(Dest {
-                store: Arc::new(store),
+                store: with_faults(Arc::new(store)),
                 root: Path::default(),
                 url: format!("file://{}", abs.display()),
                 metadata_endpoint: None,
@@ -170,7 +180,7 @@ impl Dest {
                 let root = Path::parse(parsed.path().trim_start_matches('/'))
                     .map_err(|e| invalid(e.to_string()))?;
                 Ok(Dest {
-                    store: Arc::new(store),
+                    store: with_faults(Arc::new(store)),
                     root,
                     url: url.trim_end_matches('/').to_owned(),
                     metadata_endpoint: (!S3_CREDENTIAL_VARS
@@ -294,9 +304,11 @@ impl Dest {
         }
     }
 
-    /// Where one attempt stages its parts before it commits.
+    /// Where one attempt stages its parts before it commits: its own folder, even if
+    /// a lease store that lost its data hands the same epoch out twice.
     pub fn staging_prefix(&self, job: &JobId, chunk: ChunkId, epoch: Epoch) -> String {
-        format!("{}/{chunk}/{epoch}", staging_root(job))
+        let attempt = &uuid::Uuid::new_v4().simple().to_string()[..12];
+        format!("{}/{chunk}/{epoch}-{attempt}", staging_root(job))
     }
     /// Removes every attempt's staged parts of a job.
     pub async fn clear_staging(&self, job: &JobId) -> Result<(), DestError> {
@@ -360,7 +372,7 @@ impl Dest {
     }
 
     /// Every object under `prefix`.
-    async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, DestError> {
+    pub(crate) async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, DestError> {
         self.store
             .list(Some(prefix))
             .try_collect()
@@ -434,20 +446,34 @@ impl Dest {
         Ok(())
     }
 
-    /// Publishes a committed chunk's parts to their final names: a rename on a local
-    /// disk, a server-side copy on object stores (never a re-upload). Idempotent: a part
-    /// already in place is left alone, so a job commit cut short is finished by trying
-    /// it again.
+    /// Publishes a committed part to its final name: a rename on a local disk, a
+    /// server-side copy on object stores (never a re-upload). Idempotent: a part already
+    /// in place is left alone.
+    pub async fn publish_part(&self, f: &PartFile) -> Result<(), DestError> {
+        if self.is_published(f).await? {
+            return Ok(());
+        }
+        let src = self.path(&f.staged);
+        self.store
+            .rename(&src, &self.path(&f.path))
+            .await
+            .map_err(store_err(&src))
+    }
+
+    /// Takes a published part back to its staged name (a table commit that gave up).
+    /// Idempotent: a part not published is left alone.
+    pub async fn unpublish_part(&self, f: &PartFile) -> Result<(), DestError> {
+        let dst = self.path(&f.path);
+        match self.store.rename(&dst, &self.path(&f.staged)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(&dst)(e)),
+        }
+    }
+
+    /// Publishes every part of a chunk (see [`Dest::publish_part`]).
     pub async fn publish(&self, manifest: &ChunkManifest) -> Result<(), DestError> {
         for f in &manifest.files {
-            if self.is_published(f).await? {
-                continue;
-            }
-            let src = self.path(&f.staged);
-            self.store
-                .rename(&src, &self.path(&f.path))
-                .await
-                .map_err(store_err(&src))?;
+            self.publish_part(f).await?;
         }
         Ok(())
     }
@@ -512,21 +538,30 @@ fn staging_root(job: &JobId) -> String {
     format!("_haul/staging/{job}")
 }
 
-/// The table's folder under the destination: its name, with every character other than
-/// ASCII letters, digits, `_`, `-` and `.` replaced by `_` (object stores and glob readers
-/// treat the others specially), and never starting with `_` or `.`, which Spark and Hive
-/// readers skip as hidden.
-pub fn table_dir(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+/// The table's folder under the destination: a table of `public` by its name, any other
+/// by `<schema>.<name>` (so one name in two schemas has two folders), with every
+/// character other than ASCII letters, digits, `_` and `-` replaced by `_` in each (object
+/// stores and glob readers treat the others specially; the only `.` is the schema's),
+/// and never starting with `_` or `.`, which Spark and Hive readers skip as hidden. Two
+/// tables whose names differ only in replaced characters share a folder: the table's log
+/// records which one it holds and refuses the other.
+pub fn table_dir(schema: &str, name: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let s = if schema == "public" || schema.is_empty() {
+        clean(name)
+    } else {
+        format!("{}.{}", clean(schema), clean(name))
+    };
     if s.is_empty() || s.starts_with(['_', '.']) {
         format!("t{s}")
     } else {
@@ -534,13 +569,36 @@ pub fn table_dir(name: &str) -> String {
     }
 }
 
+/// An object store wrapped in the test suite's fault injection when `HAUL_FAULT_STORE`
+/// asks for it (feature `testsuite`); the store itself otherwise.
+fn with_faults(store: Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore> {
+    #[cfg(feature = "testsuite")]
+    {
+        faults::wrap_from_env(store)
+    }
+    #[cfg(not(feature = "testsuite"))]
+    {
+        store
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn table_dirs_are_reader_safe() {
-        assert_eq!(super::table_dir("orders"), "orders");
-        assert_eq!(super::table_dir(r#"My "Orders""#), "My__Orders_");
-        assert_eq!(super::table_dir("_tmp"), "t_tmp");
-        assert_eq!(super::table_dir("a/b"), "a_b");
+        assert_eq!(super::table_dir("public", "orders"), "orders");
+        assert_eq!(super::table_dir("public", r#"My "Orders""#), "My__Orders_");
+        assert_eq!(super::table_dir("public", "_tmp"), "t_tmp");
+        assert_eq!(super::table_dir("public", "a/b"), "a_b");
+    }
+
+    #[test]
+    fn one_name_in_two_schemas_has_two_folders() {
+        // regression: sales.orders and archive.orders shared the folder `orders`
+        assert_eq!(super::table_dir("sales", "orders"), "sales.orders");
+        assert_eq!(super::table_dir("archive", "orders"), "archive.orders");
+        // a dot in a name cannot pose as a schema's
+        assert_eq!(super::table_dir("public", "sales.orders"), "sales_orders");
+        assert_eq!(super::table_dir("a.b", "c"), "a_b.c");
     }
 }

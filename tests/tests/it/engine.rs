@@ -149,7 +149,9 @@ async fn export_and_check(
         haul_shared::pg::quote_ident(&resolved.0),
         haul_shared::pg::quote_ident(&resolved.1)
     );
-    let out = dest.0.join(haul_shared::lake::table_dir(&resolved.1));
+    let out = dest
+        .0
+        .join(haul_shared::lake::table_dir(&resolved.0, &resolved.1));
     if s.rows > 0 {
         assert_same(&db.client, &quoted, &out).await;
     } else {

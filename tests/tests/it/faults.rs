@@ -373,9 +373,19 @@ async fn a_fenced_off_attempt_cannot_commit() {
     ));
     assert_eq!(parquet_files(&dest_dir.0), files);
     // the winner's parts stay staged until the job commits, and they are its only ones
-    let live_prefix = dest_dir
-        .0
-        .join(format!("_haul/staging/fence/000000/{}", live.epoch.0));
+    // (its attempt's own folder: `<epoch>-<attempt id>`)
+    let chunk_dir = dest_dir.0.join("_haul/staging/fence/000000");
+    let folder = files
+        .first()
+        .and_then(|f| f.strip_prefix(&chunk_dir).ok())
+        .and_then(|r| r.components().next())
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .expect("the winner's parts");
+    let live_prefix = chunk_dir.join(&folder);
+    assert!(
+        folder.starts_with(&format!("{}-", live.epoch.0)),
+        "{live_prefix:?}"
+    );
     assert!(
         files.iter().all(|f| f.starts_with(&live_prefix)),
         "{files:?}"
@@ -420,7 +430,7 @@ async fn duckdb_and_pyarrow_read_the_output() {
         r#"
 import duckdb, pyarrow.dataset as ds, pyarrow.compute as pc
 root = {root:?}
-r = duckdb.sql(f"SELECT count(*), sum(total_cents), count(DISTINCT id), count(DISTINCT dt) FROM read_parquet('{{root}}/orders/**/*.parquet', hive_partitioning=true)").fetchone()
+r = duckdb.sql(f"SELECT count(*), sum(total_cents), count(DISTINCT id), count(DISTINCT dt) FROM read_parquet('{{root}}/orders/**/part-*.parquet', hive_partitioning=true)").fetchone()
 t = ds.dataset(root + "/orders", format="parquet", partitioning="hive").to_table()
 print(r[0], r[1], r[2], t.num_rows, pc.sum(t["total_cents"]).as_py(), len(pc.unique(t["id"])), r[3] > 1)
 "#,
@@ -806,7 +816,7 @@ async fn a_column_named_like_the_partition_field_is_never_shadowed() {
         r#"
 import duckdb, pyarrow.dataset as ds, pyarrow.compute as pc
 root = {root:?}
-d = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE) + 100), count(*) FILTER (WHERE load_dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE)) FROM read_parquet('{{root}}/ev/**/*.parquet', hive_partitioning=true)").fetchone()
+d = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE) + 100), count(*) FILTER (WHERE load_dt = CAST(created_at AT TIME ZONE 'UTC' AS DATE)) FROM read_parquet('{{root}}/ev/**/part-*.parquet', hive_partitioning=true)").fetchone()
 t = ds.dataset(root + "/ev", format="parquet", partitioning="hive").to_table()
 print(d[0], d[1], d[2], t.num_rows, "dt" in t.column_names, "load_dt" in t.column_names)
 "#,
@@ -858,7 +868,7 @@ async fn far_dates_get_their_own_folders_and_readers_see_infinity() {
     let script = format!(
         r#"
 import duckdb
-rows = duckdb.sql("SELECT id, d::varchar, ts::varchar FROM read_parquet('{root}/far/**/*.parquet', hive_partitioning=false) WHERE id IN (2, 3, 4, 5) ORDER BY id").fetchall()
+rows = duckdb.sql("SELECT id, d::varchar, ts::varchar FROM read_parquet('{root}/far/**/part-*.parquet', hive_partitioning=false) WHERE id IN (2, 3, 4, 5) ORDER BY id").fetchall()
 print(rows)
 "#,
         root = dest.0.display()

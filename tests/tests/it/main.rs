@@ -4,6 +4,7 @@
 
 mod cluster;
 mod commands;
+mod commit_log;
 mod engine;
 mod faults;
 mod harness;

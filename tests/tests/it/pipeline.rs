@@ -158,8 +158,8 @@ async fn the_medallion_example_runs_under_dbt_prefect_dagster_and_airflow() {
     std::fs::create_dir_all(&stale).unwrap();
     let sql = format!(
         "COPY (SELECT * REPLACE (_haul_extracted_at - INTERVAL 3 DAY AS _haul_extracted_at) \
-         FROM read_parquet('{}/orders/**/*.parquet', hive_partitioning = true)) \
-         TO '{}/orders' (FORMAT parquet, PARTITION_BY (dt))",
+         FROM read_parquet('{}/orders/**/part-*.parquet', hive_partitioning = true)) \
+         TO '{}/orders' (FORMAT parquet, PARTITION_BY (dt), FILENAME_PATTERN 'part-{{i}}')",
         work.0.join("lake").display(),
         stale.display()
     );

@@ -6,41 +6,10 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use haul_shared::lake::Dest;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::harness::*;
-
-const ENDPOINT: &str = "http://127.0.0.1:8333";
-
-fn store(bucket: &str) -> Arc<dyn ObjectStore> {
-    Arc::new(
-        AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_endpoint(ENDPOINT)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id("haul")
-            .with_secret_access_key("haul")
-            .build()
-            .unwrap(),
-    )
-}
-
-/// Creates `bucket` on the test server unless it exists.
-fn ensure_bucket(bucket: &str) {
-    let out = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-        .arg(format!("{ENDPOINT}/{bucket}"))
-        .output()
-        .expect("curl");
-    let code = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        code == "200" || code == "409",
-        "cannot create bucket {bucket} (HTTP {code}): is the S3 server up (scripts/services.sh)?"
-    );
-}
 
 #[tokio::test]
 async fn exports_to_s3_and_commits_with_create_if_absent() {

@@ -196,6 +196,8 @@ pub async fn one_chunk_plan(
         estimated_rows: rows,
         snapshot: None,
         window: None,
+        base: Default::default(),
+        database: db.name.clone(),
     }
 }
 
@@ -278,16 +280,23 @@ pub fn subdir_names(dir: &Path) -> Vec<String> {
         .flatten()
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        // the table's Delta log is no partition
+        .filter(|n| !n.starts_with('_'))
         .collect();
     names.sort();
     names
 }
 
-/// Every `.parquet` file under `dir`, recursively (what a glob reader sees).
+/// Every part file under `dir`, recursively: what a glob reader of `**/part-*.parquet`
+/// sees (the Delta log's checkpoints are Parquet files too, under `_delta_log/`).
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<_> = files_under(dir)
         .into_iter()
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "parquet")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
         .collect();
     out.sort();
     out

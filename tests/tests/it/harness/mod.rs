@@ -8,10 +8,12 @@ mod cluster;
 mod fixtures;
 mod keda;
 mod outage;
+mod s3;
 mod services;
 
 pub(crate) use cluster::*;
 pub(crate) use fixtures::*;
 pub(crate) use keda::*;
 pub(crate) use outage::*;
+pub(crate) use s3::*;
 pub(crate) use services::*;
