@@ -9,7 +9,8 @@
 //! operators (`haul dlq`).
 //!
 //! Architecture invariant: a dead letter is acked only once its chunk is final in the job
-//! store (committed or failed) and the dead letter is recorded.
+//! store (committed or failed) and the dead letter is recorded, or once it is known to
+//! belong to an earlier run of the job (tasks carry their run).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,10 +67,16 @@ async fn record(d: Delivery, jobs: &dyn JobStore) {
     };
     let (job, chunk) = (task.job_id, task.chunk_id);
     let outcome = async {
-        let Some(_) = jobs.job_state(&job).await? else {
+        let Some(rec) = jobs.get_job(&job).await? else {
             warn!(job_id = %job, chunk_id = %chunk, "dead letter of an unknown job; dropping it");
             return Ok(());
         };
+        if !task.run.is_empty() && task.run != rec.submitted_at {
+            // an earlier run's task (the job was submitted or resumed again since): the
+            // current run's chunk is not this letter's to fail
+            warn!(job_id = %job, chunk_id = %chunk, run = %task.run, "dead letter of an earlier run of the job; dropping it");
+            return Ok(());
+        }
         let reason = match jobs.chunk_states(&job).await?.remove(&chunk) {
             // a late duplicate of a chunk that was committed after all: nothing is lost
             Some(ChunkState::Committed { .. }) => return Ok(()),

@@ -225,7 +225,10 @@ impl Driver {
                     } if *retry_at_ms <= now_ms => *retry,
                     _ => continue,
                 };
-                if let Err(e) = self.requeue(id, *chunk, &plan.chunks, retry).await {
+                if let Err(e) = self
+                    .requeue(id, &rec.submitted_at, *chunk, &plan.chunks, retry)
+                    .await
+                {
                     warn!(job_id = %id, chunk_id = %chunk, error = %e, "queueing a chunk again failed; retrying");
                     // its task may not exist: the state says so, and the next look tries
                     // again; the queue already retried for a while, so the other chunks
@@ -352,8 +355,14 @@ impl Driver {
                     self.jobs.set_chunk_state(&rec.id, chunk, &st).await?;
                 }
                 None => {
-                    self.requeue(&rec.id, chunk, &plan.chunks, Retry::default())
-                        .await?
+                    self.requeue(
+                        &rec.id,
+                        &rec.submitted_at,
+                        chunk,
+                        &plan.chunks,
+                        Retry::default(),
+                    )
+                    .await?
                 }
             }
         }
@@ -367,6 +376,7 @@ impl Driver {
     pub(crate) async fn requeue(
         &self,
         id: &JobId,
+        run: &str,
         chunk: ChunkId,
         ranges: &[ChunkRange],
         retry: Retry,
@@ -382,6 +392,7 @@ impl Driver {
             chunk_id: chunk,
             range: range.clone(),
             retry,
+            run: run.to_owned(),
         };
         Ok(self.queue.publish(task.encode()).await?)
     }

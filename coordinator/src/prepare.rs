@@ -807,6 +807,7 @@ pub async fn queue_chunks(
             job_id: record.id.clone(),
             chunk_id: chunk,
             range: range.clone(),
+            run: record.submitted_at.clone(),
         };
         queue.publish(task.encode()).await?;
     }

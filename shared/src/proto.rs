@@ -34,6 +34,9 @@ pub struct Task {
     pub range: ChunkRange,
     /// The chunk's transient failures before this attempt.
     pub retry: crate::jobs::Retry,
+    /// The run of the job it belongs to (its record's `submitted_at`); empty from a
+    /// build that did not say.
+    pub run: String,
 }
 
 /// Why a message body is not a task this build can run. Always permanent: the message
@@ -100,6 +103,7 @@ impl Task {
             range: Some(range_to_wire(&self.range)),
             failures: self.retry.failures,
             failing_since_ms: self.retry.since_ms,
+            run: self.run.clone(),
         }
         .encode_to_vec()
         .into()
@@ -119,6 +123,7 @@ impl Task {
                 failures: t.failures,
                 since_ms: t.failing_since_ms,
             },
+            run: t.run,
         })
     }
 }
@@ -506,6 +511,7 @@ mod tests {
                     failures: 2,
                     since_ms: 1_700_000_000_000,
                 },
+                run: "2026-12-07T22:00:00.123456789+00:00".into(),
             };
             assert_eq!(Task::decode(&t.encode()).unwrap(), t);
         }

@@ -387,7 +387,7 @@ impl Coordinator {
         for d in &dead {
             // as the driver queues a chunk again: pending first, then a fresh task
             self.driver
-                .requeue(id, d.chunk, &ranges, Default::default())
+                .requeue(id, &rec.submitted_at, d.chunk, &ranges, Default::default())
                 .await
                 .map_err(|e| to_status(&e))?;
             self.store

@@ -1314,6 +1314,7 @@ async fn forged_tasks_are_dropped_unread() {
             chunk_id: chunk,
             range,
             retry: Default::default(),
+            run: String::new(),
         };
         queue.publish(task.encode()).await.unwrap();
     }

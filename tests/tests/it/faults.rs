@@ -623,6 +623,7 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         chunk_id: ChunkId(0),
         range: ChunkRange::All,
         retry: Default::default(),
+        run: String::new(),
     };
     queue.publish(task.encode()).await.unwrap();
     let ctl = Control::default();
@@ -1055,4 +1056,71 @@ async fn a_resume_redoes_a_committed_chunk_whose_parts_are_gone() {
     let s = run(resume).await.unwrap();
     assert_eq!(s.rows, 20_000);
     assert_same(&db.client, "t", &dest.0.join("t")).await;
+}
+
+/// Regression: a dead letter of an earlier run of a job (its task dead-lettered, then the
+/// job submitted again under the same id) failed the new run's chunk. Tasks carry their
+/// run; the dead-letter watcher leaves another run's chunk alone.
+#[tokio::test]
+async fn a_dead_letter_of_an_earlier_run_leaves_the_new_run_alone() {
+    use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, MemoryJobStore};
+    use haul_shared::queue::{ChunkQueue, MemoryQueue};
+    let dest = TempDest::new();
+    let jobs = Arc::new(MemoryJobStore::default());
+    let queue = Arc::new(MemoryQueue::new(3));
+    let job = JobId::parse("rerun").unwrap();
+    jobs.put_job(&JobRecord {
+        id: job.clone(),
+        spec: options("postgresql://u@127.0.0.1/db", "t", &dest).spec,
+        plan: None,
+        state: JobState::Running,
+        submitted_at: "run-2".into(),
+    })
+    .await
+    .unwrap();
+    let mut sub = queue.subscribe(4).await.unwrap();
+    for (chunk, run) in [(0, "run-1"), (1, "run-2")] {
+        jobs.set_chunk_state(&job, ChunkId(chunk), &ChunkState::Pending)
+            .await
+            .unwrap();
+        let task = haul_shared::proto::Task {
+            job_id: job.clone(),
+            chunk_id: ChunkId(chunk),
+            range: ChunkRange::All,
+            retry: Default::default(),
+            run: run.into(),
+        };
+        queue.publish(task.encode()).await.unwrap();
+        sub.next().await.unwrap().reject().await.unwrap();
+    }
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(haul_coordinator::dead_letters::watch(
+        Arc::clone(&queue) as Arc<dyn ChunkQueue>,
+        Arc::clone(&jobs) as Arc<dyn JobStore>,
+        stop.clone(),
+    ));
+    let t0 = std::time::Instant::now();
+    loop {
+        let states = jobs.chunk_states(&job).await.unwrap();
+        if matches!(states.get(&ChunkId(1)), Some(ChunkState::Failed { .. })) {
+            assert_eq!(
+                states.get(&ChunkId(0)),
+                Some(&ChunkState::Pending),
+                "{states:?}"
+            );
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // the earlier run's letter was consumed too, and recorded nowhere
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dead = jobs.dead_letters(&job).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.chunk).collect::<Vec<_>>(),
+        [ChunkId(1)]
+    );
+    assert!(queue.drain_dead_letters().await.unwrap().is_empty());
+    stop.cancel();
+    watcher.await.unwrap();
 }
