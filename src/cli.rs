@@ -319,7 +319,7 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub login: SourceLogin,
     /// Chunks the cluster extracts at once (workers × slots), so planning makes enough chunks.
-    #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_PARALLELISM", default_value_t = 4, value_parser = workers_count)]
     pub parallelism: usize,
     /// CA certificate (PEM) to trust for flight+tls:// loaders (the coordinator prepares each
     /// job's load through one).
@@ -363,7 +363,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub login: SourceLogin,
     /// Chunks this worker extracts at once (and its queue prefetch).
-    #[arg(long, env = "HAUL_SLOTS", default_value_t = 2, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_SLOTS", default_value_t = 2, value_parser = workers_count)]
     pub slots: usize,
     /// Worker id; `<host>-<pid>` by default.
     #[arg(long, env = "HAUL_WORKER_ID")]
@@ -398,7 +398,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub job: JobArgs,
     /// Chunks extracted at once.
-    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = workers_count)]
     pub workers: usize,
     /// Progress display.
     #[arg(long, env = "HAUL_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
@@ -469,7 +469,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub job: Option<String>,
     /// Chunks verified at once (a source session and a Parquet reader each).
-    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_WORKERS", default_value_t = 2, value_parser = workers_count)]
     pub workers: usize,
     /// Print the report as one JSON object (every chunk's counts and checksums).
     #[arg(long, env = "HAUL_JSON")]
@@ -569,10 +569,10 @@ pub struct JobArgs {
     #[arg(long, env = "HAUL_CHUNK_ROWS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk_rows: u64,
     /// Rows per Arrow batch.
-    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 32768, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_BATCH_ROWS", default_value_t = 32768, value_parser = batch_rows)]
     pub batch_rows: usize,
     /// Rows per Parquet row group.
-    #[arg(long, env = "HAUL_ROW_GROUP_ROWS", default_value_t = 128 * 1024, value_parser = at_least_one)]
+    #[arg(long, env = "HAUL_ROW_GROUP_ROWS", default_value_t = 128 * 1024, value_parser = row_group_rows)]
     pub row_group_rows: usize,
     /// Rows per Parquet file before the next part starts.
     #[arg(long, env = "HAUL_MAX_FILE_ROWS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -705,12 +705,27 @@ impl std::str::FromStr for ByteSize {
 }
 
 /// A count that must be at least 1.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
+/// A count in `1..=max` (the limits live in `haul_shared::jobs`, which the coordinator
+/// checks submitted jobs against too).
+fn count_in(s: &str, max: u64) -> Result<usize, String> {
+    let n = s.parse::<u64>().map_err(|e| e.to_string())?;
+    match n {
+        0 => Err("must be at least 1".into()),
+        n if n > max => Err(format!("must be at most {max}")),
+        n => Ok(n as usize),
     }
+}
+
+fn batch_rows(s: &str) -> Result<usize, String> {
+    count_in(s, haul_shared::jobs::MAX_BATCH_ROWS)
+}
+
+fn row_group_rows(s: &str) -> Result<usize, String> {
+    count_in(s, haul_shared::jobs::MAX_ROW_GROUP_ROWS)
+}
+
+fn workers_count(s: &str) -> Result<usize, String> {
+    count_in(s, haul_shared::jobs::MAX_WORKERS)
 }
 
 /// `column=type[,column=type...]`: split at the commas outside parentheses, so a type's
@@ -979,6 +994,24 @@ mod tests {
             Cmd::Run(a) => RunOptions::try_from(a),
             _ => unreachable!(),
         }
+    }
+
+    /// Regression: `--batch-rows 1000000000000` aborted the process allocating its
+    /// builders; sizes and counts are bounded, with the limit in the message.
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        let e = run_options(&["--batch-rows", "1000000000000"])
+            .err()
+            .unwrap();
+        assert!(e.contains("must be at most 1048576"), "{e}");
+        assert!(run_options(&["--batch-rows", "1048576"]).is_ok());
+        let e = run_options(&["--row-group-rows", "99999999999"])
+            .err()
+            .unwrap();
+        assert!(e.contains("must be at most"), "{e}");
+        let e = run_options(&["--workers", "100000"]).err().unwrap();
+        assert!(e.contains("must be at most 1024"), "{e}");
+        assert!(run_options(&["--workers", "0"]).is_err());
     }
 
     /// Every command's help ends with an example that parses, and every value of every

@@ -31,6 +31,14 @@ pub enum RunError {
         was: String,
         now: String,
     },
+    #[error(
+        "job {job} already committed its increment {window} to {dest}; each increment is a job of its own: leave --job-id out, or make it unique per run (e.g. with the date)"
+    )]
+    IncrementDone {
+        job: JobId,
+        dest: String,
+        window: String,
+    },
     #[error("no job {job} in {dest} (no plan at _haul/jobs/{job}/plan.json)")]
     NoSuchJob { job: JobId, dest: String },
     #[error(
@@ -108,6 +116,14 @@ pub enum RunError {
     )]
     BadWatermark { column: String, pg_type: String },
     #[error(
+        "--incremental {column}: {table}.{column} is a timestamp without time zone, and the source's sessions default to TimeZone {zone:?}, so `now()` and the like write it in local time, which haul cannot place on its UTC clock (rows would fall outside every window around the zone's offset and its DST changes); make the column timestamptz (ALTER TABLE {table} ALTER {column} TYPE timestamptz USING {column} AT TIME ZONE '{zone}'), or have the database's sessions write UTC (ALTER DATABASE ... SET TimeZone = 'UTC')"
+    )]
+    LocalWatermark {
+        column: String,
+        table: String,
+        zone: String,
+    },
+    #[error(
         "--incremental cannot be combined with --load yet: an increment's changed rows must be merged into the target, which the loaders do not do"
     )]
     IncrementalLoad,
@@ -142,6 +158,7 @@ impl Classify for RunError {
             RunError::Internal(_) => ErrorClass::Internal,
             RunError::AlreadyStarted { .. }
             | RunError::JobIdTaken { .. }
+            | RunError::IncrementDone { .. }
             | RunError::NoSuchJob { .. }
             | RunError::NeedsFreshSnapshot { .. }
             | RunError::CannotResumeCtid { .. }
@@ -161,6 +178,7 @@ impl Classify for RunError {
             | RunError::NotIncremental { .. }
             | RunError::OtherWatermark { .. }
             | RunError::BadWatermark { .. }
+            | RunError::LocalWatermark { .. }
             | RunError::IncrementalLoad => ErrorClass::User,
         }
     }
@@ -169,6 +187,7 @@ impl Classify for RunError {
         match self {
             RunError::AlreadyStarted { .. }
             | RunError::JobIdTaken { .. }
+            | RunError::IncrementDone { .. }
             | RunError::DestinationTaken { .. } => tonic::Code::AlreadyExists,
             RunError::NoSuchJob { .. } => tonic::Code::NotFound,
             RunError::NoLoaders | RunError::NoWorkers => tonic::Code::InvalidArgument,

@@ -231,6 +231,18 @@ async fn plan_job(
                 now,
             });
         }
+        if !opts.resume
+            && spec.incremental.is_some()
+            && let Some(w) = &m.watermark
+        {
+            // a fixed id reused for the next increment would export nothing, and say so
+            // with exit 0; each increment is a job of its own
+            return Err(RunError::IncrementDone {
+                job,
+                dest: dest.url.clone(),
+                window: format!("({}, {}]", w.low.as_deref().unwrap_or("-infinity"), w.high),
+            });
+        }
         return Ok(Preparation::AlreadyDone(Box::new(m)));
     }
     match (&previous, opts.resume) {
@@ -686,8 +698,25 @@ async fn window(
     // the window's type, and the cast that turns `now()` into it
     let (window_type, as_type) = match pg_type.as_str() {
         "timestamp with time zone" => ("timestamptz", ""),
-        // the session's time zone is UTC
-        "timestamp without time zone" => ("timestamp", "::timestamp"),
+        // haul's session's time zone is UTC; the column's writers must have been too
+        "timestamp without time zone" => {
+            let zone: String = client
+                .query_one(
+                    "SELECT reset_val FROM pg_settings WHERE name = 'TimeZone'",
+                    &[],
+                )
+                .await
+                .map_err(|e| SourceError::query("reading the database's time zone", e))?
+                .get(0);
+            if !is_utc(&zone) {
+                return Err(RunError::LocalWatermark {
+                    column: inc.column.clone(),
+                    table: table.quoted(),
+                    zone,
+                });
+            }
+            ("timestamp", "::timestamp")
+        }
         _ => {
             return Err(RunError::BadWatermark {
                 column: inc.column.clone(),
@@ -712,25 +741,78 @@ async fn window(
              only --lag-secs guards rows committed after the snapshot"
         );
     }
+    // Every transaction open in the database could still commit a row stamped with a
+    // time from its start, whether it has written yet or not (a transaction gets an xid
+    // only at its first write): the window ends before the oldest one began. Prepared
+    // transactions are bounded by their PREPARE time (their start is not recorded).
+    // haul's own read-only sessions (snapshots, chunk readers) write nothing; its
+    // loaders do, and count.
+    const OPEN: &str = "FROM pg_stat_activity \
+         WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() \
+           AND datname = current_database() AND backend_type = 'client backend' \
+           AND coalesce(application_name, '') <> 'haul' \
+           AND coalesce(application_name, '') NOT LIKE 'haul:snapshot:%'";
     let high: String = client
         .query_one(
             &format!(
                 "SELECT (LEAST(now() - make_interval(secs => $1::float8), \
-                   (SELECT min(xact_start) - interval '1 microsecond' FROM pg_stat_activity \
-                    WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
-                      AND datname = current_database())){as_type})::text"
+                   (SELECT min(xact_start) - interval '1 microsecond' {OPEN}), \
+                   (SELECT min(prepared) - interval '1 microsecond' FROM pg_prepared_xacts \
+                    WHERE database = current_database())){as_type})::text"
             ),
             &[&(inc.lag_secs as f64)],
         )
         .await
         .map_err(|e| SourceError::query("computing the window's high mark", e))?
         .get(0);
+    // an idle-in-transaction session holds every increment back: say which
+    if let Some(r) = client
+        .query_opt(
+            &format!(
+                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
+                        extract(epoch FROM now() - xact_start)::int8 \
+                 {OPEN} AND xact_start < now() - interval '10 minutes' \
+                 ORDER BY xact_start LIMIT 1"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::query("looking for old transactions", e))?
+    {
+        warn!(
+            pid = r.get::<_, i32>(0),
+            application = r.get::<_, String>(1),
+            state = r.get::<_, String>(2),
+            open_secs = r.get::<_, i64>(3),
+            "a transaction open in the source for over 10 minutes holds the increment's high mark back to its start (it could still commit rows stamped then); end it, or the windows stay behind it"
+        );
+    }
+    let standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| SourceError::query("asking whether the source is a standby", e))?
+        .get(0);
+    if standby && inc.lag_secs == 0 {
+        warn!(
+            "the source is a standby: the primary's open transactions are not visible here, so only --lag-secs guards rows they commit later; set it above your longest write transaction"
+        );
+    }
     Ok(haul_shared::jobs::Window {
         column: inc.column.clone(),
         pg_type: window_type.into(),
         low,
         high,
     })
+}
+
+/// Whether a `TimeZone` setting is UTC under one of its names.
+fn is_utc(zone: &str) -> bool {
+    let z = zone.to_ascii_uppercase();
+    let z = z.strip_prefix("ETC/").unwrap_or(&z);
+    matches!(
+        z,
+        "UTC" | "UCT" | "GMT" | "ZULU" | "UNIVERSAL" | "GREENWICH" | "GMT0" | "GMT+0" | "GMT-0"
+    )
 }
 
 /// With `--load`: names the target table (the source table's name unless given) and

@@ -96,6 +96,23 @@ pub struct OutputOptions {
     pub lineage: bool,
 }
 
+/// The most rows one Arrow batch may hold (a batch is also cut at 32 MiB; its builders
+/// are sized for this many rows up front, so a larger value could not even be allocated).
+pub const MAX_BATCH_ROWS: u64 = 1 << 20;
+/// The most rows one Parquet row group may hold.
+pub const MAX_ROW_GROUP_ROWS: u64 = 1 << 24;
+/// The most workers (or slots, or planned parallelism) one process or job asks for.
+pub const MAX_WORKERS: u64 = 1024;
+
+/// `n` if it lies in `1..=max`; otherwise one line naming the flag and the limit.
+pub fn bounded(n: u64, max: u64, flag: &str) -> Result<u64, String> {
+    match n {
+        0 => Err(format!("{flag} must be at least 1")),
+        n if n > max => Err(format!("{flag} {n} is above its limit of {max}")),
+        n => Ok(n),
+    }
+}
+
 /// The columns `--lineage-columns` adds to every row: the job's id, and the time of its
 /// snapshot.
 pub const LINEAGE_COLUMNS: [&str; 2] = ["_haul_job_id", "_haul_extracted_at"];

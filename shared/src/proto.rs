@@ -313,8 +313,13 @@ pub fn output_from_wire(o: Option<wire::OutputOptions>) -> Result<OutputOptions,
             Ok(wire::Compression::None) => Compression::None,
             Err(_) => return Err(format!("unknown compression {}", o.compression)),
         },
-        batch_rows: positive(o.batch_rows, "--batch-rows")? as usize,
-        row_group_rows: positive(o.row_group_rows, "--row-group-rows")? as usize,
+        batch_rows: crate::jobs::bounded(o.batch_rows, crate::jobs::MAX_BATCH_ROWS, "--batch-rows")?
+            as usize,
+        row_group_rows: crate::jobs::bounded(
+            o.row_group_rows,
+            crate::jobs::MAX_ROW_GROUP_ROWS,
+            "--row-group-rows",
+        )? as usize,
         max_file_rows: positive(o.max_file_rows, "--max-file-rows")?,
         max_file_bytes: positive(o.max_file_bytes, "--max-file-bytes")?,
         partition_by: o
@@ -515,6 +520,24 @@ mod tests {
             };
             assert_eq!(Task::decode(&t.encode()).unwrap(), t);
         }
+    }
+
+    /// A submitted job's sizes are bounded as the CLI's are (a worker that took a chunk
+    /// of a job with `--batch-rows 1000000000000` aborted at every attempt).
+    #[test]
+    fn submitted_sizes_are_bounded() {
+        let o = wire::OutputOptions {
+            batch_rows: 1_000_000_000_000,
+            row_group_rows: 1024,
+            max_file_rows: 1,
+            max_file_bytes: 1,
+            ..Default::default()
+        };
+        let e = output_from_wire(Some(o)).unwrap_err();
+        assert_eq!(
+            e,
+            "--batch-rows 1000000000000 is above its limit of 1048576"
+        );
     }
 
     #[test]

@@ -127,9 +127,14 @@ async fn increments_follow_on_and_late_commits_are_not_skipped() {
         .get::<_, i64>(0);
     assert_eq!(latest, 5201);
 
-    // a rerun of a committed increment is a no-op
-    let again = run(increment(&db, &dest, "inc-2")).await.unwrap();
-    assert!(again.already_done);
+    // regression: a committed increment's id reused (a fixed --job-id run nightly)
+    // exported nothing and exited 0; it is refused, naming the window it holds
+    let e = run(increment(&db, &dest, "inc-2")).await.unwrap_err();
+    assert!(matches!(e, RunError::IncrementDone { .. }), "{e}");
+    assert!(
+        e.to_string().contains("each increment is a job of its own"),
+        "{e}"
+    );
 
     // bad input: a watermark that is not a timestamp, a full export's destination
     let mut bad = increment(&db, &dest, "inc-bad");
@@ -203,4 +208,92 @@ async fn increments_through_the_cluster() {
     let w = m2.watermark.unwrap();
     assert_eq!(w.pg_type, "timestamp");
     assert_eq!(w.low, m1.watermark.map(|w| w.high));
+}
+
+/// Regression: a transaction that began before an increment's snapshot but had not
+/// written yet (no xid), then wrote `updated_at = now()` — its start — and committed
+/// after the snapshot, fell below the next window: every job succeeded and the row was
+/// never extracted. The window now ends before every open transaction's start.
+#[tokio::test]
+async fn a_transaction_that_had_not_written_yet_is_not_skipped() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, v text, updated_at timestamptz NOT NULL);
+         INSERT INTO ev SELECT g, 'v', now() - interval '1 hour' FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let dest = TempDest::new();
+    // a session that began a transaction and read the clock, and writes later
+    let late = connect(&db.dsn).await;
+    late.batch_execute("BEGIN; SELECT now();").await.unwrap();
+    run(increment(&db, &dest, "before-write")).await.unwrap();
+    late.batch_execute(
+        "INSERT INTO ev VALUES (1000, 'late', now()); UPDATE ev SET updated_at = now(), v = 'touched' WHERE id = 1; COMMIT;",
+    )
+    .await
+    .unwrap();
+    run(increment(&db, &dest, "after-write")).await.unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for job in ["before-write", "after-write"] {
+        let m = job_manifest(&dest, job);
+        let batches = batches_from_bytes(
+            m.files
+                .iter()
+                .map(|f| bytes::Bytes::from(std::fs::read(dest.0.join(&f.path)).unwrap()))
+                .collect(),
+        );
+        for b in &batches {
+            let ids = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::Int64Array>()
+                .unwrap();
+            let vs = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow_array::StringArray>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                seen.insert(ids.value(i), vs.value(i).to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        seen.get(&1000).map(String::as_str),
+        Some("late"),
+        "the insert was skipped"
+    );
+    assert_eq!(
+        seen.get(&1).map(String::as_str),
+        Some("touched"),
+        "the update was skipped"
+    );
+    assert_eq!(seen.len(), 101);
+}
+
+/// Regression: a `timestamp without time zone` watermark written in local time (the
+/// database's sessions default to another TimeZone) was taken as UTC: hours of rows fell
+/// outside every window. It is refused, naming the zone and the fixes.
+#[tokio::test]
+async fn a_local_time_watermark_is_refused() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "ALTER DATABASE {} SET TimeZone = 'America/New_York'",
+        haul_shared::pg::quote_ident(&db.name)
+    ))
+    .await;
+    db.exec(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, v text, updated_at timestamp NOT NULL DEFAULT now());
+         INSERT INTO ev (id, v) SELECT g, 'v' FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let e = run(increment(&db, &dest, "local")).await.unwrap_err();
+    assert!(matches!(e, RunError::LocalWatermark { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("America/New_York") && msg.contains("TYPE timestamptz"),
+        "{msg}"
+    );
+    assert!(!dest.0.join("ev").exists(), "nothing written");
 }
