@@ -105,6 +105,13 @@ impl LoadClient {
         let mut tried = Vec::new();
         for i in 0..n {
             let url = &self.endpoints[(first + i) % n];
+            if self.token.is_some() && url.starts_with("http://") {
+                // the bearer token would travel in clear to whatever listens there
+                return Err(LoadClientError::BadAddress {
+                    url: crate::rpc::flight_display(url),
+                    reason: "the cluster's token would be sent to it in clear: with a token set, loaders are reached over TLS (flight+tls:// or https://, with --loader-tls-ca for a private CA)".into(),
+                });
+            }
             let opts = ClientOptions {
                 url: url.clone(),
                 token: self.token.clone(),

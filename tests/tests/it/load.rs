@@ -787,6 +787,24 @@ async fn loaders_serve_tls_and_require_the_token() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("bearer token"), "{err}");
+    // regression: the token went in clear to any plaintext loader a submitter named;
+    // with a token set, a plaintext loader is refused before anything is sent to it
+    let plain = format!("flight://127.0.0.1:{}", l.port);
+    let other = TempDest::new();
+    let out = cl.haul(&strs(&submit_load(
+        &src,
+        &other,
+        &unique("j"),
+        "5000",
+        &plain,
+        &["--wait"],
+    )));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in clear") && err.contains("flight+tls://"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&certs);
 }
 
