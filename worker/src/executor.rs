@@ -67,7 +67,9 @@ impl Classify for ChunkError {
         match self {
             ChunkError::Source(e) => e.class(),
             ChunkError::Dest(e) => e.class(),
-            ChunkError::Write(WriteError::BadPartitionColumn { .. }) => ErrorClass::User,
+            ChunkError::Write(
+                WriteError::BadPartitionColumn { .. } | WriteError::TimeOutOfRange { .. },
+            ) => ErrorClass::User,
             ChunkError::Write(_) => ErrorClass::Transient,
             ChunkError::Store(e) => e.class(),
             ChunkError::LeaseLost { .. } | ChunkError::LeaseBusy { .. } | ChunkError::Cancelled => {

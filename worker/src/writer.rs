@@ -48,6 +48,10 @@ pub enum WriteError {
     BadPartitionColumn { column: String, data_type: String },
     #[error("parquet writer task failed: {0}")]
     Task(String),
+    #[error(
+        "column {column:?} holds the time 24:00:00, which Parquet's TIME cannot hold (its day ends at 23:59:59.999999); export the column as text with --cast {column}=text"
+    )]
+    TimeOutOfRange { column: String },
 }
 
 /// What the writer needs to know about where its files go.
@@ -157,6 +161,7 @@ struct Writers {
 impl Writers {
     fn run(&mut self, mut rx: mpsc::Receiver<RecordBatch>) -> Result<Vec<PartFile>, WriteError> {
         while let Some(batch) = rx.blocking_recv() {
+            self.check_times(&batch)?;
             if self.props.is_none() {
                 self.props = Some(self.properties(&batch));
             }
@@ -170,6 +175,23 @@ impl Writers {
             self.close(f)?;
         }
         Ok(std::mem::take(&mut self.done))
+    }
+
+    /// Refuses a `time` of 24:00:00 (Postgres allows it; Parquet's TIME, and readers,
+    /// stop a microsecond before), rather than write a value readers reject or wrap.
+    fn check_times(&self, batch: &RecordBatch) -> Result<(), WriteError> {
+        const DAY_US: i64 = 86_400_000_000;
+        for (i, field) in self.schema.fields().iter().enumerate() {
+            if let DataType::Time64(_) = field.data_type() {
+                let col = batch.column(i).as_primitive::<Time64MicrosecondType>();
+                if col.iter().flatten().any(|v| v >= DAY_US) {
+                    return Err(WriteError::TimeOutOfRange {
+                        column: field.name().clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writer settings; dictionary encoding only for columns that look low-cardinality in

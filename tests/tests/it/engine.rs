@@ -838,3 +838,30 @@ async fn lineage_columns_carry_the_job_and_its_snapshot_time() {
     );
     assert!(files_under(&other.0).is_empty(), "nothing written");
 }
+
+/// Regression: `time '24:00:00'` was written as 86,400,000,000 µs, outside Parquet's
+/// TIME range. It is refused naming the column and the cast; cast, it exports.
+#[tokio::test]
+async fn a_time_of_24_00_is_refused_with_the_cast_to_pass() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE shifts (id int PRIMARY KEY, ends time);
+         INSERT INTO shifts VALUES (1, '17:00'), (2, '24:00:00'), (3, NULL);",
+    )
+    .await;
+    let dest = TempDest::new();
+    let e = run(options(&db.dsn, "shifts", &dest))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("24:00:00") && e.contains("--cast ends=text"),
+        "{e}"
+    );
+    assert!(parquet_files(&dest.0.join("shifts")).is_empty());
+    let other = TempDest::new();
+    let mut o = options(&db.dsn, "shifts", &other);
+    o.spec.casts.insert("ends".into(), "text".into());
+    let s = run(o).await.unwrap();
+    assert_eq!(s.rows, 3);
+}
