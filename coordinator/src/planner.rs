@@ -13,7 +13,7 @@
 
 use haul_shared::ChunkRange;
 use haul_shared::jobs::{KeyColumn, Split};
-use haul_shared::pg::{SourceError, TableInfo, quote_ident};
+use haul_shared::pg::{SourceError, TableInfo, pg_reason, quote_ident};
 use tokio_postgres::Client;
 
 /// Tables up to this many (estimated) rows get exact quantiles from a full key scan;
@@ -412,15 +412,41 @@ async fn boundaries(
         table = table.quoted(),
         conditions = conditions.join(" AND "),
     );
-    let rows = client
-        .query(&sql, &[])
-        .await
-        .map_err(|e| SourceError::query("sampling the key's distribution", e))?;
-    Ok(rows
-        .iter()
-        .skip(1)
-        .map(|r| (0..key.len()).map(|i| r.get::<_, String>(i)).collect())
-        .collect())
+    // a key whose text is not UTF-8 (an SQL_ASCII database) cannot be read back as
+    // bounds: say which columns, and how to split instead
+    let not_text = |reason: String| SourceError::KeyNotText {
+        columns: key
+            .iter()
+            .map(|k| format!("{:?}", k.col.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        casts: key
+            .iter()
+            .map(|k| haul_shared::pg::cast_flag_to(&k.col.name, "bytea"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        reason,
+    };
+    let rows = client.query(&sql, &[]).await.map_err(|e| {
+        let code = e.code().map(|c| c.code().to_owned());
+        match code.as_deref() {
+            // character_not_in_repertoire, untranslatable_character
+            Some("22021" | "22P05") => not_text(pg_reason(&e)),
+            _ => SourceError::query("sampling the key's distribution", e),
+        }
+    })?;
+    let mut out = Vec::with_capacity(rows.len().saturating_sub(1));
+    for r in rows.iter().skip(1) {
+        let mut bound = Vec::with_capacity(key.len());
+        for i in 0..key.len() {
+            bound.push(
+                r.try_get::<_, String>(i)
+                    .map_err(|e| not_text(e.to_string()))?,
+            );
+        }
+        out.push(bound);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -103,6 +103,14 @@ pub enum SourceError {
     )]
     KeyNotOrderable { column: String, pg_type: String },
     #[error(
+        "key column(s) {columns} hold text that is not valid in the database's encoding or not UTF-8 (an SQL_ASCII database?), so haul cannot cut the key into ranges ({reason}); split on the key's bytes with {casts}, or by pages with --split ctid"
+    )]
+    KeyNotText {
+        columns: String,
+        casts: String,
+        reason: String,
+    },
+    #[error(
         "{table} has no primary key or unique not-null index to split on, and no ctid ranges (partitioned tables need one); pass --key <column>"
     )]
     NoKey { table: String },
@@ -173,13 +181,18 @@ fn unsupported_types(columns: &[(String, String)]) -> String {
 
 /// `--cast <column>=text`, quoted for a shell when the name needs it.
 fn cast_flag(column: &str) -> String {
+    cast_flag_to(column, "text")
+}
+
+/// `--cast <column>=<type>`, quoted for a shell when the name needs it.
+pub fn cast_flag_to(column: &str, pg_type: &str) -> String {
     if column
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        format!("--cast {column}=text")
+        format!("--cast {column}={pg_type}")
     } else {
-        format!("--cast '{}=text'", column.replace('\'', "'\\''"))
+        format!("--cast '{}={pg_type}'", column.replace('\'', "'\\''"))
     }
 }
 

@@ -865,3 +865,42 @@ async fn a_time_of_24_00_is_refused_with_the_cast_to_pass() {
     let s = run(o).await.unwrap();
     assert_eq!(s.rows, 3);
 }
+
+/// Regression: a text key that is not UTF-8 (an SQL_ASCII database) failed planning with
+/// the server's "invalid byte sequence" and nothing to do about it; it names the column
+/// and the ways to split instead, and `--split ctid` exports it.
+#[tokio::test]
+async fn a_key_that_is_not_utf8_is_refused_with_the_fix() {
+    let db =
+        TestDb::with_options("ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .await;
+    db.exec(
+        "CREATE TABLE t (k text PRIMARY KEY, v int);
+         INSERT INTO t SELECT E'k\\xff' || g, g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let n: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM t WHERE get_byte(convert_to(k, 'SQL_ASCII'), 1) = 255",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 300, "the keys hold a byte that is not UTF-8");
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.chunk_rows = 100;
+    let e = run(o).await.unwrap_err().to_string();
+    assert!(
+        e.contains("\"k\"") && e.contains("--cast k=bytea") && e.contains("--split ctid"),
+        "{e}"
+    );
+    let mut o = options(&db.dsn, "t", &dest);
+    o.spec.chunk_rows = 100;
+    o.spec.split = haul_shared::jobs::Split::Ctid;
+    o.spec.casts.insert("k".into(), "bytea".into());
+    let s = run(o).await.unwrap();
+    assert_eq!(s.rows, 300);
+}
