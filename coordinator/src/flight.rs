@@ -76,7 +76,10 @@ impl JobsFlight {
                 ))
             })?;
         let schema = match &rec.plan {
-            Some(p) => Arc::new(p.table.arrow_schema()),
+            Some(p) => Arc::new(haul_shared::jobs::export_schema(
+                &p.table,
+                rec.spec.output.lineage,
+            )),
             None => Arc::new(Schema::empty()),
         };
         Ok((rec, schema, manifest, dest))

@@ -1336,3 +1336,46 @@ async fn forged_tasks_are_dropped_unread() {
     );
     assert!(log.contains("chunk 999999 is not in the plan"), "{log}");
 }
+
+/// Regression: Flight DoGet of a job exported with `--lineage-columns` failed (the plan's
+/// schema has two columns fewer than the files); the coordinator now serves the files'
+/// schema, lineage columns included.
+#[tokio::test]
+async fn flight_serves_a_job_with_lineage_columns() {
+    let _broker = BROKER.write().await;
+    let db = TestDb::new().await;
+    skewed(&db, 5_000).await;
+    let dest = TempDest::new();
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let job = unique("lin");
+    let mut args = submit_args(&db.dsn, dest.0.to_str().unwrap(), &job, "2000");
+    args.extend(["--lineage-columns", "--wait"]);
+    let out = cl.haul_ok(&args);
+    assert!(out.contains("state:     succeeded"), "{out}");
+    let script = format!(
+        r#"
+import pyarrow.flight as fl
+c = fl.connect("grpc://127.0.0.1:{port}")
+info = c.get_flight_info(fl.FlightDescriptor.for_path("{job}"))
+t = c.do_get(info.endpoints[0].ticket).read_all()
+assert t.num_rows == 5000, t.num_rows
+assert t.schema.names[-2:] == ["_haul_job_id", "_haul_extracted_at"], t.schema.names
+assert set(t["_haul_job_id"].to_pylist()) == {{"{job}"}}
+print("flight ok")
+"#,
+        port = cl.url.rsplit(':').next().unwrap(),
+    );
+    let out = Command::new(test_python())
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
