@@ -307,12 +307,28 @@ impl Loader {
                     table: target.quoted,
                 });
             } else {
+                // the key's types are the target's own, from its catalog: nothing of the
+                // request but quoted literals and identifiers reaches the statement
+                let key = cmd
+                    .key
+                    .iter()
+                    .map(|k| match super::target::target_column(&target, &k.name) {
+                        Some(col) => Ok(crate::jobs::KeyColumn {
+                            name: k.name.clone(),
+                            pg_type: col.pg_type.clone(),
+                        }),
+                        None => Err(LoadError::BadRequest(format!(
+                            "key column {:?} is not a column of {}",
+                            k.name, target.quoted
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 let deleted = c
                     .execute(
                         &format!(
                             "DELETE FROM {} WHERE {}",
                             target.quoted,
-                            cmd.range.predicate(&cmd.key)
+                            cmd.range.predicate(&key)
                         ),
                         &[],
                     )

@@ -687,6 +687,26 @@ async fn the_loader_fences_replays_and_replaces() {
     };
     assert!(err.to_string().contains("no column \"nope\""), "{err}");
     assert_eq!(count().await, (90, Some("b0".into())));
+    // regression: the key's type came from the request, spliced into the replace's
+    // DELETE (`bigint OR true` emptied the table, other chunks' rows too); the target's
+    // own type, from its catalog, is used
+    tgt.exec("INSERT INTO t SELECT g, 'other' || g FROM generate_series(100, 199) g")
+        .await;
+    let mut hostile = cmd(6, "snap-4");
+    hostile.key[0].pg_type = "bigint OR true".into();
+    let mut l = client.start(hostile, Arc::clone(&schema)).await.unwrap();
+    l.send(batch(0..80, "c")).await.unwrap();
+    let ack = l.finish().await.unwrap();
+    assert_eq!((ack.rows, ack.replayed), (80, false));
+    let r = tgt
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE note LIKE 'other%'), count(*) FROM t",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (100, 180));
     stop.cancel();
     let _ = server.await;
 }
