@@ -92,7 +92,7 @@ pub fn range_from_wire(range: Option<wire::ChunkRange>) -> Option<ChunkRange> {
 
 /// The wire version of the loader messages (`LoadChunk`, `PrepareLoad`) this build
 /// writes and accepts.
-pub const LOAD_VERSION: u32 = 1;
+pub const LOAD_VERSION: u32 = 2;
 
 impl Task {
     pub fn encode(&self) -> Bytes {

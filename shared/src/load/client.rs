@@ -9,17 +9,18 @@
 //!   endpoint that does not answer is skipped for the next.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Classify, ErrorClass};
 use crate::jobs::LoadSpec;
 use crate::pg::Secret;
-use crate::proto::wire::{LoadAck, LoadChunk, PrepareLoad, PrepareLoadReply};
+use crate::proto::wire::{ChunkEnd, LoadAck, LoadChunk, PrepareLoad, PrepareLoadReply};
 use crate::rpc::{ClientOptions, error_chain};
 use arrow_array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use arrow_flight::{Action, FlightClient, FlightDescriptor};
+use arrow_flight::{Action, FlightClient, FlightData, FlightDescriptor};
 use arrow_schema::SchemaRef;
 use futures::StreamExt;
 use prost::Message;
@@ -187,13 +188,27 @@ impl LoadClient {
         let desc = FlightDescriptor::new_cmd(cmd.encode_to_vec());
         let ep = endpoint.clone();
         let task = tokio::spawn(async move {
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = Arc::clone(&sent);
             let batches = futures::stream::unfold(rx, |mut rx| async move {
                 rx.recv().await.map(|b| (Ok(b), rx))
+            })
+            .inspect(move |b: &Result<RecordBatch, FlightError>| {
+                if let Ok(b) = b {
+                    counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            let end_schema = Arc::clone(&schema);
+            // after the last batch: the end of the chunk, with the rows sent (evaluated
+            // only once the batches are done)
+            let end = futures::stream::once(async move {
+                chunk_end(&end_schema, sent.load(std::sync::atomic::Ordering::Relaxed))
             });
             let data = FlightDataEncoderBuilder::new()
                 .with_schema(schema)
                 .with_flight_descriptor(Some(desc))
-                .build(batches);
+                .build(batches)
+                .chain(end);
             let mut results = client.do_put(data).await.map_err(|e| refused(&ep, e))?;
             let put = results
                 .next()
@@ -222,6 +237,18 @@ impl LoadClient {
             task,
         })
     }
+}
+
+/// The last message of a chunk's DoPut: an empty batch whose app_metadata is the
+/// [`ChunkEnd`] with the rows sent.
+fn chunk_end(schema: &SchemaRef, rows: u64) -> Result<FlightData, FlightError> {
+    let empty = RecordBatch::new_empty(Arc::clone(schema));
+    let mut data = arrow_flight::utils::batches_to_flight_data(schema, [&empty])?;
+    let mut last = data
+        .pop()
+        .ok_or_else(|| FlightError::ProtocolError("no message for an empty batch".into()))?;
+    last.app_metadata = ChunkEnd { rows }.encode_to_vec().into();
+    Ok(last)
 }
 
 fn refused(endpoint: &str, e: FlightError) -> LoadClientError {

@@ -231,6 +231,7 @@ impl Loader {
         &self,
         cmd: ChunkCommand,
         batches: S,
+        end: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
     ) -> Result<LoadAck, LoadError>
     where
         S: Stream<Item = Result<RecordBatch, FlightError>> + Send,
@@ -354,6 +355,24 @@ impl Loader {
             }),
         };
         self.metrics.in_flight.dec();
+        // the whole chunk, or nothing: its rows count only once the worker said how many
+        // it sent, and that many arrived
+        let streamed = match &seen {
+            Some((_, _, _)) if replayed => None,
+            _ => copied.as_ref().ok().copied(),
+        };
+        let copied = copied.and_then(|n| {
+            let said = end.lock().ok().and_then(|e| *e);
+            match (said, streamed) {
+                (None, _) => Err(LoadError::Stream(
+                    "the stream ended without the chunk's end (the worker stopped sending mid-chunk?); nothing was committed".into(),
+                )),
+                (Some(s), Some(got)) if s != got as u64 => Err(LoadError::Stream(format!(
+                    "the worker sent {s} rows but {got} arrived; nothing was committed"
+                ))),
+                _ => Ok(n),
+            }
+        });
         let rows = match copied {
             Ok(n) => n,
             Err(e) => {

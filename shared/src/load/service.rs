@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::metrics;
 use crate::pg::{self, Secret};
-use crate::proto::wire::PrepareLoad;
-use arrow_flight::decode::FlightRecordBatchStream;
+use crate::proto::wire::{ChunkEnd, PrepareLoad};
+use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -105,11 +105,45 @@ impl FlightService for LoaderService {
         let (job, chunk, epoch) = (cmd.job.clone(), cmd.chunk, cmd.epoch);
         let data =
             futures::stream::once(async move { Ok(first) }).chain(input.map_err(FlightError::from));
-        let batches = FlightRecordBatchStream::new_from_flight_data(data);
-        let ack = self.loader.load_chunk(cmd, batches).await.map_err(|e| {
-            tracing::warn!(%job, chunk, epoch, error = %e, "chunk not loaded");
-            crate::error::to_status(&e)
-        })?;
+        // the chunk's batches; its end (the rows the worker sent) is kept aside
+        let end = Arc::new(std::sync::Mutex::new(None::<u64>));
+        let seen_end = Arc::clone(&end);
+        let batches = FlightDataDecoder::new(data).filter_map(move |m| {
+            let seen_end = Arc::clone(&seen_end);
+            async move {
+                match m {
+                    Err(e) => Some(Err(e)),
+                    Ok(d) => match d.payload {
+                        DecodedPayload::RecordBatch(b) => {
+                            let meta = d.inner.app_metadata;
+                            if meta.is_empty() {
+                                return Some(Ok(b));
+                            }
+                            match ChunkEnd::decode(meta) {
+                                Ok(e) => {
+                                    if let Ok(mut slot) = seen_end.lock() {
+                                        *slot = Some(e.rows);
+                                    }
+                                    None
+                                }
+                                Err(e) => Some(Err(FlightError::DecodeError(format!(
+                                    "a batch's metadata is not a ChunkEnd: {e}"
+                                )))),
+                            }
+                        }
+                        DecodedPayload::Schema(_) | DecodedPayload::None => None,
+                    },
+                }
+            }
+        });
+        let ack = self
+            .loader
+            .load_chunk(cmd, batches, end)
+            .await
+            .map_err(|e| {
+                tracing::warn!(%job, chunk, epoch, error = %e, "chunk not loaded");
+                crate::error::to_status(&e)
+            })?;
         let result = PutResult {
             app_metadata: ack.encode_to_vec().into(),
         };

@@ -707,6 +707,29 @@ async fn the_loader_fences_replays_and_replaces() {
         .await
         .unwrap();
     assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (100, 180));
+    // regression: a stream that ended cleanly mid-chunk (a worker that stopped sending
+    // without a reset) was committed; without the chunk's end nothing is, whatever came
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = arrow_flight::FlightClient::new(channel);
+    let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_schema(Arc::clone(&schema))
+        .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_cmd(
+            prost::Message::encode_to_vec(&cmd(7, "snap-5")),
+        )))
+        .build(futures::stream::iter([Ok(batch(0..10, "d"))]));
+    let refused = match raw.do_put(data).await {
+        Err(e) => e.to_string(),
+        Ok(mut results) => match futures::StreamExt::next(&mut results).await {
+            Some(Err(e)) => e.to_string(),
+            other => panic!("a chunk without its end was committed: {other:?}"),
+        },
+    };
+    assert!(refused.contains("without the chunk's end"), "{refused}");
+    assert_eq!(count().await.0, 180, "nothing of it committed");
     stop.cancel();
     let _ = server.await;
 }
