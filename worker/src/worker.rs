@@ -230,6 +230,15 @@ async fn handle(
             settle(d.ack().await);
             return;
         }
+        if let Err(crate::executor::ChunkError::LeaseBusy { .. }) = &result {
+            // a duplicate delivery of a chunk a live attempt holds (it renewed its lease
+            // all along): that attempt settles the chunk, and its own delivery comes back
+            // if it dies; this one must neither overwrite the chunk's state nor spend its
+            // retry budget
+            info!("another attempt holds the chunk's lease and is alive; dropping this duplicate delivery");
+            settle(d.ack().await);
+            return;
+        }
         match result {
             Ok(outcome) => {
                 let (rows, bytes) = match outcome {

@@ -1124,3 +1124,108 @@ async fn a_dead_letter_of_an_earlier_run_leaves_the_new_run_alone() {
     stop.cancel();
     watcher.await.unwrap();
 }
+
+/// Regression: a redelivered task whose chunk's lease a live attempt held overwrote the
+/// chunk's state (as waiting) and spent its --retry-for budget, until the healthy attempt
+/// was cancelled and the job failed. The duplicate is dropped; the state stays the live
+/// attempt's.
+#[tokio::test]
+async fn a_duplicate_of_a_chunk_a_live_attempt_holds_leaves_it_alone() {
+    use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, MemoryJobStore};
+    use haul_shared::queue::{ChunkQueue, MemoryQueue};
+    use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
+
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);")
+        .await;
+    let dest = TempDest::new();
+    let job = JobId::parse("busy").unwrap();
+    let jobs = Arc::new(MemoryJobStore::default());
+    jobs.put_job(&JobRecord {
+        id: job.clone(),
+        spec: options(&db.dsn, "t", &dest).spec,
+        plan: Some(one_chunk_plan(&db, "t", vec![], 10).await),
+        state: JobState::Running,
+        submitted_at: String::new(),
+    })
+    .await
+    .unwrap();
+    // the live attempt: it holds the lease (renewing it) and the chunk runs under it
+    let leases = Arc::new(MemoryLeaseStore::default());
+    let key = format!("{job}/{}", ChunkId(0));
+    let live = WorkerId("live".into());
+    let held = leases
+        .acquire(&key, &live, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("the lease is free");
+    let running = ChunkState::Running {
+        worker: live.clone(),
+        attempt: 1,
+    };
+    jobs.set_chunk_state(&job, ChunkId(0), &running)
+        .await
+        .unwrap();
+    let renewing = CancellationToken::new();
+    let renewer = {
+        let (leases, held, stop) = (Arc::clone(&leases), held.clone(), renewing.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = leases.renew(&held, Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let queue = Arc::new(MemoryQueue::new(3));
+    let task = haul_shared::proto::Task {
+        job_id: job.clone(),
+        chunk_id: ChunkId(0),
+        range: ChunkRange::All,
+        retry: Default::default(),
+        run: String::new(),
+    };
+    queue.publish(task.encode()).await.unwrap();
+    let ctl = Control::default();
+    let worker = tokio::spawn(run_worker(
+        WorkerConfig {
+            id: WorkerId("dup".into()),
+            slots: 1,
+            lease_ttl: Duration::from_secs(1),
+            max_attempts: 3,
+            load_auth: Default::default(),
+            source_credentials: Default::default(),
+        },
+        Services {
+            queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
+            leases: Arc::clone(&leases) as Arc<dyn LeaseStore>,
+            jobs: Arc::clone(&jobs) as Arc<dyn JobStore>,
+        },
+        Arc::new(Progress::default()),
+        ctl.clone(),
+    ));
+    // the duplicate waits out twice the lease's TTL, then is dropped
+    let t0 = std::time::Instant::now();
+    while queue.ready_count().await.unwrap() > 0 || t0.elapsed() < Duration::from_secs(3) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the duplicate was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        jobs.chunk_states(&job).await.unwrap().get(&ChunkId(0)),
+        Some(&running),
+        "the live attempt's state was overwritten"
+    );
+    assert_eq!(queue.ready_count().await.unwrap(), 0);
+    assert!(queue.drain_dead_letters().await.unwrap().is_empty());
+    assert!(
+        leases.is_current(&held).await.unwrap(),
+        "the live lease was taken"
+    );
+    ctl.stop();
+    worker.await.unwrap().unwrap();
+    renewing.cancel();
+    renewer.await.unwrap();
+}
