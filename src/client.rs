@@ -188,6 +188,8 @@ async fn follow(
                 chunks_done: s.chunks_done as usize,
                 chunks_running: s.chunks_running as usize,
                 chunks_waiting: s.chunks_waiting as usize,
+                waiting: (s.chunks_waiting > 0 && s.next_retry_at_ms > 0)
+                    .then(|| (s.waiting_reason.clone(), s.next_retry_at_ms)),
                 chunks_failed: s.chunks_failed as usize,
                 paused: s.state() == JobState::Paused,
             });
@@ -382,6 +384,8 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
             "waiting": s.chunks_waiting,
             "failed": s.chunks_failed,
         },
+        "waiting_reason": (s.chunks_waiting > 0).then_some(&s.waiting_reason),
+        "next_retry_at_ms": (s.chunks_waiting > 0).then_some(s.next_retry_at_ms),
         "rows_done": s.rows_done,
         "bytes_done": s.bytes_done,
         // the names `haul run --json` uses, so that scripts read either the same way
@@ -450,6 +454,13 @@ pub fn status_text(s: &JobStatus) -> String {
         HumanBytes(s.bytes_done),
         HumanCount(s.bytes_done)
     );
+    if s.chunks_waiting > 0 && s.next_retry_at_ms > 0 {
+        out.push_str(&format!(
+            "waiting:   {} (next try {})\n",
+            crate::progress::first_line(&s.waiting_reason),
+            crate::progress::in_secs(s.next_retry_at_ms)
+        ));
+    }
     if !s.snapshot.is_empty() {
         // an open snapshot holds back vacuum on the source: say for how long
         let held = if !state_is_terminal(s.state()) {

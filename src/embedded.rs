@@ -362,7 +362,17 @@ async fn report(
             match state {
                 ChunkState::Committed { .. } => snap.chunks_done += 1,
                 ChunkState::Running { .. } => snap.chunks_running += 1,
-                ChunkState::Waiting { .. } => snap.chunks_waiting += 1,
+                ChunkState::Waiting {
+                    retry_at_ms,
+                    reason,
+                    ..
+                } => {
+                    snap.chunks_waiting += 1;
+                    let at = i64::try_from(*retry_at_ms).unwrap_or(i64::MAX);
+                    if snap.waiting.as_ref().is_none_or(|(_, t)| at < *t) {
+                        snap.waiting = Some((reason.clone(), at));
+                    }
+                }
                 ChunkState::Failed { .. } => snap.chunks_failed += 1,
                 ChunkState::Pending | ChunkState::Parked => {}
             }

@@ -35,8 +35,52 @@ pub struct Snapshot {
     pub chunks_running: usize,
     /// Chunks waiting out a backoff before their next try.
     pub chunks_waiting: usize,
+    /// Of the waiting chunk tried again first: what its last attempt failed with, and
+    /// when it is tried again (Unix milliseconds).
+    pub waiting: Option<(String, i64)>,
     pub chunks_failed: usize,
     pub paused: bool,
+}
+
+/// The chunks' part of a progress line: `chunks 3/8 (2 running, 3 waiting to retry:
+/// <why>; next try in 12 s)`.
+pub fn chunks_line(s: &Snapshot) -> String {
+    let mut chunks = format!(
+        "chunks {}/{} ({} running",
+        s.chunks_done, s.chunks_total, s.chunks_running
+    );
+    if s.chunks_waiting > 0 {
+        chunks += &format!(", {} waiting to retry", s.chunks_waiting);
+        if let Some((reason, at)) = &s.waiting {
+            chunks += &format!(": {}; next try {}", first_line(reason), in_secs(*at));
+        }
+    }
+    if s.chunks_failed > 0 {
+        chunks += &format!(", {} failed", s.chunks_failed);
+    }
+    chunks.push(')');
+    chunks
+}
+
+/// The first line of a reason, cut to fit a progress line.
+pub fn first_line(reason: &str) -> String {
+    let line = reason.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_owned(),
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `in 12 s` (or `now`) for a Unix-milliseconds time.
+pub fn in_secs(at_ms: i64) -> String {
+    match (at_ms - now_ms()).max(0) / 1000 {
+        0 => "now".into(),
+        s => format!("in {s} s"),
+    }
 }
 
 /// The bar being drawn, if any: [`LogWriter`] prints log lines above it.
@@ -125,17 +169,7 @@ impl Reporter {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rows_per_s = s.rows.saturating_sub(base_rows) as f64 / secs;
         let mib_per_s = s.bytes.saturating_sub(base_bytes) as f64 / secs / (1024.0 * 1024.0);
-        let mut chunks = format!(
-            "chunks {}/{} ({} running",
-            s.chunks_done, s.chunks_total, s.chunks_running
-        );
-        if s.chunks_waiting > 0 {
-            chunks += &format!(", {} waiting to retry", s.chunks_waiting);
-        }
-        if s.chunks_failed > 0 {
-            chunks += &format!(", {} failed", s.chunks_failed);
-        }
-        chunks.push(')');
+        let chunks = chunks_line(s);
         let paused = if s.paused { "  (paused)" } else { "" };
         if let Some(b) = &self.bar {
             b.set_length(s.estimated_rows.max(s.rows).max(1));
@@ -160,6 +194,8 @@ impl Reporter {
                 chunks = s.chunks_total,
                 chunks_running = s.chunks_running,
                 chunks_waiting = s.chunks_waiting,
+                waiting_reason = s.waiting.as_ref().map(|(r, _)| first_line(r)),
+                next_try_in_s = s.waiting.as_ref().map(|(_, at)| (at - now_ms()).max(0) / 1000),
                 chunks_failed = s.chunks_failed,
                 mib_per_s = format!("{mib_per_s:.1}"),
                 rows_per_s = rows_per_s as u64,

@@ -417,7 +417,18 @@ pub fn job_status_to_wire(
             }
             ChunkState::Running { .. } => s.chunks_running += 1,
             ChunkState::Failed { .. } => s.chunks_failed += 1,
-            ChunkState::Waiting { .. } => s.chunks_waiting += 1,
+            ChunkState::Waiting {
+                retry_at_ms,
+                reason,
+                ..
+            } => {
+                s.chunks_waiting += 1;
+                let at = i64::try_from(*retry_at_ms).unwrap_or(i64::MAX);
+                if s.next_retry_at_ms == 0 || at < s.next_retry_at_ms {
+                    s.next_retry_at_ms = at;
+                    s.waiting_reason = reason.clone();
+                }
+            }
             ChunkState::Pending | ChunkState::Parked => {}
         }
     }

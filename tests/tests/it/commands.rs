@@ -129,3 +129,56 @@ async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(msg.contains("no haul jobs in"), "{msg}");
 }
+
+/// Regression: a job whose chunks were all waiting to retry (a full disk) showed
+/// `chunks_waiting=26` and nothing about why. `status`, its JSON and the progress line
+/// say what the chunk tried next failed with, and when it is tried again.
+#[test]
+fn waiting_chunks_say_why_and_when() {
+    use haul_shared::jobs::{ChunkState, JobRecord, JobState, Retry};
+    use haul_shared::{ChunkId, JobId};
+    let dest = TempDest::new();
+    let rec = JobRecord {
+        id: JobId::parse("waits").unwrap(),
+        spec: options("postgresql://u@127.0.0.1/db", "t", &dest).spec,
+        plan: None,
+        state: JobState::Running,
+        submitted_at: String::new(),
+    };
+    let now = chrono::Utc::now().timestamp_millis() as u64;
+    let waiting = |secs: u64, reason: &str| ChunkState::Waiting {
+        retry_at_ms: now + secs * 1000,
+        retry: Retry {
+            failures: 3,
+            since_ms: now,
+        },
+        reason: reason.into(),
+    };
+    let chunks = std::collections::BTreeMap::from([
+        (ChunkId(0), waiting(40, "later one")),
+        (
+            ChunkId(1),
+            waiting(12, "writing part: No space left on device"),
+        ),
+        (ChunkId(2), ChunkState::Pending),
+    ]);
+    let s = haul_shared::proto::job_status_to_wire(&rec, &chunks);
+    assert_eq!(s.chunks_waiting, 2);
+    let text = haul::client::status_text(&s);
+    assert!(
+        text.contains("waiting:   writing part: No space left on device (next try in 1"),
+        "{text}"
+    );
+    let snap = haul::progress::Snapshot {
+        chunks_total: 3,
+        chunks_waiting: 2,
+        waiting: Some((s.waiting_reason.clone(), s.next_retry_at_ms)),
+        ..Default::default()
+    };
+    let line = haul::progress::chunks_line(&snap);
+    assert!(
+        line.contains("2 waiting to retry: writing part: No space left on device; next try in 1"),
+        "{line}"
+    );
+    assert_eq!(s.next_retry_at_ms as u64, now + 12_000);
+}
