@@ -343,9 +343,18 @@ pub async fn commit(dest: &Dest, c: TableCommit<'_>) -> Result<JobManifest, Tabl
                 table_dir: c.table_dir.to_owned(),
             });
         }
-        state.check_writable(c.table_dir)?;
-        c.identity
-            .check(TableIdentity::of_state(&state).as_ref(), dest, c.table_dir)?;
+        let refused = state
+            .check_writable(c.table_dir)
+            .map_err(TableError::from)
+            .and_then(|()| {
+                c.identity
+                    .check(TableIdentity::of_state(&state).as_ref(), dest, c.table_dir)
+            });
+        if let Err(e) = refused {
+            // (another writer changed the table since an earlier try published)
+            give_up(dest, &c).await?;
+            return Err(e);
+        }
         let legacy = legacy_manifest(dest, c.table_dir, &state).await?;
         if let Some(w) = c.window {
             let high = match &legacy {
