@@ -440,21 +440,30 @@ async fn legacy_manifest(
         .filter(|m| m.table_version.is_none()))
 }
 
-/// Version 0 of a table: its protocol and schema, and the source table it holds.
-fn create_actions(c: &TableCommit<'_>) -> Vec<Action> {
-    let partition_fields: Vec<String> = c.partition_field.map(str::to_owned).into_iter().collect();
-    let (schema_string, ntz) = delta::schema_string(c.schema, &partition_fields);
+/// A version's `commitInfo`: what it did, and haul's own record (`haul`).
+fn new_commit_info(operation: &str, parameters: Option<Value>, haul: Value) -> Map<String, Value> {
     let mut info = Map::new();
     info.insert(
         "timestamp".into(),
         json!(chrono::Utc::now().timestamp_millis()),
     );
-    info.insert("operation".into(), json!("CREATE TABLE"));
+    info.insert("operation".into(), json!(operation));
+    if let Some(p) = parameters {
+        info.insert("operationParameters".into(), p);
+    }
     info.insert(
         "engineInfo".into(),
         json!(format!("haul/{}", env!("CARGO_PKG_VERSION"))),
     );
-    info.insert("haul".into(), json!({ "create": c.job }));
+    info.insert("haul".into(), haul);
+    info
+}
+
+/// Version 0 of a table: its protocol and schema, and the source table it holds.
+fn create_actions(c: &TableCommit<'_>) -> Vec<Action> {
+    let partition_fields: Vec<String> = c.partition_field.map(str::to_owned).into_iter().collect();
+    let (schema_string, ntz) = delta::schema_string(c.schema, &partition_fields);
+    let info = new_commit_info("CREATE TABLE", None, json!({ "create": c.job }));
     let configuration = BTreeMap::from([
         (KEY_DATABASE.to_owned(), Some(c.identity.database.clone())),
         (KEY_SCHEMA.to_owned(), Some(c.identity.schema.clone())),
@@ -608,22 +617,12 @@ fn actions(
         }
     }
     let mut out = Vec::new();
-    let mut info = Map::new();
-    info.insert("timestamp".into(), json!(now));
-    info.insert("operation".into(), json!("WRITE"));
-    info.insert(
-        "operationParameters".into(),
-        json!({
+    let info = new_commit_info(
+        "WRITE",
+        Some(json!({
             "mode": if append { "Append" } else { "Overwrite" },
             "partitionBy": serde_json::to_string(&partition_fields).unwrap_or_default(),
-        }),
-    );
-    info.insert(
-        "engineInfo".into(),
-        json!(format!("haul/{}", env!("CARGO_PKG_VERSION"))),
-    );
-    info.insert(
-        "haul".into(),
+        })),
         json!({
             "job": c.job,
             "attempt": attempt,
@@ -922,14 +921,9 @@ async fn abort(log: &DeltaLog<'_>, intent: &Intent) -> Result<Option<u64>, DestE
         }
         // an intent is written only once the table has a log (version 0 creates it)
         let v = log.read().await?.map_or(0, |s| s.version + 1);
-        let mut info = Map::new();
-        info.insert(
-            "timestamp".into(),
-            json!(chrono::Utc::now().timestamp_millis()),
-        );
-        info.insert("operation".into(), json!("haul: abort an abandoned commit"));
-        info.insert(
-            "haul".into(),
+        let info = new_commit_info(
+            "haul: abort an abandoned commit",
+            None,
             json!({ "abort": intent.job, "attempt": intent.attempt }),
         );
         if log.try_commit(v, &[Action::CommitInfo(info)]).await? {

@@ -68,6 +68,24 @@ fn run_args(db: &TestDb, dest: &str, job: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// [`run_job`] in the background, its stderr piped.
+fn spawn_job(
+    db: &TestDb,
+    dest: &str,
+    job: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut c = Command::new(haul_bin());
+    c.args(run_args(db, dest, job, extra))
+        .env("HAUL_LOG", "warn")
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
 fn run_job(db: &TestDb, dest: &str, job: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let args = run_args(db, dest, job, extra);
     haul(&args.iter().map(String::as_str).collect::<Vec<_>>(), env)
@@ -576,14 +594,13 @@ async fn two_overwrites_racing_commit_one() {
     let url = dest.url();
     assert_success(&run_job(&db, &url, "base", &[], &[]));
     let spawn = |job: &str| {
-        let args = run_args(&db, &url, job, &["--overwrite"]);
-        Command::new(haul_bin())
-            .args(&args)
-            .env("HAUL_FAULT_CHUNK_DELAY_MS", "1500")
-            .env("HAUL_LOG", "warn")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_job(
+            &db,
+            &url,
+            job,
+            &["--overwrite"],
+            &[("HAUL_FAULT_CHUNK_DELAY_MS", "1500")],
+        )
     };
     let (a, b) = (spawn("race-a"), spawn("race-b"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
@@ -610,15 +627,16 @@ async fn gc_during_a_commit_loses_nothing() {
     orders_like(&db).await;
     let dest = TempDest::new();
     let url = dest.url();
-    let args = run_args(&db, &url, "slow", &[]);
-    let child = Command::new(haul_bin())
-        .args(&args)
-        .env("HAUL_FAULT_STORE", "rename:3:pause")
-        .env("HAUL_FAULT_PAUSE_MS", "4000")
-        .env("HAUL_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_job(
+        &db,
+        &url,
+        "slow",
+        &[],
+        &[
+            ("HAUL_FAULT_STORE", "rename:3:pause"),
+            ("HAUL_FAULT_PAUSE_MS", "4000"),
+        ],
+    );
     let intent = dest.0.join("_haul/intents/t/slow.json");
     let t0 = std::time::Instant::now();
     while !intent.exists() {

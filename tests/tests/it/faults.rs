@@ -596,7 +596,7 @@ impl haul_shared::jobs::JobStore for FlakyJobStore {
 async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
     use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore};
     use haul_shared::queue::{ChunkQueue, MemoryQueue};
-    use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
+    use haul_worker::worker::Services;
 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000);")
@@ -626,24 +626,15 @@ async fn a_commit_the_store_missed_is_redelivered_and_recorded_once() {
         run: String::new(),
     };
     queue.publish(task.encode()).await.unwrap();
-    let ctl = Control::default();
-    let worker = tokio::spawn(run_worker(
-        WorkerConfig {
-            id: WorkerId("w".into()),
-            slots: 1,
-            lease_ttl: Duration::from_secs(10),
-            max_attempts: 3,
-            load_auth: Default::default(),
-            source_credentials: Default::default(),
-        },
+    let (ctl, worker) = in_process_worker(
+        "w",
+        Duration::from_secs(10),
         Services {
             queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
             leases: Arc::new(MemoryLeaseStore::default()),
             jobs: Arc::clone(&store) as Arc<dyn JobStore>,
         },
-        Arc::new(Progress::default()),
-        ctl.clone(),
-    ));
+    );
     let mut recorded = false;
     for _ in 0..200 {
         if matches!(
@@ -1133,7 +1124,7 @@ async fn a_dead_letter_of_an_earlier_run_leaves_the_new_run_alone() {
 async fn a_duplicate_of_a_chunk_a_live_attempt_holds_leaves_it_alone() {
     use haul_shared::jobs::{ChunkState, JobRecord, JobState, JobStore, MemoryJobStore};
     use haul_shared::queue::{ChunkQueue, MemoryQueue};
-    use haul_worker::worker::{Control, Services, WorkerConfig, run_worker};
+    use haul_worker::worker::Services;
 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);")
@@ -1185,24 +1176,15 @@ async fn a_duplicate_of_a_chunk_a_live_attempt_holds_leaves_it_alone() {
         run: String::new(),
     };
     queue.publish(task.encode()).await.unwrap();
-    let ctl = Control::default();
-    let worker = tokio::spawn(run_worker(
-        WorkerConfig {
-            id: WorkerId("dup".into()),
-            slots: 1,
-            lease_ttl: Duration::from_secs(1),
-            max_attempts: 3,
-            load_auth: Default::default(),
-            source_credentials: Default::default(),
-        },
+    let (ctl, worker) = in_process_worker(
+        "dup",
+        Duration::from_secs(1),
         Services {
             queue: Arc::clone(&queue) as Arc<dyn ChunkQueue>,
             leases: Arc::clone(&leases) as Arc<dyn LeaseStore>,
             jobs: Arc::clone(&jobs) as Arc<dyn JobStore>,
         },
-        Arc::new(Progress::default()),
-        ctl.clone(),
-    ));
+    );
     // the duplicate waits out twice the lease's TTL, then is dropped
     let t0 = std::time::Instant::now();
     while queue.ready_count().await.unwrap() > 0 || t0.elapsed() < Duration::from_secs(3) {
@@ -1228,4 +1210,32 @@ async fn a_duplicate_of_a_chunk_a_live_attempt_holds_leaves_it_alone() {
     worker.await.unwrap().unwrap();
     renewing.cancel();
     renewer.await.unwrap();
+}
+
+/// The worker loop `haul worker` runs, in this process: one slot over `svc`, with the
+/// given lease TTL. Stop it with the returned control.
+fn in_process_worker(
+    id: &str,
+    lease_ttl: Duration,
+    svc: haul_worker::worker::Services,
+) -> (
+    haul_worker::worker::Control,
+    tokio::task::JoinHandle<Result<(), haul_shared::queue::QueueError>>,
+) {
+    use haul_worker::worker::{Control, WorkerConfig, run_worker};
+    let ctl = Control::default();
+    let worker = tokio::spawn(run_worker(
+        WorkerConfig {
+            id: WorkerId(id.into()),
+            slots: 1,
+            lease_ttl,
+            max_attempts: 3,
+            load_auth: Default::default(),
+            source_credentials: Default::default(),
+        },
+        svc,
+        Arc::new(Progress::default()),
+        ctl.clone(),
+    ));
+    (ctl, worker)
 }
