@@ -265,6 +265,15 @@ async fn orders_like(db: &TestDb) {
     .await;
 }
 
+/// A database with [`orders_like`]'s `t`, and an empty lake (its URL too).
+async fn orders_lake() -> (TestDb, TempDest, String) {
+    let db = TestDb::new().await;
+    orders_like(&db).await;
+    let dest = TempDest::new();
+    let url = dest.url();
+    (db, dest, url)
+}
+
 /// Walks every step of one commit × {error, stop, stop after the call}: `setup` makes
 /// the lake the job commits into (a template copied per case) and `change` the source's
 /// rows before the job runs; after the faulted run, a resume of the same job must
@@ -413,10 +422,7 @@ fn unblock(p: &Path) {
 /// with nothing.
 #[tokio::test]
 async fn a_failed_increment_moves_no_window() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     let inc = ["--incremental", "updated_at"];
     assert_success(&run_job(&db, &url, "inc-1", &inc, &[]));
     let first = pg_digest(&db, "").await;
@@ -522,10 +528,7 @@ async fn one_name_in_two_schemas_are_two_tables() {
 /// export (and mixed two snapshots) without --overwrite.
 #[tokio::test]
 async fn a_resume_never_replaces_a_newer_export_unasked() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     let blocker = block(&dest, "2024-01-02");
     assert!(!run_job(&db, &url, "a1", &[], &[]).status.success());
     unblock(&blocker);
@@ -560,10 +563,7 @@ async fn a_resume_never_replaces_a_newer_export_unasked() {
 /// previous export, so glob readers saw both.
 #[tokio::test]
 async fn a_failed_overwrite_leaves_the_previous_export_alone() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     db.exec("UPDATE t SET d = date '2024-01-01'").await;
     assert_success(&run_job(&db, &url, "old", &[], &[]));
     let old = pg_digest(&db, "").await;
@@ -588,10 +588,7 @@ async fn a_failed_overwrite_leaves_the_previous_export_alone() {
 /// other is refused and leaves nothing behind; readers see the winner's export whole.
 #[tokio::test]
 async fn two_overwrites_racing_commit_one() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     assert_success(&run_job(&db, &url, "base", &[], &[]));
     let spawn = |job: &str| {
         spawn_job(
@@ -623,10 +620,7 @@ async fn two_overwrites_racing_commit_one() {
 /// commits again, so the job still ends with the table whole.
 #[tokio::test]
 async fn gc_during_a_commit_loses_nothing() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     let child = spawn_job(
         &db,
         &url,
@@ -668,10 +662,7 @@ async fn gc_during_a_commit_loses_nothing() {
 /// the table through the checkpoint, and `_manifest.json` does not grow with the series.
 #[tokio::test]
 async fn a_long_series_of_increments_is_checkpointed() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     let inc = ["--incremental", "updated_at"];
     let mut sizes = Vec::new();
     for i in 1..=11 {
@@ -829,10 +820,7 @@ async fn every_step_of_an_overwrite_commit_on_s3_recovers() {
 /// every increment's parts.
 #[tokio::test]
 async fn a_lake_without_a_log_is_taken_over() {
-    let db = TestDb::new().await;
-    orders_like(&db).await;
-    let dest = TempDest::new();
-    let url = dest.url();
+    let (db, dest, url) = orders_lake().await;
     let inc = ["--incremental", "updated_at"];
     assert_success(&run_job(&db, &url, "old-1", &inc, &[]));
     // as an older haul left it: no log, the table's manifest listing the increments
