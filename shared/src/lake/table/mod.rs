@@ -29,7 +29,11 @@
 //! a commit that finds its version taken re-reads the log, and retries only while the
 //! job's sequence number (the log's haul `txn`) still follows on.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod actions;
+mod state;
+
+pub use state::{TableIdentity, TableNow, current, holds, read};
+
 use std::time::Duration;
 
 use arrow_schema::Schema;
@@ -37,23 +41,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
 
-use super::delta::{
-    self, Action, Add, DeltaLog, Format, Metadata, Protocol, Remove, TableState, Txn,
-};
+use self::actions::{actions, create_actions, new_commit_info};
+use self::state::{KEY_JOB, KEY_WM_HIGH, legacy_manifest};
+use super::delta::{self, Action, DeltaLog, TableState};
 use super::{Dest, DestError, JobManifest, PartFile};
 use crate::JobId;
 use crate::error::{Classify, ErrorClass};
 use crate::jobs::{TableBase, Window};
-
-const KEY_DATABASE: &str = "haul.source.database";
-const KEY_SCHEMA: &str = "haul.source.schema";
-const KEY_TABLE: &str = "haul.source.table";
-const KEY_JOB: &str = "haul.job";
-const KEY_SINCE: &str = "haul.export.since_version";
-const KEY_WM_COLUMN: &str = "haul.watermark.column";
-const KEY_WM_TYPE: &str = "haul.watermark.pg_type";
-const KEY_WM_LOW: &str = "haul.watermark.low";
-const KEY_WM_HIGH: &str = "haul.watermark.high";
 
 /// How long another process's interrupted commit is left alone by default: a live
 /// committer renews its intent far more often while it publishes.
@@ -117,141 +111,6 @@ impl Classify for TableError {
             | TableError::IncrementsVanished { .. } => ErrorClass::User,
             TableError::Aborted { .. } => ErrorClass::Transient,
         }
-    }
-}
-
-/// The source table a lake table holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableIdentity {
-    pub database: String,
-    pub schema: String,
-    pub table: String,
-}
-
-impl std::fmt::Display for TableIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.database, self.schema, self.table)
-    }
-}
-
-impl TableIdentity {
-    fn of_state(s: &TableState) -> Option<Self> {
-        Some(TableIdentity {
-            database: s.config(KEY_DATABASE)?.to_owned(),
-            schema: s.config(KEY_SCHEMA)?.to_owned(),
-            table: s.config(KEY_TABLE)?.to_owned(),
-        })
-    }
-
-    /// Refuses a table that holds another source table.
-    fn check(
-        &self,
-        owner: Option<&TableIdentity>,
-        dest: &Dest,
-        table_dir: &str,
-    ) -> Result<(), TableError> {
-        match owner {
-            Some(o) if o != self => Err(TableError::OtherTable {
-                dest: dest.url.clone(),
-                table_dir: table_dir.to_owned(),
-                owner: o.to_string(),
-                ours: self.to_string(),
-            }),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// What a table holds now, as a job's planning needs it.
-#[derive(Clone, Debug, Default)]
-pub struct TableNow {
-    /// The base a job planned now builds on.
-    pub base: TableBase,
-    pub owner: Option<TableIdentity>,
-    /// The watermark column of a series of increments, and its high mark.
-    pub watermark: Option<(String, String)>,
-    /// The current export's latest job, if the table holds one.
-    pub job: Option<String>,
-    /// Parts the table's readers see, relative to the destination root.
-    pub files: Vec<PartFile>,
-    /// The log version of the current export's first job (a full export or the first
-    /// increment): jobs committed at or after it are what the table holds.
-    pub since_version: Option<u64>,
-    /// Written by an older haul: `_manifest.json` only, no log.
-    pub legacy: Option<JobManifest>,
-}
-
-/// Reads a table's latest state: from its log, or from an older haul's `_manifest.json`
-/// (taken over by the next commit).
-pub async fn read(dest: &Dest, table_dir: &str) -> Result<TableNow, DestError> {
-    let state = DeltaLog::new(dest, table_dir).read().await?;
-    let legacy = match &state {
-        Some(s) if s.haul_seq() > 0 => return Ok(now_of(s, table_dir)),
-        Some(s) => legacy_manifest(dest, table_dir, s).await?,
-        None => dest
-            .get_json::<JobManifest>(&dest.table_manifest_path(table_dir))
-            .await?
-            .filter(|m| m.table_version.is_none()),
-    };
-    let Some(m) = legacy else {
-        return Ok(state.map(|s| now_of(&s, table_dir)).unwrap_or_default());
-    };
-    Ok(TableNow {
-        base: TableBase {
-            seq: 0,
-            version: state.as_ref().map(|s| s.version),
-            job: Some(m.job.to_string()),
-        },
-        owner: state.as_ref().and_then(TableIdentity::of_state),
-        watermark: m
-            .watermark
-            .as_ref()
-            .map(|w| (w.column.clone(), w.high.clone())),
-        job: Some(m.job.to_string()),
-        files: m.files.clone(),
-        since_version: None,
-        legacy: Some(m),
-    })
-}
-
-fn now_of(s: &TableState, table_dir: &str) -> TableNow {
-    let job = s.config(KEY_JOB).map(str::to_owned);
-    TableNow {
-        base: TableBase {
-            seq: s.haul_seq(),
-            version: Some(s.version),
-            job: job.clone(),
-        },
-        owner: TableIdentity::of_state(s),
-        watermark: s
-            .config(KEY_WM_COLUMN)
-            .zip(s.config(KEY_WM_HIGH))
-            .map(|(c, h)| (c.to_owned(), h.to_owned())),
-        job,
-        files: s
-            .files
-            .values()
-            .map(|a| {
-                let rel = delta::decode_path(&a.path);
-                PartFile {
-                    path: format!("{table_dir}/{rel}"),
-                    staged: String::new(),
-                    rows: a
-                        .stats
-                        .as_deref()
-                        .and_then(|st| serde_json::from_str::<Value>(st).ok())
-                        .and_then(|v| v.get("numRecords")?.as_u64())
-                        .unwrap_or_default(),
-                    bytes: a.size.unsigned_abs(),
-                    partition: rel
-                        .rsplit_once('/')
-                        .map(|(p, _)| p.to_owned())
-                        .unwrap_or_default(),
-                }
-            })
-            .collect(),
-        since_version: s.config(KEY_SINCE).and_then(|v| v.parse().ok()),
-        legacy: None,
     }
 }
 
@@ -423,71 +282,6 @@ async fn give_up(dest: &Dest, c: &TableCommit<'_>) -> Result<(), DestError> {
         .await
 }
 
-/// An older haul's `_manifest.json` of a table whose log holds no haul job yet: the
-/// export it records is taken over by the next commit. (The copy haul writes after each
-/// commit names its log version.)
-async fn legacy_manifest(
-    dest: &Dest,
-    table_dir: &str,
-    state: &TableState,
-) -> Result<Option<JobManifest>, DestError> {
-    if state.haul_seq() > 0 {
-        return Ok(None);
-    }
-    Ok(dest
-        .get_json::<JobManifest>(&dest.table_manifest_path(table_dir))
-        .await?
-        .filter(|m| m.table_version.is_none()))
-}
-
-/// A version's `commitInfo`: what it did, and haul's own record (`haul`).
-fn new_commit_info(operation: &str, parameters: Option<Value>, haul: Value) -> Map<String, Value> {
-    let mut info = Map::new();
-    info.insert(
-        "timestamp".into(),
-        json!(chrono::Utc::now().timestamp_millis()),
-    );
-    info.insert("operation".into(), json!(operation));
-    if let Some(p) = parameters {
-        info.insert("operationParameters".into(), p);
-    }
-    info.insert(
-        "engineInfo".into(),
-        json!(format!("haul/{}", env!("CARGO_PKG_VERSION"))),
-    );
-    info.insert("haul".into(), haul);
-    info
-}
-
-/// Version 0 of a table: its protocol and schema, and the source table it holds.
-fn create_actions(c: &TableCommit<'_>) -> Vec<Action> {
-    let partition_fields: Vec<String> = c.partition_field.map(str::to_owned).into_iter().collect();
-    let (schema_string, ntz) = delta::schema_string(c.schema, &partition_fields);
-    let info = new_commit_info("CREATE TABLE", None, json!({ "create": c.job }));
-    let configuration = BTreeMap::from([
-        (KEY_DATABASE.to_owned(), Some(c.identity.database.clone())),
-        (KEY_SCHEMA.to_owned(), Some(c.identity.schema.clone())),
-        (KEY_TABLE.to_owned(), Some(c.identity.table.clone())),
-    ]);
-    vec![
-        Action::CommitInfo(info),
-        Action::Protocol(protocol(None, ntz)),
-        Action::Metadata(Metadata {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: None,
-            description: None,
-            format: Format {
-                provider: "parquet".into(),
-                options: BTreeMap::new(),
-            },
-            schema_string,
-            partition_columns: partition_fields,
-            configuration,
-            created_time: Some(chrono::Utc::now().timestamp_millis()),
-        }),
-    ]
-}
-
 async fn try_version(log: &DeltaLog<'_>, v: u64, actions: &[Action]) -> Result<Outcome, DestError> {
     if log.try_commit(v, actions).await? {
         return Ok(Outcome::Committed(v));
@@ -570,176 +364,6 @@ fn conflict(dest: &Dest, c: &TableCommit<'_>, s: &TableState) -> TableError {
         other: format!("job {other}"),
         dest: dest.url.clone(),
         table_dir: c.table_dir.to_owned(),
-    }
-}
-
-/// The actions of a job's commit on top of `state`.
-fn actions(
-    c: &TableCommit<'_>,
-    state: &TableState,
-    legacy: Option<&JobManifest>,
-    attempt: &str,
-) -> Vec<Action> {
-    let now = chrono::Utc::now().timestamp_millis();
-    let version = state.version + 1;
-    let partition_fields: Vec<String> = c.partition_field.map(str::to_owned).into_iter().collect();
-    let (schema_string, ntz) = delta::schema_string(c.schema, &partition_fields);
-    let mut configuration: BTreeMap<String, Option<String>> = state
-        .metadata
-        .as_ref()
-        .map(|m| m.configuration.clone())
-        .unwrap_or_default();
-    let mut set = |k: &str, v: &str| {
-        configuration.insert(k.to_owned(), Some(v.to_owned()));
-    };
-    set(KEY_DATABASE, &c.identity.database);
-    set(KEY_SCHEMA, &c.identity.schema);
-    set(KEY_TABLE, &c.identity.table);
-    set(KEY_JOB, c.job.as_str());
-    // an increment appends to the series (a first one appends to nothing)
-    let append = c.window.is_some();
-    if !append || c.window.is_some_and(|w| w.low.is_none()) || legacy.is_some() {
-        set(KEY_SINCE, &version.to_string());
-    }
-    if let Some(w) = c.window {
-        set(KEY_WM_COLUMN, &w.column);
-        set(KEY_WM_TYPE, &w.pg_type);
-        set(KEY_WM_HIGH, &w.high);
-        match &w.low {
-            Some(low) => set(KEY_WM_LOW, low),
-            None => {
-                configuration.remove(KEY_WM_LOW);
-            }
-        }
-    } else {
-        for k in [KEY_WM_COLUMN, KEY_WM_TYPE, KEY_WM_LOW, KEY_WM_HIGH] {
-            configuration.remove(k);
-        }
-    }
-    let mut out = Vec::new();
-    let info = new_commit_info(
-        "WRITE",
-        Some(json!({
-            "mode": if append { "Append" } else { "Overwrite" },
-            "partitionBy": serde_json::to_string(&partition_fields).unwrap_or_default(),
-        })),
-        json!({
-            "job": c.job,
-            "attempt": attempt,
-            "seq": c.base.seq + 1,
-            "rows": c.manifest.rows,
-            "window": c.window,
-        }),
-    );
-    out.push(Action::CommitInfo(info));
-    let old_protocol = state.protocol.clone();
-    let needs_ntz = ntz
-        && !old_protocol
-            .as_ref()
-            .and_then(|p| p.reader_features.as_ref())
-            .is_some_and(|f| f.iter().any(|x| x == "timestampNtz"));
-    if old_protocol.is_none() || needs_ntz {
-        out.push(Action::Protocol(protocol(old_protocol.as_ref(), ntz)));
-    }
-    let old_meta = state.metadata.clone();
-    out.push(Action::Metadata(Metadata {
-        id: old_meta
-            .as_ref()
-            .map(|m| m.id.clone())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        name: None,
-        description: None,
-        format: Format {
-            provider: "parquet".into(),
-            options: BTreeMap::new(),
-        },
-        schema_string,
-        partition_columns: partition_fields.clone(),
-        configuration,
-        created_time: Some(old_meta.and_then(|m| m.created_time).unwrap_or(now)),
-    }));
-    out.push(Action::Txn(Txn {
-        app_id: delta::APP_ID.into(),
-        version: i64::try_from(c.base.seq + 1).unwrap_or(i64::MAX),
-        last_updated: Some(now),
-    }));
-    if !append {
-        for a in state.files.values() {
-            out.push(Action::Remove(Remove {
-                path: a.path.clone(),
-                deletion_timestamp: Some(now),
-                data_change: true,
-                extended_file_metadata: Some(true),
-                partition_values: Some(a.partition_values.clone()),
-                size: Some(a.size),
-            }));
-        }
-    }
-    let field = c.partition_field;
-    let mut adds: Vec<&PartFile> = c.manifest.files.iter().collect();
-    if append {
-        // taking over an older haul's series of increments: its parts join the log
-        adds.extend(legacy.iter().flat_map(|l| l.files.iter()));
-    }
-    for f in adds {
-        out.push(Action::Add(add_of(c.table_dir, f, field, now)));
-    }
-    out
-}
-
-fn protocol(old: Option<&Protocol>, ntz: bool) -> Protocol {
-    if !ntz {
-        return old.cloned().unwrap_or(Protocol {
-            min_reader_version: 1,
-            min_writer_version: 2,
-            reader_features: None,
-            writer_features: None,
-        });
-    }
-    let mut readers: BTreeSet<String> = old
-        .and_then(|p| p.reader_features.clone())
-        .into_iter()
-        .flatten()
-        .collect();
-    let mut writers: BTreeSet<String> = old
-        .and_then(|p| p.writer_features.clone())
-        .into_iter()
-        .flatten()
-        .collect();
-    readers.insert("timestampNtz".into());
-    writers.insert("timestampNtz".into());
-    Protocol {
-        min_reader_version: 3,
-        min_writer_version: 7,
-        reader_features: Some(readers.into_iter().collect()),
-        writer_features: Some(writers.into_iter().collect()),
-    }
-}
-
-fn add_of(table_dir: &str, f: &PartFile, field: Option<&str>, now: i64) -> Add {
-    let rel = f
-        .path
-        .strip_prefix(table_dir)
-        .map(|r| r.trim_start_matches('/'))
-        .unwrap_or(&f.path);
-    let mut partition_values = BTreeMap::new();
-    if let Some(field) = field {
-        let value = f
-            .partition
-            .strip_prefix(field)
-            .and_then(|v| v.strip_prefix('='))
-            .filter(|v| *v != "__HIVE_DEFAULT_PARTITION__")
-            .map(str::to_owned);
-        partition_values.insert(field.to_owned(), value);
-    }
-    Add {
-        path: delta::encode_path(rel),
-        partition_values,
-        size: i64::try_from(f.bytes).unwrap_or(i64::MAX),
-        modification_time: now,
-        data_change: true,
-        stats: Some(json!({ "numRecords": f.rows }).to_string()),
-        tags: None,
     }
 }
 
@@ -930,50 +554,4 @@ async fn abort(log: &DeltaLog<'_>, intent: &Intent) -> Result<Option<u64>, DestE
             return Ok(None);
         }
     }
-}
-
-/// Whether the table (as `now`) holds the job `m` committed: its parts are the table's,
-/// or (a job that wrote no part) it was committed into the current export.
-pub fn holds(now: &TableNow, m: &JobManifest) -> bool {
-    if let Some(l) = &now.legacy {
-        return l.job == m.job || l.increments.contains(&m.job);
-    }
-    if m.files.is_empty() {
-        return m
-            .table_version
-            .zip(now.since_version)
-            .is_some_and(|(v, since)| v >= since);
-    }
-    let paths: BTreeSet<&str> = now.files.iter().map(|f| f.path.as_str()).collect();
-    m.files.iter().any(|f| paths.contains(f.path.as_str()))
-}
-
-/// The table's current export as one manifest: its latest job's (schema, source,
-/// snapshot, window), with the rows, bytes and parts of everything the table holds.
-/// `None` when nothing is committed.
-pub async fn current(
-    dest: &Dest,
-    table_dir: &str,
-) -> Result<Option<(TableNow, JobManifest)>, DestError> {
-    let now = read(dest, table_dir).await?;
-    let latest = match (&now.legacy, &now.job) {
-        (Some(l), _) => Some(l.clone()),
-        (None, Some(j)) => match JobId::parse(j) {
-            Ok(id) => {
-                dest.get_json::<JobManifest>(&dest.job_manifest_path(&id))
-                    .await?
-            }
-            Err(_) => None,
-        },
-        (None, None) => None,
-    };
-    Ok(latest.map(|m| {
-        let view = JobManifest {
-            rows: now.files.iter().map(|f| f.rows).sum(),
-            bytes: now.files.iter().map(|f| f.bytes).sum(),
-            files: now.files.clone(),
-            ..m
-        };
-        (now, view)
-    }))
 }
