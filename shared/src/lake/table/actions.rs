@@ -50,19 +50,13 @@ pub(super) fn create_actions(c: &TableCommit<'_>) -> Vec<Action> {
     vec![
         Action::CommitInfo(info),
         Action::Protocol(protocol(None, ntz)),
-        Action::Metadata(Metadata {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: None,
-            description: None,
-            format: Format {
-                provider: "parquet".into(),
-                options: BTreeMap::new(),
-            },
+        Action::Metadata(metadata(
+            uuid::Uuid::new_v4().to_string(),
             schema_string,
-            partition_columns: partition_fields,
+            partition_fields,
             configuration,
-            created_time: Some(chrono::Utc::now().timestamp_millis()),
-        }),
+            chrono::Utc::now().timestamp_millis(),
+        )),
     ]
 }
 
@@ -135,22 +129,16 @@ pub(super) fn actions(
         out.push(Action::Protocol(protocol(old_protocol.as_ref(), ntz)));
     }
     let old_meta = state.metadata.clone();
-    out.push(Action::Metadata(Metadata {
-        id: old_meta
+    out.push(Action::Metadata(metadata(
+        old_meta
             .as_ref()
             .map(|m| m.id.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        name: None,
-        description: None,
-        format: Format {
-            provider: "parquet".into(),
-            options: BTreeMap::new(),
-        },
         schema_string,
-        partition_columns: partition_fields.clone(),
+        partition_fields.clone(),
         configuration,
-        created_time: Some(old_meta.and_then(|m| m.created_time).unwrap_or(now)),
-    }));
+        old_meta.and_then(|m| m.created_time).unwrap_or(now),
+    )));
     out.push(Action::Txn(Txn {
         app_id: delta::APP_ID.into(),
         version: i64::try_from(c.base.seq + 1).unwrap_or(i64::MAX),
@@ -178,6 +166,29 @@ pub(super) fn actions(
         out.push(Action::Add(add_of(c.table_dir, f, field, now)));
     }
     out
+}
+
+/// A Parquet table's `metaData`.
+fn metadata(
+    id: String,
+    schema_string: String,
+    partition_columns: Vec<String>,
+    configuration: BTreeMap<String, Option<String>>,
+    created_time: i64,
+) -> Metadata {
+    Metadata {
+        id,
+        name: None,
+        description: None,
+        format: Format {
+            provider: "parquet".into(),
+            options: BTreeMap::new(),
+        },
+        schema_string,
+        partition_columns,
+        configuration,
+        created_time: Some(created_time),
+    }
 }
 
 pub(super) fn protocol(old: Option<&Protocol>, ntz: bool) -> Protocol {

@@ -439,11 +439,9 @@ async fn finish(
         dest.delete_if_exists(&dest.path(p)).await?;
     }
     // the convenience copy: the table's latest job's manifest (never read as the truth)
-    if let Some(s) = log.read().await?
-        && s.config(KEY_JOB) == Some(job.as_str())
-    {
+    if let (true, latest) = still_latest(&log, job, version).await? {
         let copy = JobManifest {
-            table_version: Some(s.version),
+            table_version: Some(latest),
             ..manifest.clone()
         };
         dest.put_json(&dest.table_manifest_path(table_dir), &copy, false)
@@ -453,6 +451,27 @@ async fn finish(
     dest.delete_if_exists(&ipath).await?;
     dest.prune_empty_dirs(&intents_dir(table_dir)).await;
     Ok(manifest)
+}
+
+/// Whether `job`, committed at `version` (whose `metaData` names it), is still the
+/// table's latest job, and the latest version: only the versions after it are read
+/// (usually none), not the log from its checkpoint.
+async fn still_latest(
+    log: &DeltaLog<'_>,
+    job: &JobId,
+    version: u64,
+) -> Result<(bool, u64), DestError> {
+    let (mut latest, mut ours) = (version, true);
+    while let Some(actions) = log.read_version(latest + 1).await? {
+        latest += 1;
+        for a in &actions {
+            if let Action::Metadata(m) = a {
+                ours =
+                    m.configuration.get(KEY_JOB).and_then(|v| v.as_deref()) == Some(job.as_str());
+            }
+        }
+    }
+    Ok((ours, latest))
 }
 
 async fn checkpoint(log: &DeltaLog<'_>) {
