@@ -10,14 +10,7 @@ BEFORE="$1"; AFTER="$2"; ROWS="${3:-10000000}"
 PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
 RUNS="${RUNS:-3}"
 bash scripts/services.sh
-have=-1
-if [ "$(psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL")" = t ]; then
-  have=$(psql "$PGURL" -XtAc "SELECT count(*) FROM orders")
-fi
-if [ "$have" != "$ROWS" ]; then
-  echo "compare: generating orders with $ROWS rows" >&2
-  PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
-fi
+PGURL="$PGURL" bash bench/orders.sh "$ROWS"
 OUT=$(mktemp -d /tmp/haul-compare.XXXX)
 trap 'rm -rf "$OUT"' EXIT
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -20,14 +20,7 @@ ROWS="${1:-1000000}"; shift || true
 PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
 RUNS="${RUNS:-3}"
 bash scripts/services.sh
-have=-1
-if [ "$(psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL")" = t ]; then
-  have=$(psql "$PGURL" -XtAc "SELECT count(*) FROM orders")
-fi
-if [ "$have" != "$ROWS" ]; then
-  echo "bench: generating orders with $ROWS rows" >&2
-  PGOPTIONS="-c client_min_messages=warning" psql "$PGURL" -X -q -v ON_ERROR_STOP=1 -v nrows="$ROWS" -f bench/gen_orders.sql >/dev/null
-fi
+PGURL="$PGURL" bash bench/orders.sh "$ROWS"
 if [ -n "${HAUL_BIN:-}" ]; then
   HAUL="$HAUL_BIN"
 else
