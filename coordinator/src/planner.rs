@@ -14,6 +14,7 @@
 use haul_shared::ChunkRange;
 use haul_shared::jobs::{KeyColumn, Split};
 use haul_shared::pg::{SourceError, TableInfo, pg_reason, quote_ident};
+use haul_shared::range::KeyOrdering;
 use tokio_postgres::Client;
 
 /// Tables up to this many (estimated) rows get exact quantiles from a full key scan;
@@ -284,14 +285,16 @@ async fn choose_key(
     table: &TableInfo,
     key_override: &[String],
 ) -> Result<Option<Vec<KeyCol>>, SourceError> {
-    let describe = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
-                    FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 \
-                    AND a.attnum > 0 AND NOT a.attisdropped";
+    let describe = format!(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, {KEY_ORDERING_SQL} \
+         FROM pg_attribute a {KEY_ORDERING_JOINS} WHERE a.attrelid = $1 AND a.attname = $2 \
+         AND a.attnum > 0 AND NOT a.attisdropped"
+    );
     if !key_override.is_empty() {
         let mut cols = Vec::new();
         for name in key_override {
             let row = client
-                .query_opt(describe, &[&table.oid, name])
+                .query_opt(&describe, &[&table.oid, name])
                 .await
                 .map_err(|e| SourceError::query("reading the key column", e))?
                 .ok_or_else(|| SourceError::ColumnNotFound {
@@ -299,10 +302,7 @@ async fn choose_key(
                     column: name.clone(),
                 })?;
             let col = KeyCol {
-                col: KeyColumn {
-                    name: row.get(0),
-                    pg_type: row.get(1),
-                },
+                col: key_column(&row),
                 nullable: !row.get::<_, bool>(2),
             };
             check_orderable(client, table, &col.col).await?;
@@ -325,10 +325,12 @@ async fn choose_key(
         let idx: u32 = idx.get(0);
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
-                 FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord) \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                 WHERE i.indexrelid = $1 ORDER BY k.ord",
+                &format!(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, {KEY_ORDERING_SQL} \
+                     FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum {KEY_ORDERING_JOINS} \
+                     WHERE i.indexrelid = $1 ORDER BY k.ord"
+                ),
                 &[&idx],
             )
             .await
@@ -339,16 +341,49 @@ async fn choose_key(
         return Ok(Some(
             rows.iter()
                 .map(|r| KeyCol {
-                    col: KeyColumn {
-                        name: r.get(0),
-                        pg_type: r.get(1),
-                    },
+                    col: key_column(r),
                     nullable: false,
                 })
                 .collect(),
         ));
     }
     Ok(None)
+}
+
+/// The joins [`KEY_ORDERING_SQL`] needs, after `pg_attribute a`.
+const KEY_ORDERING_JOINS: &str = "JOIN pg_type kt ON kt.oid = a.atttypid \
+     LEFT JOIN pg_collation kc ON kc.oid = a.attcollation";
+
+/// How the source orders a key column (see [`KeyOrdering`]), as two columns: its class
+/// and the name of the collation (or type) it depends on. Only built-in scalar types are
+/// `natural` or `bytes`: an enum, a domain, a composite or an array orders by something
+/// of this database's own.
+const KEY_ORDERING_SQL: &str = "\
+    CASE WHEN kt.typtype <> 'b' OR kt.typcategory = 'A' \
+              OR kt.typnamespace <> 'pg_catalog'::regnamespace THEN 'collation' \
+         WHEN a.attcollation = 0 THEN 'natural' \
+         WHEN (kc.collprovider = 'c' AND kc.collcollate IN ('C', 'POSIX')) \
+              OR (kc.collprovider = 'd' AND (SELECT coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') = 'c' \
+                  AND d.datcollate IN ('C', 'POSIX') FROM pg_database d WHERE d.datname = current_database())) \
+              THEN 'bytes' \
+         ELSE 'collation' END, \
+    CASE WHEN a.attcollation = 0 THEN format_type(a.atttypid, NULL) \
+         WHEN kc.collprovider = 'd' THEN (SELECT coalesce(to_jsonb(d) ->> 'daticulocale', d.datcollate) \
+              FROM pg_database d WHERE d.datname = current_database()) \
+         ELSE kc.collname::text END";
+
+/// A key column from a row of `name, type, not null, KEY_ORDERING_SQL`.
+fn key_column(r: &tokio_postgres::Row) -> KeyColumn {
+    let ordering = match r.get::<_, &str>(3) {
+        "natural" => KeyOrdering::Natural,
+        "bytes" => KeyOrdering::Bytes,
+        _ => KeyOrdering::Collation(r.get::<_, Option<String>>(4).unwrap_or_default()),
+    };
+    KeyColumn {
+        name: r.get(0),
+        pg_type: r.get(1),
+        ordering,
+    }
 }
 
 async fn check_orderable(

@@ -90,6 +90,39 @@ pub fn range_from_wire(range: Option<wire::ChunkRange>) -> Option<ChunkRange> {
     })
 }
 
+/// A key column on the wire.
+pub fn key_to_wire(k: &crate::range::KeyColumn) -> wire::KeyColumn {
+    use crate::range::KeyOrdering as O;
+    let (ordering, collation) = match &k.ordering {
+        O::Unknown => (wire::KeyOrdering::Unknown, ""),
+        O::Natural => (wire::KeyOrdering::Natural, ""),
+        O::Bytes => (wire::KeyOrdering::Bytes, ""),
+        O::Collation(c) => (wire::KeyOrdering::Collation, c.as_str()),
+    };
+    wire::KeyColumn {
+        name: k.name.clone(),
+        pg_type: k.pg_type.clone(),
+        ordering: ordering as i32,
+        collation: collation.to_owned(),
+    }
+}
+
+/// A key column from the wire (an ordering this build does not know is `Unknown`).
+pub fn key_from_wire(k: wire::KeyColumn) -> crate::range::KeyColumn {
+    use crate::range::KeyOrdering as O;
+    let ordering = match wire::KeyOrdering::try_from(k.ordering) {
+        Ok(wire::KeyOrdering::Natural) => O::Natural,
+        Ok(wire::KeyOrdering::Bytes) => O::Bytes,
+        Ok(wire::KeyOrdering::Collation) => O::Collation(k.collation),
+        Ok(wire::KeyOrdering::Unknown) | Err(_) => O::Unknown,
+    };
+    crate::range::KeyColumn {
+        name: k.name,
+        pg_type: k.pg_type,
+        ordering,
+    }
+}
+
 /// The wire version of the loader messages (`LoadChunk`, `PrepareLoad`) this build
 /// writes and accepts.
 pub const LOAD_VERSION: u32 = 2;

@@ -5,11 +5,33 @@ use serde::{Deserialize, Serialize};
 use crate::pg::{quote_ident, quote_literal};
 
 /// A column the table is split on, with its type as written in casts (`bigint`,
-/// `character varying(20)`).
+/// `character varying(20)`), and how the source orders it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyColumn {
     pub name: String,
     pub pg_type: String,
+    /// How the source compares the column's values, which decides whether a key range
+    /// means the same rows in another database (a loader's target).
+    #[serde(default)]
+    pub ordering: KeyOrdering,
+}
+
+/// How the source compares a key column's values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrdering {
+    /// Not known (a plan from before haul recorded it).
+    #[default]
+    Unknown,
+    /// A built-in type without a collation (integers, numeric, timestamps, uuid, bytea):
+    /// the same order in every database.
+    Natural,
+    /// Text under the `C` (or `POSIX`) collation: byte order, which `COLLATE "C"` gives
+    /// in any database.
+    Bytes,
+    /// Under the named collation (or a type whose order is the database's own: an enum, a
+    /// composite, a domain), which another database may not share.
+    Collation(String),
 }
 
 /// A chunk's rows. Key ranges are half-open `[lower, upper)` on the key tuple compared as
@@ -46,6 +68,13 @@ impl ChunkRange {
     /// The `WHERE` predicate of a chunk. Key bounds are quoted literals cast to the key
     /// column's type; identifiers are quoted.
     pub fn predicate(&self, key: &[KeyColumn]) -> String {
+        let cols: Vec<String> = key.iter().map(|k| quote_ident(&k.name)).collect();
+        self.predicate_on(key, &cols)
+    }
+
+    /// [`predicate`](Self::predicate) comparing the expressions `cols` (one per key
+    /// column, e.g. `"k" COLLATE "C"`) instead of the bare columns.
+    pub fn predicate_on(&self, key: &[KeyColumn], cols: &[String]) -> String {
         let tuple = |vals: &[String]| -> String {
             let lits: Vec<String> = vals
                 .iter()
@@ -58,30 +87,26 @@ impl ChunkRange {
                 format!("ROW({})", lits.join(", "))
             }
         };
-        let cols = || {
-            let c: Vec<String> = key.iter().map(|k| quote_ident(&k.name)).collect();
-            if c.len() == 1 {
-                c[0].clone()
+        let tuple_of_cols = || {
+            if cols.len() == 1 {
+                cols[0].clone()
             } else {
-                format!("ROW({})", c.join(", "))
+                format!("ROW({})", cols.join(", "))
             }
         };
         match self {
             ChunkRange::All => "true".into(),
             ChunkRange::NullKeys => {
-                let c: Vec<String> = key
-                    .iter()
-                    .map(|k| format!("{} IS NULL", quote_ident(&k.name)))
-                    .collect();
+                let c: Vec<String> = cols.iter().map(|c| format!("{c} IS NULL")).collect();
                 format!("({})", c.join(" OR "))
             }
             ChunkRange::Key { lower, upper } => {
                 let mut parts = Vec::new();
                 if let Some(l) = lower {
-                    parts.push(format!("{} >= {}", cols(), tuple(l)));
+                    parts.push(format!("{} >= {}", tuple_of_cols(), tuple(l)));
                 }
                 if let Some(u) = upper {
-                    parts.push(format!("{} < {}", cols(), tuple(u)));
+                    parts.push(format!("{} < {}", tuple_of_cols(), tuple(u)));
                 }
                 // A key range never matches a row with a NULL key column: those rows are
                 // the NULL-key chunk's. A single column compared to a bound is NULL (not
@@ -89,10 +114,7 @@ impl ChunkRange {
                 // so `ROW(5, NULL) >= ROW(4, 7)` is true: composite keys (and ranges
                 // unbounded on both sides) say so explicitly.
                 if parts.is_empty() || key.len() > 1 {
-                    parts.extend(
-                        key.iter()
-                            .map(|k| format!("{} IS NOT NULL", quote_ident(&k.name))),
-                    );
+                    parts.extend(cols.iter().map(|c| format!("{c} IS NOT NULL")));
                 }
                 parts.join(" AND ")
             }

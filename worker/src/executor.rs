@@ -166,10 +166,7 @@ fn load_command(c: &ChunkJob<'_>) -> haul_shared::proto::wire::LoadChunk {
             .plan
             .key
             .iter()
-            .map(|k| wire::KeyColumn {
-                name: k.name.clone(),
-                pg_type: k.pg_type.clone(),
-            })
+            .map(haul_shared::proto::key_to_wire)
             .collect(),
     }
 }

@@ -40,6 +40,8 @@ pub struct TargetColumn {
     /// For an array type: its element type's oid and receive function.
     pub element: Option<(u32, String)>,
     pub not_null: bool,
+    /// Whether its values compare under a collation.
+    pub collatable: bool,
 }
 
 /// How one column's values are written.

@@ -43,12 +43,22 @@ pub enum LoadError {
     #[error("chunk {chunk} of job {job} was loaded by another attempt meanwhile; retry")]
     Conflict { job: String, chunk: u32 },
     #[error(
-        "chunk {chunk} of job {job} was loaded under another snapshot, and its rows (a ctid range) cannot be told apart in the target; truncate {table} and rerun the job"
+        "chunk {chunk} of job {job} was loaded under another snapshot by a loader that did not record its transaction, and its rows cannot be told apart in {table}; truncate {table} and rerun the job"
     )]
     CannotReplace {
         job: String,
         chunk: u32,
         table: String,
+    },
+    #[error(
+        "chunk {chunk} of job {job} was loaded under another snapshot, and replacing it found {found} of the {loaded} rows that load wrote in {table} (rows changed in the target since?); nothing was replaced: truncate {table} and rerun the job"
+    )]
+    ReplacedRowsChanged {
+        job: String,
+        chunk: u32,
+        table: String,
+        loaded: u64,
+        found: u64,
     },
     #[error("the stream broke: {0}")]
     Stream(String),

@@ -21,7 +21,9 @@ use tokio_postgres::Client;
 use super::encode::{COPY_HEADER, COPY_TRAILER, Enc, encode_batch};
 use super::error::LoadError;
 use super::metrics::{LoaderMetrics, Outcome};
-use super::target::{Target, create_table, plan_columns, resolve_target, target_column};
+use super::target::{
+    Target, create_table, plan_columns, range_in_target, resolve_target, target_column,
+};
 
 /// Loads chunks into one target database.
 pub struct Loader {
@@ -88,20 +90,40 @@ impl Loader {
     pub async fn ensure_ledger(&self) -> Result<(), LoadError> {
         let s = self.connect().await?;
         // tables made in advance (by someone allowed to) need no CREATE privilege here
-        let present: bool = s
+        let present = s
             .client
             .query_one(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
+                 EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) \
+                         AND attname = 'xid' AND NOT attisdropped)",
                 &[
                     &self.ledger_table("load_jobs"),
                     &self.ledger_table("load_chunks"),
                 ],
             )
             .await
-            .map_err(|e| LoadError::query("looking for the load ledger", e))?
-            .get(0);
-        if present {
+            .map_err(|e| LoadError::query("looking for the load ledger", e))?;
+        let (jobs, chunks, xid) = (present.get(0), present.get(1), present.get(2));
+        if jobs && chunks && xid {
             return Ok(());
+        }
+        if jobs && chunks {
+            // a ledger an older haul made: the column a replace needs
+            let chunks = self.ledger_table("load_chunks");
+            return s
+                .client
+                .batch_execute(&format!(
+                    "ALTER TABLE {chunks} ADD COLUMN IF NOT EXISTS xid bigint"
+                ))
+                .await
+                .map_err(|e| {
+                    LoadError::query(
+                        &format!(
+                            "adding column xid to the load ledger (made by an older haul; as its owner run: ALTER TABLE {chunks} ADD COLUMN xid bigint)"
+                        ),
+                        e,
+                    )
+                });
         }
         let sql = format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('haul.ledger')); \
@@ -111,7 +133,9 @@ impl Loader {
                 prepared_at timestamptz NOT NULL DEFAULT now()); \
              CREATE TABLE IF NOT EXISTS {chunks} (job_id text NOT NULL, chunk_id integer NOT NULL, \
                 epoch bigint NOT NULL, snapshot text NOT NULL, rows bigint NOT NULL, \
-                committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (job_id, chunk_id)); \
+                committed_at timestamptz NOT NULL DEFAULT now(), xid bigint, \
+                PRIMARY KEY (job_id, chunk_id)); \
+             ALTER TABLE {chunks} ADD COLUMN IF NOT EXISTS xid bigint; \
              COMMIT",
             schema = quote_ident(&self.ledger),
             jobs = self.ledger_table("load_jobs"),
@@ -275,73 +299,40 @@ impl Loader {
         let seen = c
             .query_opt(
                 &format!(
-                    "SELECT epoch, snapshot, rows FROM {} WHERE job_id = $1 AND chunk_id = $2",
+                    "SELECT epoch, snapshot, rows, xid FROM {} WHERE job_id = $1 AND chunk_id = $2",
                     self.ledger_table("load_chunks")
                 ),
                 &[&job, &chunk_id],
             )
             .await
             .map_err(|e| LoadError::query("reading the load ledger", e))?
-            .map(|r| {
-                (
-                    r.get::<_, i64>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, i64>(2),
-                )
+            .map(|r| Seen {
+                epoch: r.get(0),
+                snapshot: r.get(1),
+                rows: r.get(2),
+                xid: r.get(3),
             });
         let mut replayed = false;
-        if let Some((committed, snapshot, _)) = &seen {
-            if *committed > epoch {
+        if let Some(seen) = &seen {
+            if seen.epoch > epoch {
                 return Err(LoadError::Fenced {
                     job,
                     chunk: cmd.chunk,
                     epoch: cmd.epoch,
-                    committed: *committed as u64,
+                    committed: seen.epoch as u64,
                 });
             }
-            if !snapshot.is_empty() && *snapshot == cmd.snapshot {
+            if !seen.snapshot.is_empty() && seen.snapshot == cmd.snapshot {
                 replayed = true;
-            } else if matches!(cmd.range, ChunkRange::Ctid { .. }) {
-                return Err(LoadError::CannotReplace {
-                    job,
-                    chunk: cmd.chunk,
-                    table: target.quoted,
-                });
             } else {
-                // the key's types are the target's own, from its catalog: nothing of the
-                // request but quoted literals and identifiers reaches the statement
-                let key = cmd
-                    .key
-                    .iter()
-                    .map(|k| match super::target::target_column(&target, &k.name) {
-                        Some(col) => Ok(crate::jobs::KeyColumn {
-                            name: k.name.clone(),
-                            pg_type: col.pg_type.clone(),
-                        }),
-                        None => Err(LoadError::BadRequest(format!(
-                            "key column {:?} is not a column of {}",
-                            k.name, target.quoted
-                        ))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let deleted = c
-                    .execute(
-                        &format!(
-                            "DELETE FROM {} WHERE {}",
-                            target.quoted,
-                            cmd.range.predicate(&key)
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| LoadError::query("removing an earlier attempt's rows", e))?;
+                let deleted = replace(c, &target, &cmd, seen).await?;
                 tracing::info!(job_id = %job, chunk_id = %crate::ChunkId(cmd.chunk), deleted, "replaced the rows an attempt under another snapshot loaded");
             }
         }
 
         self.metrics.in_flight.inc();
         let copied = match &seen {
-            Some((_, _, rows)) if replayed => {
+            Some(Seen { rows, .. }) if replayed => {
                 // the rows are in the target already: drain the stream
                 drain(batches).await.map(|n| {
                     if n != *rows as u64 {
@@ -358,7 +349,7 @@ impl Loader {
         // the whole chunk, or nothing: its rows count only once the worker said how many
         // it sent, and that many arrived
         let streamed = match &seen {
-            Some((_, _, _)) if replayed => None,
+            Some(_) if replayed => None,
             _ => copied.as_ref().ok().copied(),
         };
         let copied = copied.and_then(|n| {
@@ -382,18 +373,29 @@ impl Loader {
         };
         // compare-and-set on the epoch this attempt saw: of two attempts loading at once,
         // only one commits
-        let seen_epoch = seen.as_ref().map(|s| s.0).unwrap_or(-1);
+        let seen_epoch = seen.as_ref().map(|s| s.epoch).unwrap_or(-1);
         let won = c
             .query_opt(
                 &format!(
-                    "INSERT INTO {t} AS l (job_id, chunk_id, epoch, snapshot, rows) \
-                     VALUES ($1, $2, $3, $4, $5) \
+                    "INSERT INTO {t} AS l (job_id, chunk_id, epoch, snapshot, rows, xid) \
+                     VALUES ($1, $2, $3, $4, $5, txid_current()) \
                      ON CONFLICT (job_id, chunk_id) DO UPDATE SET epoch = EXCLUDED.epoch, \
-                        snapshot = EXCLUDED.snapshot, rows = EXCLUDED.rows, committed_at = now() \
+                        snapshot = EXCLUDED.snapshot, rows = EXCLUDED.rows, \
+                        xid = CASE WHEN $7 THEN l.xid ELSE EXCLUDED.xid END, \
+                        committed_at = now() \
                      WHERE l.epoch = $6 RETURNING 1",
                     t = self.ledger_table("load_chunks")
                 ),
-                &[&job, &chunk_id, &epoch, &cmd.snapshot, &rows, &seen_epoch],
+                // a replay wrote no rows: the transaction that did stays recorded
+                &[
+                    &job,
+                    &chunk_id,
+                    &epoch,
+                    &cmd.snapshot,
+                    &rows,
+                    &seen_epoch,
+                    &replayed,
+                ],
             )
             .await
             .map_err(|e| LoadError::query("recording the chunk in the load ledger", e))?
@@ -526,6 +528,65 @@ impl Loader {
     }
 }
 
+/// A chunk's row in the ledger: the attempt that loaded it.
+struct Seen {
+    epoch: i64,
+    snapshot: String,
+    rows: i64,
+    /// The loading transaction's id (`txid_current()`, with its epoch); `None` in a row
+    /// an older haul wrote.
+    xid: Option<i64>,
+}
+
+/// Deletes the rows an earlier attempt under another snapshot loaded: exactly those its
+/// transaction wrote (`xmin`, recorded in the ledger), narrowed by the chunk's key range
+/// when the target orders the key as the source does (so an index on the key serves
+/// it). The count must be the ledger's: rows updated or deleted in the target since (or
+/// the xid space wrapped, 2^31 transactions later) refuse the replace instead of guessing.
+async fn replace(
+    c: &Client,
+    target: &Target,
+    cmd: &ChunkCommand,
+    seen: &Seen,
+) -> Result<u64, LoadError> {
+    let narrow = range_in_target(target, &cmd.range, &cmd.key)?;
+    let Some(xid) = seen.xid else {
+        // a ledger row from before haul recorded the transaction: only a range in the
+        // source's own order can say which rows were the chunk's
+        let Some(p) = narrow else {
+            return Err(LoadError::CannotReplace {
+                job: cmd.job.to_string(),
+                chunk: cmd.chunk,
+                table: target.quoted.clone(),
+            });
+        };
+        return c
+            .execute(&format!("DELETE FROM {} WHERE {p}", target.quoted), &[])
+            .await
+            .map_err(|e| LoadError::query("removing an earlier attempt's rows", e));
+    };
+    let sql = format!(
+        "DELETE FROM {} WHERE xmin = (($1::bigint % 4294967296)::text)::xid \
+         AND txid_current() - $1::bigint < 2147483648{}",
+        target.quoted,
+        narrow.map(|p| format!(" AND ({p})")).unwrap_or_default()
+    );
+    let deleted = c
+        .execute(&sql, &[&xid])
+        .await
+        .map_err(|e| LoadError::query("removing an earlier attempt's rows", e))?;
+    if deleted != seen.rows as u64 {
+        return Err(LoadError::ReplacedRowsChanged {
+            job: cmd.job.to_string(),
+            chunk: cmd.chunk,
+            table: target.quoted.clone(),
+            loaded: seen.rows as u64,
+            found: deleted,
+        });
+    }
+    Ok(deleted)
+}
+
 async fn drain<S>(batches: S) -> Result<u64, LoadError>
 where
     S: Stream<Item = Result<RecordBatch, FlightError>> + Send,
@@ -553,13 +614,6 @@ pub(super) fn decode_command(desc: &FlightDescriptor) -> Result<ChunkCommand, Lo
         snapshot: m.snapshot,
         range: range_from_wire(m.range)
             .ok_or_else(|| LoadError::BadRequest("LoadChunk is missing its range".into()))?,
-        key: m
-            .key
-            .into_iter()
-            .map(|k| KeyColumn {
-                name: k.name,
-                pg_type: k.pg_type,
-            })
-            .collect(),
+        key: m.key.into_iter().map(crate::proto::key_from_wire).collect(),
     })
 }

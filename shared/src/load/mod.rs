@@ -14,8 +14,10 @@
 //! - A chunk already in the ledger is a replay: under an older epoch and the same
 //!   snapshot its rows are already there, identical, and nothing is loaded again; under
 //!   another snapshot (a job resumed with `--fresh-snapshot`, or one read without a
-//!   snapshot) the rows of the chunk's key range are deleted first, so the replay
-//!   replaces and never duplicates.
+//!   snapshot) the rows the earlier attempt's transaction wrote (`xmin` = the `xid` its
+//!   ledger row keeps; narrowed by the key range when the target orders the key as the
+//!   source does) are deleted first, and must be as many as it loaded: the replay
+//!   replaces exactly, never duplicates, and never takes another chunk's rows.
 //! - Fencing: a chunk whose epoch is older than the ledger's is refused. The ledger row
 //!   is written with a compare-and-set on the epoch read at the start, so of two attempts
 //!   loading at once only one commits.

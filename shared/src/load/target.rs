@@ -3,6 +3,7 @@
 //! knows them).
 
 use crate::pg::{self, quote_ident};
+use crate::range::{ChunkRange, KeyColumn, KeyOrdering};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use tokio_postgres::Client;
 
@@ -43,9 +44,48 @@ pub(super) fn plan_columns(target: &Target, schema: &Schema) -> Result<Vec<Colum
     }
 }
 
+/// The rows of a chunk's key range in the target, as a predicate over the target's
+/// columns, when the target orders the key as the source does (each key column of the
+/// same type, and either a built-in type without a collation or text the source compared
+/// in byte order, compared here under `COLLATE "C"`); `None` otherwise, or when the chunk
+/// is not a key range. Nothing of the request but quoted literals and identifiers reaches
+/// the predicate: the types cast to are the target's own, from its catalog.
+pub(super) fn range_in_target(
+    target: &Target,
+    range: &ChunkRange,
+    key: &[KeyColumn],
+) -> Result<Option<String>, LoadError> {
+    if !matches!(range, ChunkRange::Key { .. }) {
+        return Ok(None);
+    }
+    let mut cols = Vec::new();
+    let mut typed = Vec::new();
+    for k in key {
+        let col = target_column(target, &k.name).ok_or_else(|| {
+            LoadError::BadRequest(format!(
+                "key column {:?} is not a column of {}",
+                k.name, target.quoted
+            ))
+        })?;
+        let expr = match (&k.ordering, col.collatable) {
+            _ if col.pg_type != k.pg_type => return Ok(None),
+            (KeyOrdering::Natural, false) => quote_ident(&col.name),
+            (KeyOrdering::Bytes, true) => format!("{} COLLATE \"C\"", quote_ident(&col.name)),
+            _ => return Ok(None),
+        };
+        cols.push(expr);
+        typed.push(KeyColumn {
+            name: col.name.clone(),
+            pg_type: col.pg_type.clone(),
+            ordering: k.ordering.clone(),
+        });
+    }
+    Ok(Some(range.predicate_on(&typed, &cols)))
+}
+
 const TARGET_COLUMNS_SQL: &str = "\
     SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-           bt.typreceive::text, et.oid, ebt.typreceive::text \
+           bt.typreceive::text, et.oid, ebt.typreceive::text, a.attcollation <> 0 \
     FROM pg_attribute a \
     JOIN pg_type t ON t.oid = a.atttypid \
     JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
@@ -86,6 +126,7 @@ pub(super) async fn resolve_target(c: &Client, table: &str) -> Result<Option<Tar
             element: r
                 .get::<_, Option<u32>>(4)
                 .map(|oid| (oid, r.get::<_, Option<String>>(5).unwrap_or_default())),
+            collatable: r.get(6),
         })
         .collect();
     Ok(Some(Target {
@@ -203,6 +244,7 @@ async fn source_type_if_usable(c: &Client, f: &Field) -> Result<Option<String>, 
             .get::<_, Option<u32>>(2)
             .map(|oid| (oid, row.get::<_, Option<String>>(3).unwrap_or_default())),
         not_null: !f.is_nullable(),
+        collatable: false,
     };
     Ok(super::encode::plan_column(f, &candidate)
         .ok()

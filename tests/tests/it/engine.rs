@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use haul_shared::jobs::{Granularity, PartitionBy};
 use haul_shared::lake::ChunkManifest;
+use haul_shared::range::KeyOrdering;
 
 use crate::harness::*;
 
@@ -681,18 +682,25 @@ async fn a_nullable_composite_key_puts_every_row_in_one_chunk() {
 
 /// The planner's chunks partition every row exactly once, for any key shape, checked on
 /// Postgres's own semantics: random tables with nullable single and composite keys (small
-/// domains, so ties, NULLs in any position and duplicate boundaries are common), planned
-/// by the planner, and each row's count of matching chunk predicates must be exactly 1.
+/// domains, so ties, NULLs in any position and duplicate boundaries are common; text under
+/// byte order and under ICU, mixed case and accents), planned by the planner, and each
+/// row's count of matching chunk predicates must be exactly 1. A key the source compares
+/// in byte order keeps its chunks in a table whose column has another collation when a
+/// loader compares it under `COLLATE "C"`.
 #[tokio::test]
 async fn chunk_predicates_partition_rows_for_any_nullable_key_shape() {
     use haul_coordinator::planner;
     let db = TestDb::new().await;
-    let shapes: [&[&str]; 5] = [
+    let shapes: [&[&str]; 9] = [
         &["k1"],
         &["k1", "k2"],
         &["k2", "k1"],
         &["k1", "k2", "k3"],
         &["k3", "k2"],
+        &["k4"],
+        &["k5"],
+        &["k5", "k1"],
+        &["k4", "k5"],
     ];
     // a small linear congruential generator and a seeded random(): the same cases on
     // every run
@@ -703,20 +711,29 @@ async fn chunk_predicates_partition_rows_for_any_nullable_key_shape() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) % n
     };
-    for case in 0..20 {
+    for case in 0..27 {
         let key = shapes[case % shapes.len()];
         let rows = 200 + next(3000);
         let (domain, null_pct) = (2 + next(40), next(40));
         let table = format!("p{case}");
         db.exec(&format!(
             "SELECT setseed({case} / 100.0);
-             CREATE TABLE {table} (id int, k1 int, k2 int, k3 text);
+             CREATE TABLE {table} (id int, k1 int, k2 int, k3 text,
+               k4 text COLLATE \"C\", k5 text COLLATE \"und-x-icu\");
              INSERT INTO {table} SELECT g,
                CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE (random() * {domain})::int END,
                CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE (random() * {domain})::int END,
-               CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE md5(((random() * {domain})::int)::text) END
+               CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE md5(((random() * {domain})::int)::text) END,
+               CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE {word} END,
+               CASE WHEN random() * 100 < {null_pct} THEN NULL ELSE {word} END
              FROM generate_series(1, {rows}) g;
-             ANALYZE {table};"
+             ANALYZE {table};
+             CREATE TABLE {table}_icu AS SELECT * FROM {table};
+             ALTER TABLE {table}_icu ALTER COLUMN k4 TYPE text COLLATE \"und-x-icu\";",
+            // mixed case, accents and punctuation: orders that byte order and ICU disagree on
+            word = format!(
+                "(ARRAY['a', 'B', 'b', 'A', 'é', 'E', '_x', 'Z', 'z', 'ä', 'a b', 'ab'])[1 + (random() * 11)::int] || ((random() * {domain})::int)::text"
+            )
         ))
         .await;
         let info = haul_shared::pg::resolve_table(&db.client, &table, &[], &Default::default())
@@ -758,6 +775,39 @@ async fn chunk_predicates_partition_rows_for_any_nullable_key_shape() {
             "case {case}: key {key:?}, {rows} rows, domain {domain}, {null_pct}% NULLs, {} chunks: {wrong} rows in no chunk or in several",
             plan.chunks.len()
         );
+        // how the source orders each key column, for a loader to know what a range means
+        // in its target
+        for k in &plan.key {
+            let want = match k.name.as_str() {
+                "k4" => KeyOrdering::Bytes,
+                "k5" => KeyOrdering::Collation("und-x-icu".into()),
+                _ if k.pg_type == "text" => KeyOrdering::Collation("C.UTF-8".into()),
+                _ => KeyOrdering::Natural,
+            };
+            assert_eq!(k.ordering, want, "case {case}: {}", k.name);
+        }
+        // a byte-order key compared under COLLATE "C" in a copy whose column is under ICU:
+        // every chunk holds the same rows there
+        if key == ["k4"] {
+            let collated = [r#""k4" COLLATE "C""#.to_owned()];
+            for c in &plan.chunks {
+                let n = |table: String, pred: String| {
+                    let client = &db.client;
+                    async move {
+                        client
+                            .query_one(&format!("SELECT count(*) FROM {table} WHERE {pred}"), &[])
+                            .await
+                            .unwrap()
+                            .get::<_, i64>(0)
+                    }
+                };
+                assert_eq!(
+                    n(format!("{table}_icu"), c.predicate_on(&plan.key, &collated)).await,
+                    n(table.clone(), c.predicate(&plan.key)).await,
+                    "case {case}: chunk {c:?}"
+                );
+            }
+        }
     }
 }
 

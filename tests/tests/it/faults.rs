@@ -293,6 +293,7 @@ async fn a_fenced_off_attempt_cannot_commit() {
     let key = vec![KeyColumn {
         name: "id".into(),
         pg_type: "integer".into(),
+        ordering: haul_shared::range::KeyOrdering::Natural,
     }];
     let plan = one_chunk_plan(&db, "t", key, 3000).await;
     let spec = options(&db.dsn, "t", &dest_dir).spec;

@@ -102,6 +102,7 @@ async fn plan_shows_the_chunks_a_run_makes_and_writes_nothing() {
         let key = vec![haul_shared::range::KeyColumn {
             name: "id".into(),
             pg_type: "bigint".into(),
+            ordering: haul_shared::range::KeyOrdering::Natural,
         }];
         assert_eq!(m.range.predicate(&key), c["range"].as_str().unwrap());
     }

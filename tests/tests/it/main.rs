@@ -13,6 +13,7 @@ mod kubernetes;
 mod lake_tools;
 mod load;
 mod pipeline;
+mod reload;
 mod s3;
 mod standby;
 mod stores;
