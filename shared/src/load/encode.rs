@@ -72,6 +72,9 @@ pub enum Enc {
         element_oid: u32,
         element: Box<Enc>,
     },
+    /// A list of integers as the text of an `int2vector` or `oidvector` (`1 2 3`),
+    /// staged and cast: Postgres cannot receive an empty vector in binary.
+    VectorText,
     /// An array in Postgres's binary form (from a load-only job), written as it came
     /// with its element type's oid set to `element_oid`: bounds and dimensions are kept.
     /// `array_type` is the built-in type of the bytes (a staging column's type).
@@ -150,6 +153,12 @@ pub fn plan_column(
                 bin.array_type, target.pg_type
             )),
         };
+    }
+    if let DataType::List(e) = field.data_type()
+        && e.data_type().is_integer()
+        && matches!(target.recv.as_str(), "int2vectorrecv" | "oidvectorrecv")
+    {
+        return Ok(plan(Enc::VectorText, Some(target.pg_type.clone())));
     }
     let direct = direct_enc(field.data_type(), &target.recv, target.element.as_ref());
     if let Some(enc) = direct {
@@ -317,6 +326,24 @@ fn put_value(
             let s = a.as_string::<i32>().value(i);
             buf.put_i32(len32(s.len())?);
             buf.put_slice(s.as_bytes());
+        }
+        Enc::VectorText => {
+            use std::fmt::Write;
+            let list = a.as_list::<i32>();
+            let values = list.values();
+            scratch.clear();
+            let offsets = list.value_offsets();
+            for j in offsets[i] as usize..offsets[i + 1] as usize {
+                if values.is_null(j) {
+                    return Err("a NULL element: a vector holds none".into());
+                }
+                if !scratch.is_empty() {
+                    scratch.push(' ');
+                }
+                let _ = write!(scratch, "{}", int_value(values.as_ref(), j)?);
+            }
+            buf.put_i32(len32(scratch.len())?);
+            buf.put_slice(scratch.as_bytes());
         }
         Enc::Jsonb => {
             let s = a.as_string::<i32>().value(i);

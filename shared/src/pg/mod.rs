@@ -634,6 +634,9 @@ pub enum Select {
     /// The column's display form, from its type's output function — what `psql` shows.
     /// (`::text` is not always that: `inet::text` appends `/32` to a host address.)
     Display,
+    /// `("col"::<array type>)[:]`: a vector that starts at 0 by definition (`int2vector`,
+    /// `oidvector`) as an array from 1, which a list holds exactly.
+    Slice(String),
 }
 
 /// One extracted column.
@@ -655,6 +658,7 @@ impl ColumnInfo {
             Select::Column => c,
             Select::Cast(t) => format!("{c}::{t}"),
             Select::Display => format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END"),
+            Select::Slice(t) => format!("({c}::{t})[:]"),
         }
     }
 }
@@ -705,7 +709,10 @@ impl TableInfo {
     /// instead of as a list, which holds neither lower bounds nor dimensions.
     pub fn keep_arrays_verbatim(&mut self) {
         for c in &mut self.columns {
-            if let PgKind::Array { element } = &c.kind {
+            // (a vector stays a list: it has no bounds or dimensions to keep)
+            if let PgKind::Array { element } = &c.kind
+                && !matches!(c.select, Select::Slice(_))
+            {
                 c.kind = PgKind::ArrayBinary {
                     element: element.clone(),
                 };
@@ -764,6 +771,20 @@ async fn resolve_kind(
     }
     if t.typtype == "e" {
         return Ok(Some((PgKind::Text, Select::Column)));
+    }
+    // int2vector, oidvector: arrays from 0 by definition, nothing a list cannot hold
+    let vector = match oid {
+        22 => Some((PgKind::Int2, "smallint[]")),
+        30 => Some((PgKind::Oid, "oid[]")),
+        _ => None,
+    };
+    if let Some((element, array)) = vector {
+        return Ok(Some((
+            PgKind::Array {
+                element: Box::new(element),
+            },
+            Select::Slice(array.into()),
+        )));
     }
     if t.category == "A" && t.elem != 0 {
         let Some((element, elem_cast)) = Box::pin(resolve_kind(client, t.elem, typmod)).await?

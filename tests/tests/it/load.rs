@@ -941,6 +941,97 @@ async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
     );
 }
 
+/// Regression: a table with an `int2vector` or `oidvector` column (copied from a catalog)
+/// was refused mid-job ("an array value with lower bound 0 … pass --cast"), in Parquet and
+/// in a load alike. Those vectors start at 0 by definition, so a list holds them exactly:
+/// they are exported as lists and loaded back as vectors (empty ones too, which Postgres
+/// cannot receive in binary), with no cast.
+#[tokio::test]
+async fn catalog_vectors_travel_without_a_cast() {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int16Type, Int32Type, Int64Type};
+    let src = TestDb::new().await;
+    src.exec(
+        "CREATE TABLE vec (id int PRIMARY KEY, iv int2vector, ov oidvector);
+         INSERT INTO vec VALUES (1, '', ''), (2, NULL, NULL), (3, '-32768 0 32767', '0 4294967295');
+         INSERT INTO vec SELECT g, ((g % 7) || ' ' || (g % 5))::int2vector, g::text::oidvector FROM generate_series(4, 2000) g;
+         ANALYZE vec;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&src.dsn, "vec", &dest);
+    o.spec.chunk_rows = 500;
+    run(o).await.unwrap();
+    let mut lists = std::collections::BTreeMap::new();
+    for b in read_batches(&dest.0.join("vec")) {
+        let ids = b["id"].as_primitive::<Int32Type>();
+        let (iv, ov) = (b["iv"].as_list::<i32>(), b["ov"].as_list::<i32>());
+        for i in 0..b.num_rows() {
+            let list = |l: &arrow_array::ListArray, wide: bool| {
+                (!l.is_null(i)).then(|| {
+                    let v = l.value(i);
+                    if wide {
+                        v.as_primitive::<Int64Type>().values().to_vec()
+                    } else {
+                        let v = v.as_primitive::<Int16Type>();
+                        v.values().iter().map(|x| i64::from(*x)).collect()
+                    }
+                })
+            };
+            lists.insert(ids.value(i), (list(iv, false), list(ov, true)));
+        }
+    }
+    assert_eq!(lists.len(), 2000);
+    assert_eq!(lists[&1], (Some(vec![]), Some(vec![])));
+    assert_eq!(lists[&2], (None, None));
+    assert_eq!(
+        lists[&3],
+        (Some(vec![-32768, 0, 32767]), Some(vec![0, 4294967295]))
+    );
+    assert_eq!(lists[&10], (Some(vec![3, 0]), Some(vec![10])));
+    // and `haul verify` checksums them against the source alike
+    let out = std::process::Command::new(haul_bin())
+        .args([
+            "verify",
+            dest.0.join("vec").to_str().unwrap(),
+            "--source",
+            &src.dsn,
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out);
+
+    // into a target the load creates (with Parquet), then load-only into it again
+    let tgt = TestDb::new().await;
+    for (parquet, create) in [(true, true), (false, false)] {
+        let dest = TempDest::new();
+        let mut o = options(&src.dsn, "vec", &dest);
+        o.spec.chunk_rows = 500;
+        o.spec.output.parquet = parquet;
+        o.spec.load = Some(haul_shared::jobs::LoadSpec {
+            endpoints: vec![],
+            target_table: "public.vec".into(),
+            create_table: create,
+            truncate_first: !create,
+        });
+        o.load_target = Some(database(&tgt.dsn));
+        run(o).await.unwrap();
+        assert_eq!(
+            digest(&tgt.client, "public.vec").await,
+            digest(&src.client, "vec").await,
+            "parquet: {parquet}"
+        );
+    }
+    assert_eq!(
+        column_types(&tgt.client, "public.vec").await[1..],
+        [
+            ("iv".to_string(), "int2vector".to_string()),
+            ("ov".to_string(), "oidvector".to_string())
+        ]
+    );
+}
+
 /// Regression (issue 12): a transient failure was nacked and redelivered at once, so a
 /// loader down for a second burnt a chunk's three attempts in 70 ms and failed the job.
 /// Transient failures now back off (1 s doubling, with jitter) within `--retry-for`,
