@@ -1,13 +1,19 @@
 //! Parquet writing for one chunk attempt, off the async runtime.
 //!
 //! Batches go through a bounded channel to one blocking-pool thread that owns the
-//! chunk's Parquet writers (encoding and compression are CPU work). It splits each batch
-//! into runs of equal partition value, keeps at most [`MAX_OPEN_FILES`] part files open
-//! (least recently used closed first), flushes the largest row group when buffered data
-//! passes [`BUFFER_BUDGET`], and rotates files at the row/byte limits. Bytes stream to
-//! the object store as they are produced: memory is bounded by batch size and row group
-//! size, never by chunk or table size.
+//! chunk's Parquet writers (encoding and compression are CPU work). It keeps at most
+//! [`MAX_OPEN_FILES`] part files open (least recently used closed first), flushes the
+//! largest row group when encoded data passes [`BUFFER_BUDGET`], and rotates files at the
+//! row/byte limits. Bytes stream to the object store as they are produced.
+//!
+//! A partitioned export groups each batch's rows by partition and holds them back per
+//! partition: a partition's rows are written once they fill a row group, when held rows
+//! pass [`PENDING_BUDGET`] (the largest partition's first), and at the chunk's end (in
+//! partition order). So rows in any order — a key that says nothing of the partition
+//! column's day — make about one file per partition per chunk, not one per row. Memory
+//! is bounded by those budgets, never by chunk or table size.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -31,6 +37,9 @@ use haul_shared::pg::{DATE_INFINITY, DATE_NEG_INFINITY, TS_INFINITY, TS_NEG_INFI
 pub const MAX_OPEN_FILES: usize = 16;
 /// Encoded-but-unflushed bytes across a chunk's open files before a row group is cut.
 pub const BUFFER_BUDGET: usize = 96 * 1024 * 1024;
+/// Rows held back for their partitions (Arrow's in-memory size) before the largest
+/// partition's are written.
+pub const PENDING_BUDGET: usize = 64 * 1024 * 1024;
 /// Bytes gathered before one write to the object store.
 const SINK_BUFFER: usize = 1024 * 1024;
 /// Multipart upload part size (S3's minimum); two parts in flight per file.
@@ -107,6 +116,8 @@ impl ChunkWriter {
                 open: Vec::new(),
                 done: Vec::new(),
                 next_n: 0,
+                pending: std::collections::BTreeMap::new(),
+                pending_bytes: 0,
             };
             w.run(rx)
         });
@@ -156,6 +167,18 @@ struct Writers {
     open: Vec<OpenFile>,
     done: Vec<PartFile>,
     next_n: u32,
+    /// A partitioned export's rows held back, by partition directory.
+    pending: std::collections::BTreeMap<String, Pending>,
+    /// Their estimated in-memory size.
+    pending_bytes: usize,
+}
+
+/// Rows of one partition not yet written.
+#[derive(Default)]
+struct Pending {
+    batches: Vec<RecordBatch>,
+    rows: usize,
+    bytes: usize,
 }
 
 impl Writers {
@@ -165,10 +188,22 @@ impl Writers {
             if self.props.is_none() {
                 self.props = Some(self.properties(&batch));
             }
-            for (partition, slice) in self.split(&batch) {
-                self.write(partition, &slice)?;
+            if self.partition.is_none() {
+                self.write(String::new(), &batch)?;
+            } else {
+                self.hold(&batch)?;
             }
             self.enforce_budget()?;
+        }
+        // what is held back, partition by partition: one file each
+        while let Some((partition, _)) = self.pending.first_key_value() {
+            let partition = partition.clone();
+            self.write_pending(&partition)?;
+            // (its file is done: close it rather than keep it among the open ones)
+            if let Some(pos) = self.open.iter().position(|f| f.partition == partition) {
+                let f = self.open.remove(pos);
+                self.close(f)?;
+            }
         }
         while !self.open.is_empty() {
             let f = self.open.remove(0);
@@ -217,10 +252,57 @@ impl Writers {
         b.build()
     }
 
-    /// Runs of rows with the same partition directory, as zero-copy slices.
-    fn split(&self, batch: &RecordBatch) -> Vec<(String, RecordBatch)> {
+    /// Holds a batch's rows back by partition; writes a partition's rows once they fill a
+    /// row group, and the largest partition's while the rows held pass the budget.
+    fn hold(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let per_row = batch.get_array_memory_size() / batch.num_rows();
+        let full = self.cfg.output.row_group_rows.max(1);
+        for (partition, rows) in self.split(batch)? {
+            let bytes = per_row * rows.num_rows();
+            let p = self.pending.entry(partition.clone()).or_default();
+            p.rows += rows.num_rows();
+            p.bytes += bytes;
+            p.batches.push(rows);
+            self.pending_bytes += bytes;
+            if p.rows >= full {
+                self.write_pending(&partition)?;
+            }
+        }
+        while self.pending_bytes > PENDING_BUDGET {
+            let Some(largest) = self
+                .pending
+                .iter()
+                .max_by_key(|(_, p)| p.bytes)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.write_pending(&largest)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the rows held back for `partition`.
+    fn write_pending(&mut self, partition: &str) -> Result<(), WriteError> {
+        let Some(p) = self.pending.remove(partition) else {
+            return Ok(());
+        };
+        self.pending_bytes -= p.bytes;
+        for b in &p.batches {
+            self.write(partition.to_owned(), b)?;
+        }
+        Ok(())
+    }
+
+    /// A batch's rows grouped by partition directory (in order of first appearance):
+    /// zero-copy slices when each partition's rows are contiguous (rows in partition
+    /// order), else gathered copies.
+    fn split(&self, batch: &RecordBatch) -> Result<Vec<(String, RecordBatch)>, WriteError> {
         let Some((idx, gran, field)) = &self.partition else {
-            return vec![(String::new(), batch.clone())];
+            return Ok(vec![(String::new(), batch.clone())]);
         };
         let col = batch.column(*idx);
         let key_of = |i: usize| -> Option<Day> {
@@ -240,31 +322,52 @@ impl Writers {
                 },
             })
         };
-        // runs of equal directory; the directory is recomputed only when the day changes
-        let mut out: Vec<(String, RecordBatch)> = Vec::new();
-        if batch.num_rows() == 0 {
-            return out;
-        }
-        let mut start = 0;
-        let mut day = key_of(0);
-        let mut dir = partition_dir(day, *gran, field);
-        for i in 1..batch.num_rows() {
-            let k = key_of(i);
-            if k == day {
-                continue;
+        // each row's group: the directory is formatted once per distinct day
+        let mut dirs: Vec<String> = Vec::new();
+        let mut rows: Vec<Vec<u32>> = Vec::new();
+        let mut by_dir: HashMap<String, usize> = HashMap::new();
+        let mut by_day: HashMap<Option<Day>, usize> = HashMap::new();
+        let (mut contiguous, mut last) = (true, usize::MAX);
+        for i in 0..batch.num_rows() {
+            let day = key_of(i);
+            let g = match by_day.get(&day) {
+                Some(g) => *g,
+                None => {
+                    let dir = partition_dir(day, *gran, field);
+                    let g = match by_dir.get(&dir) {
+                        Some(g) => *g,
+                        None => {
+                            by_dir.insert(dir.clone(), dirs.len());
+                            dirs.push(dir);
+                            rows.push(Vec::new());
+                            dirs.len() - 1
+                        }
+                    };
+                    by_day.insert(day, g);
+                    g
+                }
+            };
+            if g != last {
+                contiguous &= rows[g].is_empty();
+                last = g;
             }
-            day = k;
-            let d = partition_dir(k, *gran, field);
-            if d != dir {
-                out.push((
-                    std::mem::replace(&mut dir, d),
-                    batch.slice(start, i - start),
-                ));
-                start = i;
-            }
+            rows[g].push(i as u32);
         }
-        out.push((dir, batch.slice(start, batch.num_rows() - start)));
-        out
+        if contiguous {
+            return Ok(dirs
+                .into_iter()
+                .zip(rows)
+                .map(|(dir, r)| (dir, batch.slice(r[0] as usize, r.len())))
+                .collect());
+        }
+        dirs.into_iter()
+            .zip(rows)
+            .map(|(dir, r)| {
+                let r = arrow_array::UInt32Array::from(r);
+                Ok((dir, arrow_select::take::take_record_batch(batch, &r)?))
+            })
+            .collect::<Result<_, arrow_schema::ArrowError>>()
+            .map_err(|e| WriteError::Task(format!("grouping rows by partition: {e}")))
     }
 
     /// Writes `batch` to its partition's open file, splitting it where a file reaches
@@ -375,7 +478,7 @@ impl Writers {
 }
 
 /// The day a partition value falls on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Day {
     /// Days since 1970-01-01.
     Finite(i64),

@@ -441,6 +441,55 @@ async fn hive_partitioning_by_day() {
     }
 }
 
+/// Regression: partitioning by a column not in key order wrote one Parquet file per row
+/// (the writer cut a file at every change of day and kept 16 open, so 40 days cycling
+/// row by row made 30,000 files). Rows are held back by partition now: each chunk writes
+/// about one file per partition, whatever the order, and every row is in its day.
+#[tokio::test]
+async fn partitioning_rows_out_of_day_order_makes_a_file_per_partition_per_chunk() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE events (id bigint PRIMARY KEY, created_at date NOT NULL, note text);
+         INSERT INTO events SELECT g, date '2023-01-01' + (g * 7919 % 40)::int, md5(g::text)
+         FROM generate_series(1, 30000) g;
+         ANALYZE events;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let mut o = options(&db.dsn, "events", &dest);
+    o.spec.output.partition_by = Some(PartitionBy::new("created_at", Granularity::Day));
+    o.spec.chunk_rows = 10_000;
+    o.spec.output.batch_rows = 1000;
+    let summary = run(o).await.unwrap();
+    let out = dest.0.join("events");
+    assert_same(&db.client, "events", &out).await;
+    let dirs = subdir_names(&out);
+    assert_eq!(dirs.len(), 40, "{dirs:?}");
+    let files = parquet_files(&out).len() as u64;
+    assert!(
+        files <= summary.chunks as u64 * 40,
+        "{files} files for {} chunks over 40 days",
+        summary.chunks
+    );
+    for d in &dirs {
+        let day = d.trim_start_matches("dt=");
+        let want: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM events WHERE created_at = $1::text::date",
+                &[&day],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let got: usize = read_batches(&out.join(d))
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(got as i64, want, "{d}");
+    }
+}
+
 #[tokio::test]
 async fn one_snapshot_under_concurrent_writes() {
     let db = TestDb::new().await;
