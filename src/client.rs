@@ -164,7 +164,19 @@ async fn follow(
             }
             Err(s) => return Err(s.into()),
         };
-        while let Some(ev) = stream.next().await {
+        loop {
+            // the stream sends only changes: the display (and its log line every 5 s)
+            // goes on between them
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if let Some(s) = &last {
+                        reporter.update(&snapshot_of(s));
+                    }
+                    continue;
+                }
+            };
+            let Some(ev) = ev else { break };
             let s = match ev {
                 Ok(s) => s,
                 Err(e) if connection_trouble(&e) => {
@@ -180,19 +192,13 @@ async fn follow(
                 tracing::info!(job_id = %s.job_id, state = state_name(s.state()), "job state");
                 log_state = Some(s.state);
             }
-            reporter.update(&Snapshot {
-                rows: s.rows_done,
-                bytes: s.bytes_done,
-                estimated_rows: s.estimated_rows,
-                chunks_total: s.chunks_total as usize,
-                chunks_done: s.chunks_done as usize,
-                chunks_running: s.chunks_running as usize,
-                chunks_waiting: s.chunks_waiting as usize,
-                waiting: (s.chunks_waiting > 0 && s.next_retry_at_ms > 0)
-                    .then(|| (s.waiting_reason.clone(), s.next_retry_at_ms)),
-                chunks_failed: s.chunks_failed as usize,
-                paused: s.state() == JobState::Paused,
-            });
+            if !s.stalled.is_empty()
+                && last.as_ref().is_none_or(|l| l.stalled != s.stalled)
+                && !matches!(mode, ProgressMode::None)
+            {
+                tracing::warn!(job_id = %s.job_id, reason = %s.stalled, "the job is not moving");
+            }
+            reporter.update(&snapshot_of(&s));
             last = Some(s);
         }
         break;
@@ -210,6 +216,24 @@ async fn follow(
             job: end.job_id,
             reason: end.reason,
         })
+    }
+}
+
+/// The progress display's view of a job's status.
+fn snapshot_of(s: &JobStatus) -> Snapshot {
+    Snapshot {
+        rows: s.rows_done,
+        bytes: s.bytes_done,
+        estimated_rows: s.estimated_rows,
+        chunks_total: s.chunks_total as usize,
+        chunks_done: s.chunks_done as usize,
+        chunks_running: s.chunks_running as usize,
+        chunks_waiting: s.chunks_waiting as usize,
+        waiting: (s.chunks_waiting > 0 && s.next_retry_at_ms > 0)
+            .then(|| (s.waiting_reason.clone(), s.next_retry_at_ms)),
+        chunks_failed: s.chunks_failed as usize,
+        paused: s.state() == JobState::Paused,
+        stalled: (!s.stalled.is_empty()).then(|| s.stalled.clone()),
     }
 }
 
@@ -386,6 +410,7 @@ pub fn status_json(s: &JobStatus) -> serde_json::Value {
         },
         "waiting_reason": (s.chunks_waiting > 0).then_some(&s.waiting_reason),
         "next_retry_at_ms": (s.chunks_waiting > 0).then_some(s.next_retry_at_ms),
+        "stalled": (!s.stalled.is_empty()).then_some(&s.stalled),
         "rows_done": s.rows_done,
         "bytes_done": s.bytes_done,
         // the names `haul run --json` uses, so that scripts read either the same way
@@ -460,6 +485,9 @@ pub fn status_text(s: &JobStatus) -> String {
             crate::progress::first_line(&s.waiting_reason),
             crate::progress::in_secs(s.next_retry_at_ms)
         ));
+    }
+    if !s.stalled.is_empty() {
+        out.push_str(&format!("stalled:   {}\n", s.stalled));
     }
     if !s.snapshot.is_empty() {
         // an open snapshot holds back vacuum on the source: say for how long

@@ -40,6 +40,9 @@ pub struct Snapshot {
     pub waiting: Option<(String, i64)>,
     pub chunks_failed: usize,
     pub paused: bool,
+    /// Why nothing is working on the job (no worker alive, ...), when the coordinator
+    /// says so.
+    pub stalled: Option<String>,
 }
 
 /// The chunks' part of a progress line: `chunks 3/8 (2 running, 3 waiting to retry:
@@ -59,7 +62,19 @@ pub fn chunks_line(s: &Snapshot) -> String {
         chunks += &format!(", {} failed", s.chunks_failed);
     }
     chunks.push(')');
+    if let Some(why) = &s.stalled {
+        chunks += &format!("  not moving: {}", first_line(why));
+    }
     chunks
+}
+
+/// `1h 02m`, `3m 20s`, `12s`.
+fn human_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+    }
 }
 
 /// The first line of a reason, cut to fit a progress line.
@@ -136,7 +151,7 @@ impl Reporter {
             let b = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
             b.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} [{bar:25}] {human_pos}/~{human_len} rows  {msg}  ETA {eta}",
+                    "{spinner} {elapsed_precise} [{bar:25}] {human_pos}/~{human_len} rows  {msg}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
@@ -171,21 +186,23 @@ impl Reporter {
         let mib_per_s = s.bytes.saturating_sub(base_bytes) as f64 / secs / (1024.0 * 1024.0);
         let chunks = chunks_line(s);
         let paused = if s.paused { "  (paused)" } else { "" };
+        // no ETA without a rate (nothing read yet, paused, or nothing working on it)
+        let eta = (rows_per_s >= 1.0 && !s.paused && s.stalled.is_none())
+            .then(|| (s.estimated_rows.saturating_sub(s.rows) as f64 / rows_per_s) as u64);
         if let Some(b) = &self.bar {
             b.set_length(s.estimated_rows.max(s.rows).max(1));
             b.set_position(s.rows);
             b.set_message(format!(
-                "{mib_per_s:.1} MiB/s  {}/s  {chunks}{paused}",
-                HumanCount(rows_per_s as u64)
+                "read {mib_per_s:.1} MiB/s  {}/s  {chunks}{paused}{}",
+                HumanCount(rows_per_s as u64),
+                eta.map(|e| format!("  ETA {}", human_secs(e)))
+                    .unwrap_or_default()
             ));
         }
         if let Some(every) = self.log_every
             && self.last_log.elapsed() >= every
         {
             self.last_log = Instant::now();
-            // unknown until rows come in
-            let eta = (rows_per_s >= 1.0)
-                .then(|| (s.estimated_rows.saturating_sub(s.rows) as f64 / rows_per_s) as u64);
             tracing::info!(
                 job_id = %self.job,
                 rows = s.rows,
@@ -201,6 +218,7 @@ impl Reporter {
                 rows_per_s = rows_per_s as u64,
                 eta_s = eta,
                 paused = s.paused,
+                stalled = s.stalled.as_deref(),
                 "progress"
             );
         }

@@ -34,6 +34,7 @@ use haul_shared::proto::wire::{JobStatus, SubmitRequest};
 use haul_shared::queue::QueueError;
 use haul_shared::rabbit_queue::RabbitQueue;
 use haul_shared::redis_store::RedisStore;
+use haul_shared::workers::{HEARTBEAT_GONE_MS, worker_state};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
@@ -356,6 +357,12 @@ impl Coordinator {
         let rec = self.job(id).await?;
         let chunks = self.store.chunk_states(id).await.map_err(store_status)?;
         let mut s = job_status_to_wire(&rec, &chunks);
+        if rec.state == JobState::Running
+            && s.chunks_running == 0
+            && s.chunks_done + s.chunks_failed < s.chunks_total
+        {
+            s.stalled = self.why_stalled().await.unwrap_or_default();
+        }
         s.finished_at_ms = self
             .store
             .finished_at_ms(id)
@@ -363,6 +370,40 @@ impl Coordinator {
             .map_err(store_status)?
             .unwrap_or(0);
         Ok(s)
+    }
+
+    /// Why no worker takes a running job's chunks, when the registry says: none alive,
+    /// every one draining, or every slot busy. `None` when some worker could (or the
+    /// registry cannot be read).
+    async fn why_stalled(&self) -> Option<String> {
+        let workers = self.store.workers().await.ok()?;
+        let now = now_ms();
+        let alive: Vec<_> = workers
+            .iter()
+            .filter(|(w, o)| worker_state(w, *o, now) != "gone")
+            .collect();
+        if alive.is_empty() {
+            return Some(format!(
+                "no worker is running: none has sent a heartbeat in the last {} s (start one with `haul worker --coordinator <this coordinator>`)",
+                HEARTBEAT_GONE_MS / 1000
+            ));
+        }
+        if alive
+            .iter()
+            .all(|(w, o)| worker_state(w, *o, now) == "draining")
+        {
+            return Some(format!(
+                "every worker ({}) is draining; start another, or `haul undrain` one",
+                alive.len()
+            ));
+        }
+        if alive.iter().all(|(w, _)| w.in_flight >= w.slots) {
+            return Some(format!(
+                "every slot of the {} worker(s) is busy with other chunks; they queue behind them",
+                alive.len()
+            ));
+        }
+        None
     }
 
     /// The job's dead-lettered chunk tasks.

@@ -12,6 +12,7 @@ mod incremental;
 mod kubernetes;
 mod lake_tools;
 mod load;
+mod newcomer;
 mod pipeline;
 mod reload;
 mod s3;
