@@ -538,8 +538,14 @@ pub struct JobArgs {
     /// options (sslmode, sslrootcert, …); libpq's PG* variables fill what it leaves out.
     /// The password comes from PGPASSWORD, ~/.pgpass or --source-password-file; `haul run`
     /// also takes one in the URL (never logged or stored), `haul submit` refuses it.
-    #[arg(long, env = "HAUL_SOURCE", hide_env_values = true)]
-    pub source: String,
+    /// With --resume it may be left out: the job's own is used.
+    #[arg(
+        long,
+        env = "HAUL_SOURCE",
+        hide_env_values = true,
+        required_unless_present = "resume"
+    )]
+    pub source: Option<String>,
     /// Table to extract: `schema.table` (quote mixed-case names: '"Sales"."Orders"').
     #[arg(long, env = "HAUL_TABLE", required_unless_present = "resume")]
     pub table: Option<String>,
@@ -870,8 +876,11 @@ impl TryFrom<JobArgs> for JobRequest {
             .or(a.job_id.as_deref())
             .map(JobId::parse)
             .transpose()?;
-        let (source, source_password) =
-            ConnInfo::from_user(&a.source).map_err(|e| format!("--source: {e}"))?;
+        let (source, source_password) = match &a.source {
+            Some(s) => ConnInfo::from_user(s).map_err(|e| format!("--source: {e}"))?,
+            // a resume without one: the job's own, from its plan
+            None => (ConnInfo::default(), None),
+        };
         let endpoints = a
             .load
             .iter()

@@ -275,6 +275,12 @@ pub async fn run(
         max_attempts: opts.max_attempts,
         dead_letters: "the in-process dead-letter list".into(),
         changed: Arc::default(),
+        finish_command: |id, dest| {
+            format!(
+                "haul run --resume {id} --fresh-snapshot --dest {}",
+                haul_coordinator::error::shell_word(dest)
+            )
+        },
     };
     let reporting = CancellationToken::new();
     let base_rows: u64 = committed.values().map(|m| m.rows).sum();
@@ -318,7 +324,12 @@ pub async fn run(
                 reason: state.name().into(),
             });
         }
-        Ending::Stopped => return Err(RunError::Interrupted { job }),
+        Ending::Stopped => {
+            return Err(RunError::Interrupted {
+                job,
+                dest: haul_coordinator::error::shell_word(&dest.url),
+            });
+        }
     };
     Ok(JobSummary {
         job: job.clone(),

@@ -64,6 +64,9 @@ pub struct Driver {
     pub dead_letters: String,
     /// Woken when the driver records a job's end.
     pub changed: Arc<Notify>,
+    /// The command that finishes a job of this mode after a failure, given its id and
+    /// destination URL (what a failed job's reason tells the user to run).
+    pub finish_command: fn(&JobId, &str) -> String,
 }
 
 /// How a drive ended.
@@ -211,9 +214,11 @@ impl Driver {
                     .iter()
                     .find(|(_, s)| matches!(s, ChunkState::Failed { .. }))
             {
+                let resumable = plan.chunks.iter().all(|c| c.survives_new_snapshot());
                 return Ending::Failed(RunError::ChunkFailed {
                     chunk: *chunk,
                     reason: reason.clone(),
+                    finish: resumable.then(|| (self.finish_command)(&rec.id, &dest.url)),
                 });
             }
             let now_ms = haul_shared::jobs::now_ms();

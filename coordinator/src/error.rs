@@ -46,9 +46,13 @@ pub enum RunError {
     )]
     NeedsFreshSnapshot { job: JobId, snapshot: String },
     #[error(
-        "job {job} was split into ctid (page) ranges, which are only valid in its original snapshot; rerun it as a new job"
+        "job {job} was split into ctid (page) ranges, which are only valid in its original snapshot: it cannot be finished; export the table again under another job id (leave --job-id out)"
     )]
     CannotResumeCtid { job: JobId },
+    #[error(
+        "job {job}'s plan does not record its source (an older haul planned it): pass --source as when it was first run"
+    )]
+    ResumeNeedsSource { job: JobId },
     #[error("the columns of {table} changed since job {job} was planned; rerun it as a new job")]
     TableChanged { job: JobId, table: String },
     #[error(
@@ -59,12 +63,18 @@ pub enum RunError {
         table_dir: String,
         other: String,
     },
-    #[error("chunk {chunk} failed: {reason}")]
-    ChunkFailed { chunk: ChunkId, reason: String },
+    #[error("chunk {chunk} failed: {reason}{}", finish_hint(finish))]
+    ChunkFailed {
+        chunk: ChunkId,
+        reason: String,
+        /// The command that finishes the job once the cause is fixed (none for a job
+        /// that cannot be resumed).
+        finish: Option<String>,
+    },
     #[error(
-        "interrupted; committed chunks are kept: run again with --resume {job} --fresh-snapshot to finish"
+        "interrupted; committed chunks are kept: finish with `haul run --resume {job} --fresh-snapshot --dest {dest}`"
     )]
-    Interrupted { job: JobId },
+    Interrupted { job: JobId, dest: String },
     #[error(transparent)]
     Load(#[from] LoadClientError),
     #[error(transparent)]
@@ -162,6 +172,7 @@ impl Classify for RunError {
             | RunError::NoSuchJob { .. }
             | RunError::NeedsFreshSnapshot { .. }
             | RunError::CannotResumeCtid { .. }
+            | RunError::ResumeNeedsSource { .. }
             | RunError::TableChanged { .. }
             | RunError::DestinationTaken { .. }
             | RunError::ChunkFailed { .. }
@@ -193,5 +204,38 @@ impl Classify for RunError {
             RunError::NoLoaders | RunError::NoWorkers => tonic::Code::InvalidArgument,
             e => e.class().code(),
         }
+    }
+}
+
+fn finish_hint(finish: &Option<String>) -> String {
+    finish
+        .as_ref()
+        .map(|c| format!("; once that is fixed, finish the job with `{c}`"))
+        .unwrap_or_default()
+}
+
+/// `s` as one word of a shell command: as it is when it is plain, else single-quoted, so
+/// that a command haul prints runs as printed.
+pub fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._:=@%+,-".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod shell_tests {
+    use super::shell_word;
+
+    #[test]
+    fn words_run_as_printed() {
+        assert_eq!(shell_word("file:///tmp/lake"), "file:///tmp/lake");
+        assert_eq!(shell_word("file:///tmp/my lake"), "'file:///tmp/my lake'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 }

@@ -106,6 +106,7 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         load: spec.load.clone(),
         plan: plan.clone(),
         created_at: started_at.clone(),
+        source: Some(spec.source.clone()),
     };
     if !dest
         .put_json(&dest.plan_path(&job), &plan_file, previous.is_none())
@@ -246,6 +247,10 @@ async fn plan_job(
         return Ok(Preparation::AlreadyDone(Box::new(m)));
     }
     match (&previous, opts.resume) {
+        // a job of page ranges cannot be finished: say so, not "pass --resume"
+        (Some(p), false) if p.plan.chunks.iter().any(|c| !c.survives_new_snapshot()) => {
+            return Err(RunError::CannotResumeCtid { job });
+        }
         (Some(_), false) => return Err(RunError::AlreadyStarted { job }),
         (None, true) => {
             return Err(RunError::NoSuchJob {
@@ -256,7 +261,14 @@ async fn plan_job(
         _ => {}
     }
     if let Some(p) = &previous {
-        // a resumed job keeps its original shape; only the source comes from the caller
+        // a resumed job keeps its original shape; only the source may come from the
+        // caller (left out, it is the job's own)
+        if spec.source.is_empty() {
+            spec.source = p
+                .source
+                .clone()
+                .ok_or_else(|| RunError::ResumeNeedsSource { job: job.clone() })?;
+        }
         spec.table = p.table.clone();
         spec.columns = p.columns.clone();
         spec.key = p.key.clone();

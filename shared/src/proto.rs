@@ -232,8 +232,12 @@ pub fn submission_from_wire(r: wire::SubmitRequest) -> Result<Submission, String
     if r.table.is_empty() && !r.resume {
         return Err("a table is required (--table schema.table)".into());
     }
-    if r.dest.is_empty() {
+    // a resume may leave out what the coordinator knows of the job
+    if r.dest.is_empty() && !r.resume {
         return Err("a destination is required (--dest)".into());
+    }
+    if source.is_empty() && !r.resume {
+        return Err("a source is required (--source)".into());
     }
     let job_id = (!r.job_id.is_empty())
         .then(|| JobId::parse(&r.job_id))

@@ -9,8 +9,13 @@ pub(super) async fn run(a: SubmitArgs) -> anyhow::Result<()> {
     if j.source_password.is_some() {
         anyhow::bail!(haul_shared::proto::PASSWORD_NOT_CARRIED);
     }
-    // the coordinator and workers run elsewhere: a relative path means here
-    j.spec.dest = absolute_dest(&j.spec.dest).map_err(anyhow::Error::msg)?;
+    if j.resume && !j.dest_given {
+        // the coordinator knows where the job writes
+        j.spec.dest = String::new();
+    } else {
+        // the coordinator and workers run elsewhere: a relative path means here
+        j.spec.dest = absolute_dest(&j.spec.dest).map_err(anyhow::Error::msg)?;
+    }
     let s = client::submit(&a.client.options(), j, a.wait, a.progress).await?;
     if a.wait || a.client.json {
         super::admin::print_status(&s, a.client.json);

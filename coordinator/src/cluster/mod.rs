@@ -140,6 +140,7 @@ impl Coordinator {
             max_attempts: opts.max_attempts,
             dead_letters: format!("{}.dlq", opts.queue),
             changed: Arc::default(),
+            finish_command: |id, _| format!("haul submit --resume {id} --fresh-snapshot"),
         };
         tokio::spawn(crate::dead_letters::watch(
             Arc::clone(&queue) as _,
@@ -253,15 +254,46 @@ impl Coordinator {
     }
 
     async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<JobStatus, Status> {
-        let (spec, popts) =
+        let (mut spec, popts) =
             service::spec_from_request(req, self.opts.parallelism, &self.opts.source_credentials)?;
-        if let Some(id) = &popts.job_id
-            && let Some(existing) = self.store.get_job(id).await.map_err(store_status)?
-            && !existing.state.is_terminal()
-        {
-            return Err(Status::already_exists(format!(
-                "job {id} is {}; watch it with `haul watch {id}`",
-                existing.state.name()
+        let existing = match &popts.job_id {
+            Some(id) => self.store.get_job(id).await.map_err(store_status)?,
+            None => None,
+        };
+        if let Some(existing) = &existing {
+            let id = &existing.id;
+            if !existing.state.is_terminal() {
+                return Err(Status::already_exists(format!(
+                    "job {id} is {}; watch it with `haul watch {id}`",
+                    existing.state.name()
+                )));
+            }
+            if popts.resume {
+                // what the resume left out is the job's own
+                if spec.dest.is_empty() {
+                    spec.dest = existing.spec.dest.clone();
+                }
+                if spec.source.is_empty() {
+                    spec.source = existing.spec.source.clone();
+                }
+            } else if existing.spec.dest != spec.dest {
+                // one id, one job: never report one job as another
+                return Err(Status::already_exists(format!(
+                    "job id {id} is taken: it is the export of {} into {} ({}); pick another --job-id",
+                    existing.spec.table,
+                    existing.spec.dest,
+                    existing.state.name()
+                )));
+            }
+        }
+        if spec.dest.is_empty() {
+            return Err(Status::not_found(format!(
+                "this coordinator has no record of job {}: pass --dest (and --source) as when it was submitted",
+                popts
+                    .job_id
+                    .as_ref()
+                    .map(|j| j.to_string())
+                    .unwrap_or_default()
             )));
         }
         let mut p = match prepare(&spec, &popts).await.map_err(|e| to_status(&e))? {

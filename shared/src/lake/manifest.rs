@@ -57,6 +57,10 @@ pub struct PlanFile {
     pub load: Option<crate::jobs::LoadSpec>,
     pub plan: JobPlan,
     pub created_at: String,
+    /// The source's connection options (never a password), so that a resume can leave
+    /// `--source` out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::pg::ConnInfo>,
 }
 
 /// A column of the job manifest's schema.

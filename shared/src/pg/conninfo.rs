@@ -133,6 +133,12 @@ impl ConnInfo {
         Ok((info, password))
     }
 
+    /// Whether no option is given (`haul ... --resume` without `--source`: the job's
+    /// own is used).
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
     /// One option's value, as given.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.params.get(key).map(String::as_str)

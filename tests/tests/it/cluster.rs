@@ -502,7 +502,7 @@ async fn a_restarted_coordinator_carries_on() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("--resume restart2 --fresh-snapshot"), "{err}");
-    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest2, "restart2");
+    cl.finish_under_a_fresh_snapshot("restart2");
     assert_same(&db.client, "t", &dest2.0.join("t")).await;
 }
 
@@ -701,7 +701,7 @@ async fn a_worker_killed_on_the_last_attempt_fails_the_job_instead_of_hanging_it
     );
 
     // finishing it redoes only that chunk, and the output is whole
-    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "lastgo");
+    cl.finish_under_a_fresh_snapshot("lastgo");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
@@ -783,7 +783,7 @@ async fn a_chunk_failing_for_good_lets_the_others_settle_and_resume_finishes_it(
     assert_eq!(tries, 1, "a user error is not retried:\n{}", cl.logs());
 
     db.exec("DELETE FROM poison").await;
-    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "settle");
+    cl.finish_under_a_fresh_snapshot("settle");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
@@ -864,7 +864,7 @@ async fn a_broker_outage_while_queueing_reaches_the_client_as_unavailable() {
 
     cl.start_worker("w1", &[]);
     cl.wait_workers(1);
-    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "outage");
+    cl.finish_under_a_fresh_snapshot("outage");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
@@ -996,7 +996,7 @@ async fn a_dead_lettered_pending_chunk_ends_its_job_instead_of_hanging_it() {
     assert!(cl.haul_ok(&["dlq", "list", "hang"]).contains("0 chunk(s)"));
 
     cl.store().await.release(&ghost).await.unwrap();
-    cl.finish_under_a_fresh_snapshot(&db.dsn, &dest, "hang");
+    cl.finish_under_a_fresh_snapshot("hang");
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 

@@ -68,3 +68,104 @@ async fn a_job_nobody_works_on_says_why() {
     let status = cl.haul_ok(&["status", &job]);
     assert!(!status.contains("stalled"), "{status}");
 }
+
+/// The command a message prints between backquotes, starting `haul `.
+fn printed_command(message: &str) -> String {
+    message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|c| c.starts_with("haul "))
+        .unwrap_or_else(|| panic!("no command printed in: {message}"))
+        .to_owned()
+}
+
+/// Runs a command haul printed, as printed, through a shell (the tested binary first on
+/// `PATH`, and nothing of the test's own environment that haul reads).
+fn run_as_printed(command: &str) -> std::process::Output {
+    std::process::Command::new("sh")
+        .args(["-c", command])
+        .env("PATH", path_with_haul())
+        .env("HAUL_PROGRESS", "none")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Regression: `haul run`'s Ctrl-C hint (`run again with --resume <job> --fresh-snapshot`)
+/// did not work as printed: it needed `--source` and, for any lake but `./lake`, `--dest`.
+/// The hint is a whole command now, and a resume takes the source from the job's plan.
+#[tokio::test]
+async fn an_interrupted_run_is_finished_by_the_command_it_prints() {
+    let src = TestDb::new().await;
+    skewed(&src, 40_000).await;
+    let dest = TempDest::new();
+    let lake = dest.0.join("my lake");
+    let child = std::process::Command::new(haul_bin())
+        .args(["run", "--source", &src.dsn, "--table", "public.t", "--dest"])
+        .arg(&lake)
+        .args([
+            "--job-id",
+            "ctrlc",
+            "--chunk-rows",
+            "5000",
+            "--workers",
+            "1",
+        ])
+        .args(["--progress", "none"])
+        .env("HAUL_FAULT_CHUNK_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let lake_dest = TempDest(lake.clone());
+    while committed_chunks(&lake_dest, "ctrlc") < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no chunk committed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    std::mem::forget(lake_dest);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let command = printed_command(&stderr);
+    assert!(!command.contains("--source"), "{command}");
+    let done = run_as_printed(&command);
+    assert_success(&done);
+    assert_same(&src.client, "t", &lake.join("t")).await;
+}
+
+/// Regression: a job id reused in the cluster for another table and destination replaced
+/// the coordinator's record of the first job (`haul jobs` lost it, and a later submit of
+/// the first printed the other's table, exit 0). One id names one job: refused.
+#[tokio::test]
+async fn a_job_id_names_one_job_in_the_cluster() {
+    let _broker = BROKER.read().await;
+    let src = TestDb::new().await;
+    skewed(&src, 5_000).await;
+    src.exec("CREATE TABLE u AS SELECT * FROM t; ALTER TABLE u ADD PRIMARY KEY (id);")
+        .await;
+    let (first, second) = (TempDest::new(), TempDest::new());
+    let mut cl = Cluster::new(None);
+    cl.start_worker("w1", &[]);
+    cl.wait_workers(1);
+    let job = unique("j");
+    let mut args = submit_args(&src.dsn, first.0.to_str().unwrap(), &job, "5000");
+    args.push("--wait");
+    cl.haul_ok(&args);
+    let mut args = submit_args(&src.dsn, second.0.to_str().unwrap(), &job, "5000");
+    args[4] = "public.u";
+    args.push("--wait");
+    let out = cl.haul(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("job id {job} is taken")) && err.contains("public.t"),
+        "{err}"
+    );
+    let jobs = cl.haul_ok(&["jobs"]);
+    let line = jobs.lines().find(|l| l.contains(&job)).unwrap_or_default();
+    assert!(line.contains("public.t"), "{jobs}");
+    assert!(parquet_files(&second.0).is_empty());
+}

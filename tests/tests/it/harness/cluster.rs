@@ -10,7 +10,7 @@ use haul_shared::jobs::{ChunkState, JobStore};
 use haul_shared::redis_store::RedisStore;
 use haul_shared::{ChunkId, JobId};
 
-use super::fixtures::{TempDest, TestDb, unique};
+use super::fixtures::{TestDb, unique};
 use super::services::{KeysGuard, QueuesGuard, amqp_url, haul_bin, redis_url};
 
 /// A port nothing listens on now, and never handed out before in this test run: the
@@ -254,20 +254,39 @@ impl Cluster {
         signal(pid, sig);
     }
 
-    /// `haul submit --resume <job> --fresh-snapshot --wait`, which must succeed.
-    pub(crate) fn finish_under_a_fresh_snapshot(&self, dsn: &str, dest: &TempDest, job: &str) {
-        let dest = dest.0.to_str().unwrap();
-        let out = self.haul_ok(&[
-            "submit",
-            "--source",
-            dsn,
-            "--dest",
-            dest,
-            "--resume",
-            job,
-            "--fresh-snapshot",
-            "--wait",
-        ]);
+    /// Finishes a failed job with the command its reason prints (`haul submit --resume
+    /// <job> --fresh-snapshot`), run as printed through a shell, then follows it to its
+    /// success. The dsn and dest are the job's own: the command must not need them.
+    pub(crate) fn finish_under_a_fresh_snapshot(&self, job: &str) {
+        let status = self.haul(&["status", job, "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let reason = status["reason"].as_str().unwrap_or_default();
+        let printed = reason
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .find(|c| c.starts_with("haul submit --resume"))
+            .unwrap_or_else(|| {
+                panic!("job {job}'s reason prints no command to finish it: {reason}")
+            });
+        let out = Command::new("sh")
+            .args(["-c", printed])
+            .envs(
+                self.command(&[])
+                    .get_envs()
+                    .filter_map(|(k, v)| Some((k, v?))),
+            )
+            .env("PATH", path_with_haul())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`{printed}` failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        let out = self.haul_ok(&["watch", job]);
         assert!(out.contains("state:     succeeded"), "{out}");
     }
 
@@ -352,6 +371,14 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// `PATH` with the tested `haul` binary's folder first, so that a command haul prints
+/// runs as printed.
+pub(crate) fn path_with_haul() -> String {
+    let bin = haul_bin();
+    let dir = bin.parent().unwrap().to_str().unwrap().to_owned();
+    format!("{dir}:{}", std::env::var("PATH").unwrap_or_default())
 }
 
 /// `haul submit` of table `public.t` from `dsn` into `dest` as job `job`, in chunks of
