@@ -543,7 +543,12 @@ pub fn workers_table(ws: &[WorkerInfo]) -> String {
             w.worker_id,
             w.host,
             w.slots,
-            w.in_flight,
+            // a gone worker runs nothing: its last heartbeat's count is history
+            if w.state == "gone" {
+                "-".to_owned()
+            } else {
+                w.in_flight.to_string()
+            },
             w.chunks_done,
             w.rows_done,
             ago(w.last_heartbeat_ms),

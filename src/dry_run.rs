@@ -36,8 +36,20 @@ pub struct PlanReport {
     pub window: Option<String>,
     /// Chunks a resumed job has committed already (they would be skipped).
     pub committed: usize,
+    /// With `--partition-by`: the partitions the first chunk's rows fall in (from up to
+    /// [`PARTITION_SAMPLE`] of them). Each chunk writes at least a file per partition
+    /// it touches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions_per_chunk: Option<u64>,
+    /// What readers of the Parquet may get wrong about some columns, and the way out.
+    pub warnings: Vec<String>,
     pub chunks: Vec<PlannedChunk>,
 }
+
+/// Rows of the first chunk looked at to count the partitions a chunk touches.
+pub const PARTITION_SAMPLE: u64 = 100_000;
+/// Partitions per chunk above which the plan warns of small files.
+pub const MANY_PARTITIONS: u64 = 100;
 
 /// One chunk of the plan and what the source's planner expects of its query.
 #[derive(Clone, Debug, Serialize)]
@@ -70,6 +82,8 @@ pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
                 partition_by: None,
                 window: None,
                 committed: m.chunks,
+                partitions_per_chunk: None,
+                warnings: Vec::new(),
                 chunks: Vec::new(),
             });
         }
@@ -85,6 +99,10 @@ pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
             statement: copy_statement(&d.plan, range),
         });
     }
+    let partitions_per_chunk = match (&d.spec.output.partition_by, d.plan.chunks.first()) {
+        (Some(p), Some(first)) => Some(partitions_in(&d, p, first).await?),
+        _ => None,
+    };
     let split = match d.plan.chunks.first() {
         Some(ChunkRange::Ctid { .. }) => "ctid",
         _ if d.plan.key.is_empty() => "whole",
@@ -121,8 +139,48 @@ pub async fn plan(opts: &RunOptions) -> Result<PlanReport, RunError> {
             )
         }),
         committed: d.committed,
+        partitions_per_chunk,
+        warnings: if d.spec.output.parquet {
+            d.plan.table.reader_caveats()
+        } else {
+            Vec::new()
+        },
         chunks,
     })
+}
+
+/// The partitions (folders) the rows of `range` fall in, from up to [`PARTITION_SAMPLE`]
+/// of them: a `timestamptz` by its UTC day (month, year), as the writer files it.
+async fn partitions_in(
+    d: &DryRun,
+    p: &haul_shared::jobs::PartitionBy,
+    range: &ChunkRange,
+) -> Result<u64, RunError> {
+    use haul_shared::jobs::Granularity;
+    let col = quote_ident(&p.column);
+    let utc = match d.plan.table.column(&p.column).map(|c| &c.kind) {
+        Some(haul_shared::pg::PgKind::Timestamptz) => format!("({col} AT TIME ZONE 'UTC')"),
+        _ => col.clone(),
+    };
+    let unit = match p.granularity {
+        Granularity::Day => "day",
+        Granularity::Month => "month",
+        Granularity::Year => "year",
+    };
+    let sql = format!(
+        "SELECT count(DISTINCT date_trunc('{unit}', {utc})) FROM \
+         (SELECT {col} FROM {} WHERE {} LIMIT {PARTITION_SAMPLE}) s",
+        d.plan.table.quoted(),
+        haul_worker::executor::chunk_filter(&d.plan, range)
+    );
+    let n: i64 = d
+        .session
+        .client
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| SourceError::query("counting the partitions of a chunk", e))?
+        .get(0);
+    Ok(n.max(0) as u64)
 }
 
 /// The source planner's row estimate and scan for a chunk's query.
@@ -210,8 +268,21 @@ impl std::fmt::Display for PlanReport {
         if let Some(p) = &self.partition_by {
             writeln!(f, "partition: {p}")?;
         }
+        if let Some(n) = self.partitions_per_chunk
+            && n > MANY_PARTITIONS
+        {
+            writeln!(
+                f,
+                "warning:   the first chunk's rows fall in {n} partitions, so each chunk writes {n}+ files (~{} in all, of ~{} rows each); partition by a coarser unit (:month), or split on a key that follows the partition column (--key <column>,<key>)",
+                n * self.chunks.len() as u64,
+                (self.estimated_rows / (n * self.chunks.len().max(1) as u64).max(1)).max(1)
+            )?;
+        }
         if let Some(w) = &self.window {
             writeln!(f, "window:    {w}")?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning:   {w}")?;
         }
         writeln!(
             f,

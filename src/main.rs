@@ -11,6 +11,7 @@ use haul::cli::Cli;
 fn main() -> ExitCode {
     bound_malloc_arenas();
     let cli = Cli::parse();
+    quiet_on_a_closed_pipe(&cli.cmd);
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -45,6 +46,21 @@ fn main() -> ExitCode {
             eprintln!("haul: error: {line}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A command whose output is piped into `head` ends quietly when `head` has read enough,
+/// as Unix tools do (Rust ignores SIGPIPE, so each print would panic instead). The
+/// services keep ignoring it: a peer that hangs up is an error they handle.
+#[allow(unsafe_code)]
+fn quiet_on_a_closed_pipe(cmd: &haul::cli::Cmd) {
+    use haul::cli::Cmd;
+    if matches!(cmd, Cmd::Coordinator(_) | Cmd::Worker(_) | Cmd::Loader(_)) {
+        return;
+    }
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

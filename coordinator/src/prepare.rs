@@ -305,7 +305,7 @@ async fn plan_job(
                 .with_max_times(4),
         )
         .when(|e| e.class().is_retryable())
-        .notify(|e, wait| warn!(error = %e, ?wait, "connecting to the source failed; retrying"))
+        .notify(|e, wait| warn!(error = %e, wait_ms = wait.as_millis() as u64, "connecting to the source failed; retrying"))
         .await?;
     pg::refuse_transaction_pooling(&source, &holder).await?;
     // named, so operators can tell it apart in pg_stat_activity (it holds back vacuum)
@@ -349,6 +349,11 @@ async fn plan_job(
     if !spec.output.parquet && spec.load.is_some() {
         // Postgres to Postgres: arrays travel as they are, bounds and dimensions kept
         table.keep_arrays_verbatim();
+    }
+    if spec.output.parquet {
+        for caveat in table.reader_caveats() {
+            tracing::warn!(table = %table.quoted(), "{caveat}");
+        }
     }
     if table.columns.is_empty() {
         return Err(RunError::NoColumns {
@@ -568,7 +573,36 @@ fn spec_difference(
     done: &JobManifest,
     spec: &JobSpec,
 ) -> Option<(&'static str, String, String)> {
-    let shown = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    // each as its flag would say it, never Rust's debug text
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "every column".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
+    let casts = |c: &std::collections::BTreeMap<String, String>| {
+        if c.is_empty() {
+            "no casts".to_owned()
+        } else {
+            c.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let partitioning = |p: &Option<haul_shared::jobs::PartitionBy>| match p {
+        None => "none".to_owned(),
+        Some(p) => {
+            let g = format!("{:?}", p.granularity).to_lowercase();
+            if p.field == "dt" {
+                format!("{}:{g}", p.column)
+            } else {
+                format!("{}:{g}:as={}", p.column, p.field)
+            }
+        }
+    };
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
     // the table as named then or now (`t` and `public.t` name the same table)
     let now = spec.table.as_str();
     let same_table = now == plan.table
@@ -592,32 +626,32 @@ fn spec_difference(
         (
             "columns",
             plan.columns == spec.columns,
-            shown(&plan.columns),
-            shown(&spec.columns),
+            list(&plan.columns),
+            list(&spec.columns),
         ),
         (
             "casts",
             plan.casts == spec.casts,
-            shown(&plan.casts),
-            shown(&spec.casts),
+            casts(&plan.casts),
+            casts(&spec.casts),
         ),
         (
             "partitioning",
             plan.output.partition_by == spec.output.partition_by,
-            shown(&plan.output.partition_by),
-            shown(&spec.output.partition_by),
+            partitioning(&plan.output.partition_by),
+            partitioning(&spec.output.partition_by),
         ),
         (
             "incremental column",
             watermark(&plan.incremental) == watermark(&spec.incremental),
-            shown(&watermark(&plan.incremental)),
-            shown(&watermark(&spec.incremental)),
+            or_none(watermark(&plan.incremental)),
+            or_none(watermark(&spec.incremental)),
         ),
         (
             "load target",
             same_target,
-            shown(&target(&plan.load)),
-            shown(&target(&spec.load)),
+            or_none(target(&plan.load)),
+            or_none(target(&spec.load)),
         ),
     ]
     .into_iter()

@@ -272,7 +272,7 @@ impl ChunkQueue for RabbitQueue {
             )
             .when(|e| e.class() == ErrorClass::Transient && Instant::now() < until)
             .notify(|e, wait| {
-                warn!(queue = %self.name, error = %e, ?wait, "publishing a chunk task failed; retrying");
+                warn!(queue = %self.name, error = %e, wait_ms = wait.as_millis() as u64, "publishing a chunk task failed; retrying");
             })
             .await
     }

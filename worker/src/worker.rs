@@ -177,7 +177,7 @@ async fn handle(
             return;
         };
         if job.state.is_terminal() {
-            info!(state = ?job.state, "job already ended; dropping task");
+            info!(state = job.state.name(), "job already ended; dropping task");
             settle(d.ack().await);
             return;
         }
@@ -226,7 +226,7 @@ async fn handle(
             && let Ok(Some(now)) = svc.jobs.job_state(&job.id).await
             && now.is_terminal()
         {
-            info!(state = ?now, "job ended while its chunk ran; dropping the task");
+            info!(state = now.name(), "job ended while its chunk ran; dropping the task");
             settle(d.ack().await);
             return;
         }

@@ -6,12 +6,13 @@
 //! largest row group when encoded data passes [`BUFFER_BUDGET`], and rotates files at the
 //! row/byte limits. Bytes stream to the object store as they are produced.
 //!
-//! A partitioned export groups each batch's rows by partition and holds them back per
-//! partition: a partition's rows are written once they fill a row group, when held rows
-//! pass [`PENDING_BUDGET`] (the largest partition's first), and at the chunk's end (in
-//! partition order). So rows in any order — a key that says nothing of the partition
-//! column's day — make about one file per partition per chunk, not one per row. Memory
-//! is bounded by those budgets, never by chunk or table size.
+//! A partitioned export groups each batch's rows by partition (slices of the batch, or
+//! of one copy sorted by partition) and holds them back per partition: a partition's
+//! rows are written once they fill a row group, everything held once the batches held
+//! pass [`PENDING_BUDGET`], and the rest at the chunk's end, in partition order. So rows
+//! in any order — a key that says nothing of the partition column's day — make about one
+//! file per partition per chunk (one more per budget's worth of rows), not one per row.
+//! Memory is bounded by those budgets, never by chunk or table size.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -37,9 +38,9 @@ use haul_shared::pg::{DATE_INFINITY, DATE_NEG_INFINITY, TS_INFINITY, TS_NEG_INFI
 pub const MAX_OPEN_FILES: usize = 16;
 /// Encoded-but-unflushed bytes across a chunk's open files before a row group is cut.
 pub const BUFFER_BUDGET: usize = 96 * 1024 * 1024;
-/// Rows held back for their partitions (Arrow's in-memory size) before the largest
-/// partition's are written.
-pub const PENDING_BUDGET: usize = 64 * 1024 * 1024;
+/// Batches held back for their partitions' rows (Arrow's in-memory size) before all
+/// of them are written.
+pub const PENDING_BUDGET: usize = 192 * 1024 * 1024;
 /// Bytes gathered before one write to the object store.
 const SINK_BUFFER: usize = 1024 * 1024;
 /// Multipart upload part size (S3's minimum); two parts in flight per file.
@@ -69,7 +70,8 @@ pub struct WriterConfig {
     pub output: OutputOptions,
     /// Folder of the table under the destination root (`orders`).
     pub table_dir: String,
-    /// Staging prefix of this attempt (`_haul/staging/<job>/<chunk>/<epoch>`).
+    /// Staging prefix of this attempt (`_haul/staging/<job>/<chunk>/<epoch>`); its parts
+    /// are staged flat under it, whatever their partition.
     pub staging: String,
     /// File name stem (`part-<job>-<chunk>`); files are `<stem>-<n>.parquet`.
     pub stem: String,
@@ -83,6 +85,15 @@ pub struct ChunkWriter {
 
 impl ChunkWriter {
     pub fn start(dest: Dest, cfg: WriterConfig, schema: SchemaRef) -> Result<Self, WriteError> {
+        Self::start_with_budget(dest, cfg, schema, PENDING_BUDGET)
+    }
+
+    fn start_with_budget(
+        dest: Dest,
+        cfg: WriterConfig,
+        schema: SchemaRef,
+        pending_budget: usize,
+    ) -> Result<Self, WriteError> {
         let partition = match &cfg.output.partition_by {
             None => None,
             Some(p) => {
@@ -117,7 +128,10 @@ impl ChunkWriter {
                 done: Vec::new(),
                 next_n: 0,
                 pending: std::collections::BTreeMap::new(),
+                held: HashMap::new(),
+                next_held: 0,
                 pending_bytes: 0,
+                pending_budget,
             };
             w.run(rx)
         });
@@ -169,16 +183,23 @@ struct Writers {
     next_n: u32,
     /// A partitioned export's rows held back, by partition directory.
     pending: std::collections::BTreeMap<String, Pending>,
-    /// Their estimated in-memory size.
+    /// The batches those rows are slices of: their size and slices still held.
+    held: HashMap<u64, (usize, usize)>,
+    next_held: u64,
+    /// The held batches' in-memory size ...
     pending_bytes: usize,
+    /// ... and its bound ([`PENDING_BUDGET`]).
+    pending_budget: usize,
 }
 
-/// Rows of one partition not yet written.
+/// A batch's rows by partition directory.
+type Groups = Vec<(String, RecordBatch)>;
+
+/// Rows of one partition not yet written: slices, each with the batch it shares.
 #[derive(Default)]
 struct Pending {
-    batches: Vec<RecordBatch>,
+    batches: Vec<(RecordBatch, u64)>,
     rows: usize,
-    bytes: usize,
 }
 
 impl Writers {
@@ -258,29 +279,28 @@ impl Writers {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let per_row = batch.get_array_memory_size() / batch.num_rows();
         let full = self.cfg.output.row_group_rows.max(1);
-        for (partition, rows) in self.split(batch)? {
-            let bytes = per_row * rows.num_rows();
+        let (groups, bytes) = self.split(batch)?;
+        // the slices share one batch's buffers, which live until the last is written:
+        // that batch is what counts against the budget, for as long as that
+        let held = self.next_held;
+        self.next_held += 1;
+        self.held.insert(held, (bytes, groups.len()));
+        self.pending_bytes += bytes;
+        for (partition, rows) in groups {
             let p = self.pending.entry(partition.clone()).or_default();
             p.rows += rows.num_rows();
-            p.bytes += bytes;
-            p.batches.push(rows);
-            self.pending_bytes += bytes;
+            p.batches.push((rows, held));
             if p.rows >= full {
                 self.write_pending(&partition)?;
             }
         }
-        while self.pending_bytes > PENDING_BUDGET {
-            let Some(largest) = self
-                .pending
-                .iter()
-                .max_by_key(|(_, p)| p.bytes)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.write_pending(&largest)?;
+        if self.pending_bytes > self.pending_budget {
+            // everything held, partition by partition: all of it is let go
+            while let Some((partition, _)) = self.pending.first_key_value() {
+                let partition = partition.clone();
+                self.write_pending(&partition)?;
+            }
         }
         Ok(())
     }
@@ -290,19 +310,29 @@ impl Writers {
         let Some(p) = self.pending.remove(partition) else {
             return Ok(());
         };
-        self.pending_bytes -= p.bytes;
-        for b in &p.batches {
+        for (b, held) in &p.batches {
             self.write(partition.to_owned(), b)?;
+            if let Some((bytes, slices)) = self.held.get_mut(held) {
+                *slices -= 1;
+                if *slices == 0 {
+                    self.pending_bytes -= *bytes;
+                    self.held.remove(held);
+                }
+            }
         }
         Ok(())
     }
 
     /// A batch's rows grouped by partition directory (in order of first appearance):
-    /// zero-copy slices when each partition's rows are contiguous (rows in partition
-    /// order), else gathered copies.
-    fn split(&self, batch: &RecordBatch) -> Result<Vec<(String, RecordBatch)>, WriteError> {
+    /// slices of the batch when each partition's rows are contiguous (rows in partition
+    /// order), else slices of one copy sorted by partition; and the in-memory size of
+    /// the batch they share.
+    fn split(&self, batch: &RecordBatch) -> Result<(Groups, usize), WriteError> {
         let Some((idx, gran, field)) = &self.partition else {
-            return Ok(vec![(String::new(), batch.clone())]);
+            return Ok((
+                vec![(String::new(), batch.clone())],
+                batch.get_array_memory_size(),
+            ));
         };
         let col = batch.column(*idx);
         let key_of = |i: usize| -> Option<Day> {
@@ -322,52 +352,77 @@ impl Writers {
                 },
             })
         };
-        // each row's group: the directory is formatted once per distinct day
+        // each row's group: the directory is formatted once per distinct day, and a row
+        // on the day of the row before it needs no lookup
         let mut dirs: Vec<String> = Vec::new();
-        let mut rows: Vec<Vec<u32>> = Vec::new();
-        let mut by_dir: HashMap<String, usize> = HashMap::new();
-        let mut by_day: HashMap<Option<Day>, usize> = HashMap::new();
-        let (mut contiguous, mut last) = (true, usize::MAX);
+        let mut by_dir: HashMap<String, u32> = HashMap::new();
+        let mut by_day: HashMap<Option<Day>, u32, BuildDayHasher> = HashMap::default();
+        let mut group = Vec::with_capacity(batch.num_rows());
+        let mut last: Option<(Option<Day>, u32)> = None;
         for i in 0..batch.num_rows() {
             let day = key_of(i);
-            let g = match by_day.get(&day) {
-                Some(g) => *g,
-                None => {
-                    let dir = partition_dir(day, *gran, field);
-                    let g = match by_dir.get(&dir) {
-                        Some(g) => *g,
-                        None => {
-                            by_dir.insert(dir.clone(), dirs.len());
-                            dirs.push(dir);
-                            rows.push(Vec::new());
-                            dirs.len() - 1
-                        }
-                    };
-                    by_day.insert(day, g);
-                    g
-                }
+            let g = match last {
+                Some((d, g)) if d == day => g,
+                _ => match by_day.get(&day) {
+                    Some(g) => *g,
+                    None => {
+                        let dir = partition_dir(day, *gran, field);
+                        let g = match by_dir.get(&dir) {
+                            Some(g) => *g,
+                            None => {
+                                by_dir.insert(dir.clone(), dirs.len() as u32);
+                                dirs.push(dir);
+                                dirs.len() as u32 - 1
+                            }
+                        };
+                        by_day.insert(day, g);
+                        g
+                    }
+                },
             };
-            if g != last {
-                contiguous &= rows[g].is_empty();
-                last = g;
+            last = Some((day, g));
+            group.push(g);
+        }
+        let mut counts = vec![0usize; dirs.len()];
+        let mut first = vec![0usize; dirs.len()];
+        let mut runs = 0;
+        for (i, g) in group.iter().enumerate() {
+            let g = *g as usize;
+            if counts[g] == 0 {
+                first[g] = i;
             }
-            rows[g].push(i as u32);
+            counts[g] += 1;
+            if i == 0 || group[i - 1] as usize != g {
+                runs += 1;
+            }
         }
-        if contiguous {
-            return Ok(dirs
-                .into_iter()
-                .zip(rows)
-                .map(|(dir, r)| (dir, batch.slice(r[0] as usize, r.len())))
-                .collect());
-        }
-        dirs.into_iter()
-            .zip(rows)
-            .map(|(dir, r)| {
-                let r = arrow_array::UInt32Array::from(r);
-                Ok((dir, arrow_select::take::take_record_batch(batch, &r)?))
-            })
-            .collect::<Result<_, arrow_schema::ArrowError>>()
-            .map_err(|e| WriteError::Task(format!("grouping rows by partition: {e}")))
+        let (grouped, start) = if runs == dirs.len() {
+            // each partition's rows are one run (rows in partition order): slices of the
+            // batch as it is
+            (batch.clone(), first)
+        } else {
+            // else one stable counting sort by partition, one copy, and slices of it
+            let mut start = vec![0usize; dirs.len()];
+            for g in 1..dirs.len() {
+                start[g] = start[g - 1] + counts[g - 1];
+            }
+            let mut next = start.clone();
+            let mut order = vec![0u32; group.len()];
+            for (i, g) in group.iter().enumerate() {
+                order[next[*g as usize]] = i as u32;
+                next[*g as usize] += 1;
+            }
+            let order = arrow_array::UInt32Array::from(order);
+            let sorted = arrow_select::take::take_record_batch(batch, &order)
+                .map_err(|e| WriteError::Task(format!("grouping rows by partition: {e}")))?;
+            (sorted, start)
+        };
+        let groups = dirs
+            .into_iter()
+            .enumerate()
+            .map(|(g, dir)| (dir, grouped.slice(start[g], counts[g])))
+            .collect();
+        Ok((groups, grouped.get_array_memory_size()))
     }
 
     /// Writes `batch` to its partition's open file, splitting it where a file reaches
@@ -435,7 +490,8 @@ impl Writers {
             format!("{}/{partition}", self.cfg.table_dir)
         };
         let path = format!("{rel_dir}/{name}");
-        let staged = format!("{}/{path}", self.cfg.staging);
+        // staged flat (names are unique per attempt): no folder per partition to make
+        let staged = format!("{}/{name}", self.cfg.staging);
         let sink = StoreSink {
             handle: self.handle.clone(),
             inner: BufWriter::with_capacity(
@@ -476,6 +532,36 @@ impl Writers {
         Ok(())
     }
 }
+
+/// A hasher for days (a few integers per key, looked up once per row): a multiply per
+/// word instead of SipHash, which showed in profiles of partitioned exports.
+#[derive(Default)]
+struct DayHasher(u64);
+
+impl std::hash::Hasher for DayHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+    fn write_isize(&mut self, n: isize) {
+        self.write_u64(n as u64);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type BuildDayHasher = std::hash::BuildHasherDefault<DayHasher>;
 
 /// The day a partition value falls on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -632,6 +718,69 @@ impl Write for StoreSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of 50 days in no order, in 10 batches: one file per partition while the
+    /// budget holds them all; past it (a budget of nothing), everything held is written
+    /// at each batch, so a file per partition per batch. Every row lands in its day.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_in_no_order_are_held_by_partition_within_the_budget() {
+        use arrow_array::{Date32Array, Int64Array};
+        use arrow_schema::{Field, Schema};
+        for (budget, files) in [(PENDING_BUDGET, 50), (0, 500)] {
+            let root =
+                std::env::temp_dir().join(format!("haul-writer-{}-{budget}", std::process::id()));
+            let dest = Dest::open(&format!("file://{}", root.display()), false).unwrap();
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("day", DataType::Date32, false),
+            ]));
+            let cfg = WriterConfig {
+                output: OutputOptions {
+                    partition_by: Some(haul_shared::jobs::PartitionBy::new(
+                        "day",
+                        Granularity::Day,
+                    )),
+                    ..Default::default()
+                },
+                table_dir: "t".into(),
+                staging: "_haul/staging/j/0/1".into(),
+                stem: "part-j-0".into(),
+            };
+            let w = ChunkWriter::start_with_budget(dest, cfg, Arc::clone(&schema), budget).unwrap();
+            for b in 0..10i64 {
+                let ids: Vec<i64> = (b * 1000..(b + 1) * 1000).collect();
+                let days: Vec<i32> = ids.iter().map(|i| (i * 7919 % 50) as i32).collect();
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(Int64Array::from(ids)),
+                        Arc::new(Date32Array::from(days)),
+                    ],
+                )
+                .unwrap();
+                w.write(batch).await.unwrap();
+            }
+            let parts = w.finish().await.unwrap();
+            assert_eq!(parts.len(), files, "budget {budget}");
+            assert_eq!(parts.iter().map(|p| p.rows).sum::<u64>(), 10_000);
+            for p in &parts {
+                // each part's rows are all of its folder's day
+                let f = std::fs::File::open(root.join(&p.staged)).unwrap();
+                let r = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024)
+                    .unwrap();
+                for b in r {
+                    let b = b.unwrap();
+                    let days = b.column(1).as_primitive::<Date32Type>();
+                    for d in days.values() {
+                        let dir =
+                            partition_dir(Some(Day::Finite((*d).into())), Granularity::Day, "dt");
+                        assert_eq!(dir, p.partition);
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
 
     #[test]
     fn partition_dirs() {

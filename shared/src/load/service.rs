@@ -264,8 +264,11 @@ pub async fn serve(
     let auth = crate::rpc::RequireToken::new(opts.token.as_ref());
     let flight =
         FlightServiceServer::new(LoaderService { loader }).max_decoding_message_size(256 << 20);
-    let addr = listener.local_addr().ok();
-    tracing::info!(listen = ?addr, target = %opts.target, tls = opts.tls.is_some(), token = opts.token.is_some(), "loader serving");
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %addr, target = %opts.target, tls = opts.tls.is_some(), token = opts.token.is_some(), "loader serving");
     builder
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(

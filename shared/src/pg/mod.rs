@@ -723,6 +723,32 @@ impl TableInfo {
     pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
         self.columns.iter().find(|c| c.name == name)
     }
+
+    /// What readers of the Parquet may get wrong about these columns, one line each
+    /// naming the column and the way out: decimals over 38 digits (which DuckDB misreads
+    /// without an error) and unconstrained `numeric` (written as text).
+    pub fn reader_caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.columns {
+            let name = quote_ident(&c.name);
+            match (&c.kind, &c.select) {
+                (PgKind::Numeric { precision, scale }, _) if *precision > 38 => out.push(format!(
+                    "column {name} ({}) is written as a {precision}-digit decimal, which DuckDB misreads without an error (pyarrow, Spark and delta-rs read it exactly); for DuckDB, export it with --cast {}=text, or --cast {}=numeric(38,{scale}) if its values fit",
+                    c.pg_type, c.name, c.name
+                )),
+                (PgKind::Text, Select::Display) if c.pg_type.starts_with("numeric(") => out.push(format!(
+                    "column {name} ({}) has more digits than a Parquet decimal holds (76), so it is written as text",
+                    c.pg_type
+                )),
+                (PgKind::Text, Select::Display) if c.pg_type == "numeric" => out.push(format!(
+                    "column {name} is numeric without a precision, so it is written as text (the only form exact for any value); for a decimal column, --cast {}=numeric(p,s) with the precision its values need",
+                    c.name
+                )),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 struct TypeRow {

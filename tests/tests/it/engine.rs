@@ -442,33 +442,44 @@ async fn hive_partitioning_by_day() {
 }
 
 /// Regression: partitioning by a column not in key order wrote one Parquet file per row
-/// (the writer cut a file at every change of day and kept 16 open, so 40 days cycling
+/// (the writer cut a file at every change of day and kept 16 open, so 120 days cycling
 /// row by row made 30,000 files). Rows are held back by partition now: each chunk writes
-/// about one file per partition, whatever the order, and every row is in its day.
+/// about one file per partition, whatever the order, and every row is in its day. `haul
+/// plan` counts the partitions a chunk touches, and warns of the small files.
 #[tokio::test]
 async fn partitioning_rows_out_of_day_order_makes_a_file_per_partition_per_chunk() {
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE events (id bigint PRIMARY KEY, created_at date NOT NULL, note text);
-         INSERT INTO events SELECT g, date '2023-01-01' + (g * 7919 % 40)::int, md5(g::text)
+         INSERT INTO events SELECT g, date '2023-01-01' + (g * 7919 % 120)::int, md5(g::text)
          FROM generate_series(1, 30000) g;
          ANALYZE events;",
     )
     .await;
     let dest = TempDest::new();
-    let mut o = options(&db.dsn, "events", &dest);
-    o.spec.output.partition_by = Some(PartitionBy::new("created_at", Granularity::Day));
-    o.spec.chunk_rows = 10_000;
-    o.spec.output.batch_rows = 1000;
-    let summary = run(o).await.unwrap();
+    let options = || {
+        let mut o = options(&db.dsn, "events", &dest);
+        o.spec.output.partition_by = Some(PartitionBy::new("created_at", Granularity::Day));
+        o.spec.chunk_rows = 10_000;
+        o.spec.output.batch_rows = 1000;
+        o
+    };
+    let plan = haul::dry_run::plan(&options()).await.unwrap();
+    assert_eq!(plan.partitions_per_chunk, Some(120));
+    assert!(
+        plan.to_string()
+            .contains("the first chunk's rows fall in 120 partitions"),
+        "{plan}"
+    );
+    let summary = run(options()).await.unwrap();
     let out = dest.0.join("events");
     assert_same(&db.client, "events", &out).await;
     let dirs = subdir_names(&out);
-    assert_eq!(dirs.len(), 40, "{dirs:?}");
+    assert_eq!(dirs.len(), 120, "{dirs:?}");
     let files = parquet_files(&out).len() as u64;
     assert!(
-        files <= summary.chunks as u64 * 40,
-        "{files} files for {} chunks over 40 days",
+        files <= summary.chunks as u64 * 120,
+        "{files} files for {} chunks over 120 days",
         summary.chunks
     );
     for d in &dirs {
@@ -607,7 +618,18 @@ async fn a_finished_job_id_is_a_no_op_and_destinations_are_not_mixed() {
     let mut narrower = o.clone();
     narrower.spec.columns = vec!["id".into()];
     let err = run(narrower).await.unwrap_err().to_string();
-    assert!(err.contains("exported columns"), "{err}");
+    // (as the flags say them, not as Rust's debug text: `[]`, `["id"]`, `Some(..)`)
+    assert!(
+        err.contains("exported columns every column, not id"),
+        "{err}"
+    );
+    let mut partitioned = o.clone();
+    partitioned.spec.output.partition_by = Some(PartitionBy::new("created_at", Granularity::Day));
+    let err = run(partitioned).await.unwrap_err().to_string();
+    assert!(
+        err.contains("exported partitioning none, not created_at:day"),
+        "{err}"
+    );
     let mut qualified = o.clone();
     qualified.spec.table = "public.t".into();
     assert!(run(qualified).await.unwrap().already_done);

@@ -169,3 +169,78 @@ async fn a_job_id_names_one_job_in_the_cluster() {
     assert!(line.contains("public.t"), "{jobs}");
     assert!(parquet_files(&second.0).is_empty());
 }
+
+/// Regression: `haul ls <lake> | head -1`, `haul show … | head` and `completions zsh |
+/// head` exited 101 with a panic's backtrace (a print to a closed pipe). Like any Unix
+/// tool, haul now ends quietly there.
+#[tokio::test]
+async fn a_closed_pipe_ends_haul_quietly() {
+    let src = TestDb::new().await;
+    skewed(&src, 2_000).await;
+    let dest = TempDest::new();
+    run(options(&src.dsn, "t", &dest)).await.unwrap();
+    let lake = dest.0.to_str().unwrap().to_owned();
+    let table = format!("{lake}/t");
+    for args in [
+        vec!["completions", "zsh"],
+        vec!["ls", lake.as_str()],
+        vec!["show", table.as_str()],
+    ] {
+        // the reader is gone before haul writes a byte
+        let script = format!(
+            "exec 3>&1; {} {} 2>&3 | true; echo \"exit=${{PIPESTATUS[0]}}\"",
+            haul_bin().display(),
+            args.join(" ")
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(!said.contains("panicked"), "{args:?}: {said}");
+        assert!(
+            said.contains("exit=0") || said.contains("exit=141"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
+/// Numbers a reader gets wrong: a decimal over 38 digits (DuckDB misreads it without an
+/// error) and an unconstrained `numeric` (text for every value) are named at plan time,
+/// each with the `--cast` that avoids the trap.
+#[tokio::test]
+async fn plan_names_the_columns_readers_get_wrong() {
+    let src = TestDb::new().await;
+    src.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, big numeric(50,10), free numeric, ok numeric(12,2));
+         INSERT INTO t VALUES (1, 12345678901234567890123456789012345678.12, 1.5, 2.25);",
+    )
+    .await;
+    let dest = TempDest::new();
+    let out = std::process::Command::new(haul_bin())
+        .args(["plan", "--source", &src.dsn, "--table", "t", "--dest"])
+        .arg(&dest.0)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = plan["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("column \"big\"")
+            && warnings[0].contains("DuckDB misreads")
+            && warnings[0].contains("--cast big=text"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("column \"free\"") && warnings[1].contains("--cast free=numeric(p,s)"),
+        "{warnings:?}"
+    );
+}

@@ -376,8 +376,10 @@ async fn publish(
     intent: &Intent,
 ) -> Result<(), DestError> {
     let mut renewed = std::time::Instant::now();
-    for f in &intent.parts {
-        dest.publish_part(f).await?;
+    // (a rename each on a disk, a server-side copy each on object stores: many at once)
+    for batch in intent.parts.chunks(PUBLISH_CONCURRENCY) {
+        let each: Vec<_> = batch.iter().map(|f| dest.publish_part(f)).collect();
+        futures::future::try_join_all(each).await?;
         if renewed.elapsed() > INTENT_RENEW {
             dest.put_json(&intent_path(dest, table_dir, job), intent, false)
                 .await?;
@@ -387,11 +389,15 @@ async fn publish(
     Ok(())
 }
 
+/// Parts published (or taken back) at once.
+const PUBLISH_CONCURRENCY: usize = 16;
+
 /// Takes published parts back to their staged names (a commit that gave up): glob
 /// readers no longer see them, and a resume can publish them again.
 async fn unpublish(dest: &Dest, parts: &[PartFile]) -> Result<(), DestError> {
-    for f in parts {
-        dest.unpublish_part(f).await?;
+    for batch in parts.chunks(PUBLISH_CONCURRENCY) {
+        let each: Vec<_> = batch.iter().map(|f| dest.unpublish_part(f)).collect();
+        futures::future::try_join_all(each).await?;
     }
     Ok(())
 }
