@@ -6,7 +6,8 @@
 # Usage: scripts/demo.sh [extra `haul run` flags]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/services.sh
+# (the demo needs only Postgres)
+bash scripts/services.sh postgres
 PGURL="${PGURL:-postgresql://postgres@127.0.0.1:5432/test}"
 ROWS="${DEMO_ROWS:-200000}"
 if ! psql "$PGURL" -XtAc "SELECT to_regclass('public.orders') IS NOT NULL" | grep -q t; then

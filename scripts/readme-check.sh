@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs README.md's shell blocks as a new user pastes them: every ```sh block, in order, in
-# one bash session started at the checkout's root, stopping at the first command that
+# one bash session started at the checkout's root, its lines fed through a plain pipe, stopping at the first command that
 # fails (the last "readme-check: README.md:<line>" printed names its block). A block right
 # after a `<!-- readme-check: skip <reason> -->` line is not run (the reason is printed);
 # ```text blocks are output and templates; a block without a language is an error.
@@ -42,6 +42,15 @@ while i < len(lines):
             ran += 1
     i = end + 1
 out.append(f"echo 'readme-check: {ran} blocks ran as pasted, {skipped} not run (reasons above)' >&2")
+out.append("touch target/readme-check.done")
 print("\n".join(out))
 PY
-bash "$script"
+# fed to bash through a plain pipe, as a block pasted without bracketed paste (typed,
+# tmux, some ssh clients) reaches a shell: a command that reads its standard input would
+# swallow the lines after it, and the check fails
+rm -f target/readme-check.done
+bash < "$script"
+[ -f target/readme-check.done ] || {
+  echo "readme-check: the last lines never ran: a command read the pasted lines as its input" >&2
+  exit 1
+}

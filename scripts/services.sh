@@ -3,7 +3,11 @@
 # demo use: PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`), Redis on
 # 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 (guest/guest), and an S3-compatible server
 # (SeaweedFS) on 127.0.0.1:8333. Idempotent.
+# Usage: scripts/services.sh [postgres|redis|rabbitmq|s3 ...]   (all four by default)
 set -euo pipefail
+# nothing here reads the terminal: a block pasted without bracketed paste keeps its
+# following lines for the shell, not for apt, sudo or rabbitmqctl
+exec </dev/null
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -88,8 +92,15 @@ ensure_s3() {
   s3_up || { log "SeaweedFS S3 did not come up; see $data/weed.log"; exit 1; }
 }
 
-ensure_postgres
-ensure_redis
-ensure_rabbitmq
-ensure_s3
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=(postgres redis rabbitmq s3)
+for svc in "${wanted[@]}"; do
+  case "$svc" in
+    postgres) ensure_postgres ;;
+    redis) ensure_redis ;;
+    rabbitmq) ensure_rabbitmq ;;
+    s3) ensure_s3 ;;
+    *) log "unknown service $svc (postgres, redis, rabbitmq, s3)"; exit 2 ;;
+  esac
+done
 log "ready"

@@ -469,6 +469,14 @@ pub fn job_status_to_wire(
             ChunkState::Pending | ChunkState::Parked => {}
         }
     }
+    if rec.state.is_terminal() {
+        // an ended job runs nothing and retries nothing, whatever its chunks' last states
+        // say (a cancel stops their attempts without recording each one's end)
+        s.chunks_running = 0;
+        s.chunks_waiting = 0;
+        s.next_retry_at_ms = 0;
+        s.waiting_reason.clear();
+    }
     if let Some(l) = &rec.spec.load {
         s.load_target = l.target_table.clone();
         s.loaders = l.endpoints.clone();

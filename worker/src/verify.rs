@@ -74,6 +74,9 @@ pub enum VerifyError {
     Unsupported { column: String, pg_type: String },
     #[error("reading {path}: {reason}")]
     Parquet { path: String, reason: String },
+    /// A task of the verification stopped (the process is ending) or failed inside.
+    #[error("a verification task stopped: {0}")]
+    Task(String),
     #[error(
         "{path}: column {column} is {found} in the file, not {expected} as the job exported it"
     )]
@@ -91,6 +94,7 @@ impl Classify for VerifyError {
             VerifyError::Source(e) => e.class(),
             VerifyError::Dest(e) => e.class(),
             VerifyError::Parquet { .. } => ErrorClass::Transient,
+            VerifyError::Task(_) => ErrorClass::Internal,
             _ => ErrorClass::User,
         }
     }
@@ -247,7 +251,7 @@ pub async fn verify(req: VerifyRequest) -> Result<VerifyReport, VerifyError> {
     }
     let mut checks = Vec::with_capacity(manifests.len());
     while let Some(r) = tasks.join_next().await {
-        checks.extend(r.expect("a verification task panicked")?);
+        checks.extend(r.map_err(|e| VerifyError::Task(e.to_string()))??);
     }
     drop(holder);
     checks.sort_by_key(|c| c.chunk);
@@ -365,7 +369,7 @@ async fn export_side(
             let (p, plan) = (f.path.clone(), Arc::clone(plan));
             let (n, s) = tokio::task::spawn_blocking(move || hash_batch(&p, &plan, &batch))
                 .await
-                .expect("hashing a batch panicked")?;
+                .map_err(|e| VerifyError::Task(format!("hashing a batch: {e}")))??;
             rows += n;
             sum += s;
         }

@@ -610,6 +610,8 @@ async fn pause_resume_and_cancel() {
     ));
     let c = cl.haul_ok(&["cancel", "cj"]);
     assert!(c.contains("state:     cancelled"), "{c}");
+    // regression: a cancelled job kept showing its chunks "running" long after
+    assert!(c.contains(" 0 running, 0 waiting"), "{c}");
     let out = cl.haul(&["watch", "cj"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
