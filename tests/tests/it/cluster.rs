@@ -894,11 +894,12 @@ async fn a_broker_blip_while_queueing_is_ridden_out() {
     assert_same(&db.client, "t", &dest.0.join("t")).await;
 }
 
-/// A job id submitted again after its job ended, to another destination, is planned anew:
-/// nothing the first run left in the job store (its committed chunks) is taken for the
-/// second's, which extracts every row again.
+/// A job id submitted again after its job ended, to another destination, is refused
+/// (issue 25; it was planned anew, and the coordinator's record of the first job was
+/// replaced by the second's, so a later submit of the first printed the second): the
+/// first job's record stays, and its export is untouched.
 #[tokio::test]
-async fn a_job_id_submitted_again_to_another_destination_extracts_it_all() {
+async fn a_job_id_submitted_again_to_another_destination_is_refused() {
     let _broker = BROKER.read().await;
     let (db, first, cl) = two_workers_on_skewed(20_000, &[]).await;
     let mut args = submit_args(&db.dsn, first.0.to_str().unwrap(), "again", "2000");
@@ -909,10 +910,17 @@ async fn a_job_id_submitted_again_to_another_destination_extracts_it_all() {
     let second = TempDest::new();
     let mut args = submit_args(&db.dsn, second.0.to_str().unwrap(), "again", "5000");
     args.push("--wait");
-    cl.haul_ok(&args);
-    assert_same(&db.client, "t", &second.0.join("t")).await;
+    let out = cl.haul(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("job id again is taken"), "{err}");
+    assert!(parquet_files(&second.0).is_empty());
     let shown = cl.haul_ok(&["status", "again"]);
-    assert!(shown.contains(second.0.to_str().unwrap()), "{shown}");
+    assert!(shown.contains(first.0.to_str().unwrap()), "{shown}");
+    // the same job again is still a no-op
+    let mut args = submit_args(&db.dsn, first.0.to_str().unwrap(), "again", "2000");
+    args.push("--wait");
+    assert!(cl.haul_ok(&args).contains("state:     succeeded"));
 }
 
 /// Starts a job `job` of 4 chunks over `skewed` table `t` while a dead holder ("ghost")

@@ -419,15 +419,22 @@ async fn hive_partitioning_by_day() {
     assert!(dirs.contains(&"dt=2024-03-01".to_string()));
     assert!(dirs.contains(&"dt=__HIVE_DEFAULT_PARTITION__".to_string()));
     // every row sits in the folder of its own day
-    for d in dirs
-        .iter()
+    let days: Vec<String> = dirs
+        .into_iter()
         .filter(|d| d.as_str() != "dt=__HIVE_DEFAULT_PARTITION__")
-    {
+        .collect();
+    each_day_holds_its_rows(&db, "orders WHERE created_at::date", &out, &days).await;
+}
+
+/// Every `dt=<day>` folder of `out` holds as many rows as `SELECT count(*) FROM <rows> =
+/// <day>` counts in the source.
+async fn each_day_holds_its_rows(db: &TestDb, rows: &str, out: &std::path::Path, dirs: &[String]) {
+    for d in dirs {
         let day = d.trim_start_matches("dt=");
-        let n: i64 = db
+        let want: i64 = db
             .client
             .query_one(
-                "SELECT count(*) FROM orders WHERE created_at::date = $1::text::date",
+                &format!("SELECT count(*) FROM {rows} = $1::text::date"),
                 &[&day],
             )
             .await
@@ -437,7 +444,7 @@ async fn hive_partitioning_by_day() {
             .iter()
             .map(|b| b.num_rows())
             .sum();
-        assert_eq!(got as i64, n, "{d}");
+        assert_eq!(got as i64, want, "{d}");
     }
 }
 
@@ -482,23 +489,7 @@ async fn partitioning_rows_out_of_day_order_makes_a_file_per_partition_per_chunk
         "{files} files for {} chunks over 120 days",
         summary.chunks
     );
-    for d in &dirs {
-        let day = d.trim_start_matches("dt=");
-        let want: i64 = db
-            .client
-            .query_one(
-                "SELECT count(*) FROM events WHERE created_at = $1::text::date",
-                &[&day],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let got: usize = read_batches(&out.join(d))
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
-        assert_eq!(got as i64, want, "{d}");
-    }
+    each_day_holds_its_rows(&db, "events WHERE created_at", &out, &dirs).await;
 }
 
 #[tokio::test]
