@@ -165,7 +165,9 @@ pub(super) async fn verify(a: VerifyArgs) -> anyhow::Result<()> {
             report.export_rows
         );
         for c in differ {
-            let what = if c.source_rows == c.export_rows {
+            let what = if let Some(p) = &c.problem {
+                format!("source {} rows, export unreadable: {p}", c.source_rows)
+            } else if c.source_rows == c.export_rows {
                 format!("{} rows each, checksums differ", c.source_rows)
             } else {
                 format!(

@@ -122,6 +122,9 @@ pub struct ChunkCheck {
     pub source_checksum: String,
     pub export_checksum: String,
     pub identical: bool,
+    /// Why the export side could not be read (a part missing or unreadable), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The outcome of a verification.
@@ -232,18 +235,27 @@ pub async fn verify(req: VerifyRequest) -> Result<VerifyReport, VerifyError> {
                 let Some(m) = manifests.get(i) else {
                     break;
                 };
-                let (source, export) = tokio::try_join!(
+                let (source, export) = tokio::join!(
                     source_side(&session.client, &plan, m),
                     export_side(&dest, &plan, m)
-                )?;
+                );
+                let source = source?;
+                // a part that cannot be read is this chunk's finding, not the end of the
+                // verification
+                let (export, problem) = match export {
+                    Ok(e) => (e, None),
+                    Err(e @ VerifyError::Task(_)) => return Err(e),
+                    Err(e) => ((0, String::new()), Some(e.to_string())),
+                };
                 out.push(ChunkCheck {
                     chunk: m.chunk.0,
                     range: chunk_filter(&plan, &m.range),
                     source_rows: source.0,
                     export_rows: export.0,
-                    identical: source == export,
+                    identical: problem.is_none() && source == export,
                     source_checksum: source.1,
                     export_checksum: export.1,
+                    problem,
                 });
             }
             Ok::<_, VerifyError>(out)
@@ -342,7 +354,24 @@ async fn export_side(
             path: f.path.clone(),
             reason: e.to_string(),
         };
-        let reader = PartReader::new(Arc::clone(&dest.store), path.clone(), f.bytes);
+        // the part as it is now (a part rewritten since has another size than the
+        // manifest's, and read at the old size its footer would look corrupt)
+        let size = match object_store::ObjectStoreExt::head(dest.store.as_ref(), &path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(VerifyError::Parquet {
+                    path: f.path.clone(),
+                    reason: "the part is missing (deleted since the job committed it?)".into(),
+                });
+            }
+            Err(e) => {
+                return Err(VerifyError::Parquet {
+                    path: f.path.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let reader = PartReader::new(Arc::clone(&dest.store), path.clone(), size);
         let builder = ParquetRecordBatchStreamBuilder::new(reader)
             .await
             .map_err(perr)?;

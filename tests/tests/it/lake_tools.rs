@@ -287,6 +287,29 @@ async fn verify_reconciles_an_export_with_its_source() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // (regression: read at the manifest's size, the rewritten part was "Corrupt footer"
+    // and the run printed no report; it is read as it is now, and differs)
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identical"], false, "{v}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("footer"));
+    // a part deleted: its chunk's finding, in the report (regression: an object-store
+    // error ended the verification with no report)
+    std::fs::remove_file(&parts[1]).unwrap();
+    let out = verify(true);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let missing: Vec<_> = v["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["problem"].as_str().is_some_and(|p| p.contains("missing")))
+        .collect();
+    assert_eq!(missing.len(), 1, "{v}");
+    let text = String::from_utf8(verify(false).stdout).unwrap();
+    assert!(
+        text.contains("export unreadable") && text.contains("missing"),
+        "{text}"
+    );
     std::fs::write(&parts[1], kept).unwrap();
     assert_success(&verify(false));
 
