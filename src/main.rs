@@ -12,6 +12,9 @@ fn main() -> ExitCode {
     bound_malloc_arenas();
     let cli = Cli::parse();
     quiet_on_a_closed_pipe(&cli.cmd);
+    // (clap has parsed the arguments: a `--json` among them is the flag)
+    let json = std::env::args_os().any(|a| a == "--json")
+        || std::env::var("HAUL_JSON").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -44,6 +47,10 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("haul: error: {line}");
+            if json && e.downcast_ref::<commands::Reported>().is_none() {
+                // a script reading stdout gets an object on failure too
+                println!("{}", serde_json::json!({ "error": line }));
+            }
             ExitCode::FAILURE
         }
     }

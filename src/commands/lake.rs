@@ -182,10 +182,11 @@ pub(super) async fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     if !report.identical {
-        anyhow::bail!(
+        return Err(super::Reported(format!(
             "verification failed: the export of {} differs from the source",
             report.table
-        );
+        ))
+        .into());
     }
     Ok(())
 }

@@ -11,6 +11,13 @@ mod worker;
 use haul::cli::Cmd;
 use tokio_util::sync::CancellationToken;
 
+/// A failure whose report the command printed already (`verify --json` prints its
+/// findings, then fails): `main` gives it the exit code and its line, and no second JSON
+/// object.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Reported(pub(crate) String);
+
 pub(crate) async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run(a) => run::run(a).await,

@@ -244,3 +244,30 @@ async fn plan_names_the_columns_readers_get_wrong() {
         "{warnings:?}"
     );
 }
+
+/// Regression: `--json` printed nothing on stdout when the command failed; a script
+/// reading it gets one object with the error now (and the line on stderr as before).
+#[tokio::test]
+async fn json_output_reports_a_failure_too() {
+    let src = TestDb::new().await;
+    let dest = TempDest::new();
+    let out = std::process::Command::new(haul_bin())
+        .args([
+            "run",
+            "--source",
+            &src.dsn,
+            "--table",
+            "no_such_table",
+            "--dest",
+        ])
+        .arg(&dest.0)
+        .args(["--json", "--progress", "none"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("no_such_table"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(err));
+}
