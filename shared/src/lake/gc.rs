@@ -7,6 +7,9 @@
 //! - staged parts of an unfinished job that none of its committed chunks lists (attempts
 //!   that never committed), once older than the grace period: a running attempt's parts
 //!   are young, and committed chunks' parts are kept for `--resume`;
+//! - every staged part of an unfinished job split into page ranges (ctid) under a
+//!   snapshot, once nothing of it is younger than the grace period: such a job cannot be
+//!   resumed (its pages mean other rows under any other snapshot);
 //! - parts in a table's folder of an export replaced by `--overwrite`: a log version
 //!   added them and a later one removed them (the replacing commit deletes them; one cut
 //!   short leaves them, and glob readers see them);
@@ -104,8 +107,27 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
                 .is_some(),
             None => false,
         };
+        // a job of page ranges can never be finished once its snapshot is gone: idle past
+        // the grace period, its committed chunks' parts are kept for nothing
+        let dead = match &id {
+            Some(j) if !done => {
+                let plan: Option<PlanFile> = dest.get_json(&dest.plan_path(j)).await?;
+                let pages = plan.is_some_and(|p| {
+                    p.plan.snapshot.is_some()
+                        && p.plan.chunks.iter().any(|c| !c.survives_new_snapshot())
+                });
+                pages
+                    && metas.iter().all(|m| !young(m))
+                    && dest
+                        .list(&dest.path(&format!("_haul/jobs/{j}/chunks")))
+                        .await?
+                        .iter()
+                        .all(|m| !young(m))
+            }
+            _ => false,
+        };
         let keep: HashSet<Path> = match &id {
-            Some(j) if !done => dest
+            Some(j) if !done && !dead => dest
                 .chunk_manifests(j)
                 .await?
                 .iter()
@@ -119,6 +141,10 @@ pub async fn collect(dest: &Dest, grace: Duration, delete: bool) -> Result<GcRep
             }
             let reason = if done {
                 format!("staged by job {job}, which has committed")
+            } else if dead {
+                format!(
+                    "staged by job {job}, split into page ranges and idle past the grace period: it cannot be finished"
+                )
             } else if young(&m) {
                 too_young += 1;
                 continue;

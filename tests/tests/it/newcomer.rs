@@ -271,3 +271,76 @@ async fn json_output_reports_a_failure_too() {
     assert!(err.contains("no_such_table"), "{err}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(err));
 }
+
+/// Regression: a job of page ranges (a table without a key) that was killed sent the user
+/// in a circle (`--resume` → "rerun it as a new job"; a rerun → "already started; pass
+/// --resume"), and `gc` kept its committed parts forever. Both answers now say it cannot
+/// be finished and to export again under another id; gc reclaims its parts once idle.
+#[tokio::test]
+async fn a_dead_job_of_page_ranges_is_not_a_circle() {
+    let src = TestDb::new().await;
+    src.exec(
+        "CREATE TABLE nokey AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 60000) g;
+         ANALYZE nokey;",
+    )
+    .await;
+    let dest = TempDest::new();
+    let run_args = |extra: &[&str]| {
+        let mut c = std::process::Command::new(haul_bin());
+        c.args(["run", "--source", &src.dsn, "--table", "nokey", "--dest"])
+            .arg(&dest.0)
+            .args([
+                "--chunk-rows",
+                "10000",
+                "--workers",
+                "1",
+                "--progress",
+                "none",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut child = run_args(&["--job-id", "pages"])
+        .env("HAUL_FAULT_CHUNK_DELAY_MS", "300")
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while committed_chunks(&dest, "pages") < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no chunk committed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for extra in [
+        &["--job-id", "pages"][..],
+        &["--resume", "pages", "--fresh-snapshot"][..],
+    ] {
+        let out = run_args(extra).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cannot be finished") && err.contains("another job id"),
+            "{extra:?}: {err}"
+        );
+    }
+    let staged = parquet_files(&dest.0.join("_haul/staging/pages"));
+    assert!(!staged.is_empty());
+    let out = std::process::Command::new(haul_bin())
+        .args(["gc"])
+        .arg(&dest.0)
+        .args(["--older-than", "0", "--delete"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(
+        parquet_files(&dest.0.join("_haul/staging/pages")).is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // and the table exports under a new id
+    let out = run_args(&[]).output().unwrap();
+    assert_success(&out);
+    assert_same(&src.client, "nokey", &dest.0.join("nokey")).await;
+}
