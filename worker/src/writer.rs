@@ -274,7 +274,7 @@ impl Writers {
     }
 
     /// Holds a batch's rows back by partition; writes a partition's rows once they fill a
-    /// row group, and the largest partition's while the rows held pass the budget.
+    /// row group, and everything held once the batches held pass the budget.
     fn hold(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
         if batch.num_rows() == 0 {
             return Ok(());
