@@ -136,6 +136,8 @@ pub struct Reporter {
     /// What was done before this process followed the job (a resume's committed chunks,
     /// a job watched midway): not counted in the rates.
     base: Option<(u64, u64)>,
+    /// Whether the bar has been drawn (from the first update on).
+    drawn: bool,
 }
 
 impl Reporter {
@@ -156,7 +158,7 @@ impl Reporter {
                 .expect("valid template")
                 .progress_chars("=> "),
             );
-            b.enable_steady_tick(Duration::from_millis(200));
+            // drawn from the first update on, not before: `0/~1 rows` said nothing
             if let Ok(mut g) = BAR.lock() {
                 *g = Some(b.clone());
             }
@@ -170,6 +172,7 @@ impl Reporter {
             started: Instant::now(),
             job: job.to_owned(),
             base: None,
+            drawn: false,
         }
     }
 
@@ -190,6 +193,10 @@ impl Reporter {
         let eta = (rows_per_s >= 1.0 && !s.paused && s.stalled.is_none())
             .then(|| (s.estimated_rows.saturating_sub(s.rows) as f64 / rows_per_s) as u64);
         if let Some(b) = &self.bar {
+            if !self.drawn {
+                self.drawn = true;
+                b.enable_steady_tick(Duration::from_millis(200));
+            }
             b.set_length(s.estimated_rows.max(s.rows).max(1));
             b.set_position(s.rows);
             b.set_message(format!(
