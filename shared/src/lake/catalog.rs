@@ -18,7 +18,8 @@ pub struct LakeJob {
     pub table: String,
     pub job_id: String,
     /// `committed` (its files are published: readers see them), `superseded` (committed,
-    /// then replaced by an `--overwrite` export) or `unfinished` (running, failed or
+    /// then replaced by an `--overwrite` export), `loaded` (a load-only job: it committed
+    /// into its target and wrote no Parquet here) or `unfinished` (running, failed or
     /// interrupted: nothing of it is published).
     pub state: &'static str,
     pub rows: u64,
@@ -62,12 +63,17 @@ pub async fn list(dest: &Dest) -> Result<Vec<LakeJob>, DestError> {
                 let now = table::read(dest, &tdir).await?;
                 tables.insert(tdir.clone(), now);
             }
-            let is_published = table::holds(&tables[&tdir], &m);
+            // a load-only job keeps only its records here: no export of the table to
+            // hold or to have been replaced
+            let loaded_only = plan.as_ref().is_some_and(|p| !p.output.parquet);
+            let is_published = !loaded_only && table::holds(&tables[&tdir], &m);
             out.push(LakeJob {
                 table_dir: tdir,
                 table: m.table.clone(),
                 job_id: job.to_string(),
-                state: if is_published {
+                state: if loaded_only {
+                    "loaded"
+                } else if is_published {
                     "committed"
                 } else {
                     "superseded"

@@ -58,8 +58,8 @@ fn bash_completions_parse_and_know_the_commands() {
 }
 
 /// `haul ls <lake>`: every job whose records are in a lake, from its manifests alone:
-/// committed, superseded by an `--overwrite` export, or unfinished (a failed job, with the
-/// chunks it did commit); JSON Lines with `--json`; a folder without haul's records is
+/// committed, superseded by an `--overwrite` export, loaded (a load-only job), or
+/// unfinished (a failed job, with the chunks it did commit); JSON Lines with `--json`; a folder without haul's records is
 /// an error, not an empty list.
 #[tokio::test]
 async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
@@ -79,6 +79,20 @@ async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
         o.overwrite = overwrite;
         run(o).await.unwrap();
     }
+    // a load-only job of the same table, its records in the same lake (regression: it
+    // was listed as "superseded", as if an export of the table had replaced it)
+    let tgt = TestDb::new().await;
+    let mut o = options(&db.dsn, "public.u", &dest);
+    o.job_id = Some(haul_shared::JobId::parse("ls-loaded").unwrap());
+    o.spec.output.parquet = false;
+    o.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: String::new(),
+        create_table: true,
+        truncate_first: false,
+    });
+    o.load_target = Some(database(&tgt.dsn));
+    run(o).await.unwrap();
 
     let out = Command::new(haul_bin())
         .args(["ls", dest.0.to_str().unwrap(), "--json"])
@@ -91,7 +105,8 @@ async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let by_id = |id: &str| jobs.iter().find(|j| j["job_id"] == id).unwrap().clone();
-    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    assert_eq!(by_id("ls-loaded")["state"], "loaded");
     let failed = by_id("ls-failed");
     assert_eq!(failed["state"], "unfinished");
     assert_eq!(failed["table_dir"], "t");
@@ -118,7 +133,7 @@ async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
     assert_success(&out);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.starts_with("table "), "{table}");
-    assert_eq!(table.lines().count(), 4, "{table}");
+    assert_eq!(table.lines().count(), 5, "{table}");
 
     let empty = TempDest::new();
     let out = Command::new(haul_bin())
