@@ -91,6 +91,12 @@ pub async fn prepare(spec: &JobSpec, opts: &PrepareOptions) -> Result<Preparatio
         previous,
         started_at,
     } = p;
+    // (`haul plan` reports these in its own output)
+    if spec.output.parquet {
+        for caveat in plan.table.reader_caveats() {
+            tracing::warn!(table = %plan.table.quoted(), "{caveat}");
+        }
+    }
     let plan_file = PlanFile {
         job: job.clone(),
         table: spec.table.clone(),
@@ -349,11 +355,6 @@ async fn plan_job(
     if !spec.output.parquet && spec.load.is_some() {
         // Postgres to Postgres: arrays travel as they are, bounds and dimensions kept
         table.keep_arrays_verbatim();
-    }
-    if spec.output.parquet {
-        for caveat in table.reader_caveats() {
-            tracing::warn!(table = %table.quoted(), "{caveat}");
-        }
     }
     if table.columns.is_empty() {
         return Err(RunError::NoColumns {

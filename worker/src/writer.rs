@@ -174,8 +174,7 @@ struct Writers {
     dest: Dest,
     cfg: WriterConfig,
     schema: SchemaRef,
-    /// The partition column's index, granularity and field name.
-    partition: Option<(usize, Granularity, String)>,
+    partition: Option<Partition>,
     props: Option<WriterProperties>,
     /// Least recently used first.
     open: Vec<OpenFile>,
@@ -195,6 +194,9 @@ struct Writers {
 /// A batch's rows by partition directory.
 type Groups = Vec<(String, RecordBatch)>;
 
+/// The partition column's index, granularity and field name.
+type Partition = (usize, Granularity, String);
+
 /// Rows of one partition not yet written: slices, each with the batch it shares.
 #[derive(Default)]
 struct Pending {
@@ -209,10 +211,9 @@ impl Writers {
             if self.props.is_none() {
                 self.props = Some(self.properties(&batch));
             }
-            if self.partition.is_none() {
-                self.write(String::new(), &batch)?;
-            } else {
-                self.hold(&batch)?;
+            match self.partition.clone() {
+                None => self.write(String::new(), &batch)?,
+                Some(partition) => self.hold(&batch, &partition)?,
             }
             self.enforce_budget()?;
         }
@@ -275,12 +276,12 @@ impl Writers {
 
     /// Holds a batch's rows back by partition; writes a partition's rows once they fill a
     /// row group, and everything held once the batches held pass the budget.
-    fn hold(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
+    fn hold(&mut self, batch: &RecordBatch, partition: &Partition) -> Result<(), WriteError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         let full = self.cfg.output.row_group_rows.max(1);
-        let (groups, bytes) = self.split(batch)?;
+        let (groups, bytes) = Self::split(batch, partition)?;
         // the slices share one batch's buffers, which live until the last is written:
         // that batch is what counts against the budget, for as long as that
         let held = self.next_held;
@@ -327,13 +328,8 @@ impl Writers {
     /// slices of the batch when each partition's rows are contiguous (rows in partition
     /// order), else slices of one copy sorted by partition; and the in-memory size of
     /// the batch they share.
-    fn split(&self, batch: &RecordBatch) -> Result<(Groups, usize), WriteError> {
-        let Some((idx, gran, field)) = &self.partition else {
-            return Ok((
-                vec![(String::new(), batch.clone())],
-                batch.get_array_memory_size(),
-            ));
-        };
+    fn split(batch: &RecordBatch, partition: &Partition) -> Result<(Groups, usize), WriteError> {
+        let (idx, gran, field) = partition;
         let col = batch.column(*idx);
         let key_of = |i: usize| -> Option<Day> {
             if col.is_null(i) {

@@ -85,13 +85,7 @@ async fn ls_lists_a_lakes_jobs_committed_superseded_or_unfinished() {
     let mut o = options(&db.dsn, "public.u", &dest);
     o.job_id = Some(haul_shared::JobId::parse("ls-loaded").unwrap());
     o.spec.output.parquet = false;
-    o.spec.load = Some(haul_shared::jobs::LoadSpec {
-        endpoints: vec![],
-        target_table: String::new(),
-        create_table: true,
-        truncate_first: false,
-    });
-    o.load_target = Some(database(&tgt.dsn));
+    load_into(&mut o, &tgt.dsn, "", true, false);
     run(o).await.unwrap();
 
     let out = Command::new(haul_bin())

@@ -498,13 +498,7 @@ async fn run_loads_an_existing_table_and_keeps_its_index_and_constraints() {
     let dest = TempDest::new();
     let mut o = options(&src.dsn, "public.t", &dest);
     o.spec.chunk_rows = 4000;
-    o.spec.load = Some(haul_shared::jobs::LoadSpec {
-        endpoints: vec![],
-        target_table: "analytics.t".into(),
-        create_table: false,
-        truncate_first: true,
-    });
-    o.load_target = Some(database(&tgt.dsn));
+    load_into(&mut o, &tgt.dsn, "analytics.t", false, true);
     o.job_id = Some(haul_shared::JobId::parse(&unique("j")).unwrap());
     let summary = run(o.clone()).await.unwrap();
     assert_eq!(summary.rows, 20_001);
@@ -552,13 +546,7 @@ async fn run_can_load_without_writing_parquet() {
     let mut o = options(&src.dsn, "public.t", &dest);
     o.spec.chunk_rows = 5000;
     o.spec.output.parquet = false;
-    o.spec.load = Some(haul_shared::jobs::LoadSpec {
-        endpoints: vec![],
-        target_table: String::new(),
-        create_table: true,
-        truncate_first: false,
-    });
-    o.load_target = Some(database(&tgt.dsn));
+    load_into(&mut o, &tgt.dsn, "", true, false);
     let summary = run(o).await.unwrap();
     assert_eq!((summary.rows, summary.files), (20_000, 0));
     assert_eq!(summary.loaded_into.as_deref(), Some("public.t"));
@@ -727,13 +715,7 @@ async fn a_resumed_load_job_finishes_the_load() {
     let tgt = TestDb::new().await;
     let dest = TempDest::new();
     let mut o = poisoned_run(&src, &dest, "resload");
-    o.spec.load = Some(haul_shared::jobs::LoadSpec {
-        endpoints: vec![],
-        target_table: "public.t_loaded".into(),
-        create_table: true,
-        truncate_first: true,
-    });
-    o.load_target = Some(database(&tgt.dsn));
+    load_into(&mut o, &tgt.dsn, "public.t_loaded", true, true);
     let err = run(o.clone()).await.unwrap_err().to_string();
     assert!(err.contains("poisoned row 10000"), "{err}");
     src.exec("DELETE FROM poison").await;
@@ -750,13 +732,7 @@ async fn a_resumed_load_job_finishes_the_load() {
     );
 
     // as the CLI builds a `--resume ... --load-target <dsn>`: no table, no options
-    resume.spec.load = Some(haul_shared::jobs::LoadSpec {
-        endpoints: vec![],
-        target_table: String::new(),
-        create_table: false,
-        truncate_first: false,
-    });
-    resume.load_target = o.load_target.clone();
+    load_into(&mut resume, &tgt.dsn, "", false, false);
     let s = run(resume).await.unwrap();
     assert_eq!(s.loaded_into.as_deref(), Some("public.t_loaded"));
     assert_eq!(
@@ -872,13 +848,7 @@ async fn arrays_reach_a_postgres_target_with_their_bounds_and_dimensions() {
         let mut o = options(&src.dsn, "arr", dest);
         o.spec.chunk_rows = 500;
         o.spec.output.parquet = false;
-        o.spec.load = Some(haul_shared::jobs::LoadSpec {
-            endpoints: vec![],
-            target_table: target.into(),
-            create_table: target.is_empty(),
-            truncate_first: false,
-        });
-        o.load_target = Some(database(&tgt.dsn));
+        load_into(&mut o, &tgt.dsn, target, target.is_empty(), false);
         o
     };
     let expected = array_texts(&src.client, "arr").await;
@@ -1009,13 +979,7 @@ async fn catalog_vectors_travel_without_a_cast() {
         let mut o = options(&src.dsn, "vec", &dest);
         o.spec.chunk_rows = 500;
         o.spec.output.parquet = parquet;
-        o.spec.load = Some(haul_shared::jobs::LoadSpec {
-            endpoints: vec![],
-            target_table: "public.vec".into(),
-            create_table: create,
-            truncate_first: !create,
-        });
-        o.load_target = Some(database(&tgt.dsn));
+        load_into(&mut o, &tgt.dsn, "public.vec", create, !create);
         run(o).await.unwrap();
         assert_eq!(
             digest(&tgt.client, "public.vec").await,

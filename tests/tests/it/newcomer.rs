@@ -69,29 +69,6 @@ async fn a_job_nobody_works_on_says_why() {
     assert!(!status.contains("stalled"), "{status}");
 }
 
-/// The command a message prints between backquotes, starting `haul `.
-fn printed_command(message: &str) -> String {
-    message
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .find(|c| c.starts_with("haul "))
-        .unwrap_or_else(|| panic!("no command printed in: {message}"))
-        .to_owned()
-}
-
-/// Runs a command haul printed, as printed, through a shell (the tested binary first on
-/// `PATH`, and nothing of the test's own environment that haul reads).
-fn run_as_printed(command: &str) -> std::process::Output {
-    std::process::Command::new("sh")
-        .args(["-c", command])
-        .env("PATH", path_with_haul())
-        .env("HAUL_PROGRESS", "none")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
 /// Regression: `haul run`'s Ctrl-C hint (`run again with --resume <job> --fresh-snapshot`)
 /// did not work as printed: it needed `--source` and, for any lake but `./lake`, `--dest`.
 /// The hint is a whole command now, and a resume takes the source from the job's plan.
@@ -129,9 +106,9 @@ async fn an_interrupted_run_is_finished_by_the_command_it_prints() {
     std::mem::forget(lake_dest);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let command = printed_command(&stderr);
+    let command = printed_command(&stderr, "haul ");
     assert!(!command.contains("--source"), "{command}");
-    let done = run_as_printed(&command);
+    let done = run_as_printed(&command, []);
     assert_success(&done);
     assert_same(&src.client, "t", &lake.join("t")).await;
 }

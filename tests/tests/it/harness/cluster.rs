@@ -261,25 +261,12 @@ impl Cluster {
         let status = self.haul(&["status", job, "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
         let reason = status["reason"].as_str().unwrap_or_default();
-        let printed = reason
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .find(|c| c.starts_with("haul submit --resume"))
-            .unwrap_or_else(|| {
-                panic!("job {job}'s reason prints no command to finish it: {reason}")
-            });
-        let out = Command::new("sh")
-            .args(["-c", printed])
-            .envs(
-                self.command(&[])
-                    .get_envs()
-                    .filter_map(|(k, v)| Some((k, v?))),
-            )
-            .env("PATH", path_with_haul())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let printed = printed_command(reason, "haul submit --resume");
+        let cluster_env = self.command(&[]);
+        let envs = cluster_env
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_os_string(), v?.to_os_string())));
+        let out = run_as_printed(&printed, envs);
         assert!(
             out.status.success(),
             "`{printed}` failed: {}\n{}",
@@ -371,6 +358,33 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The first command a message prints between backquotes that starts with `prefix`.
+pub(crate) fn printed_command(message: &str, prefix: &str) -> String {
+    message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|c| c.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}…` command printed in: {message}"))
+        .to_owned()
+}
+
+/// Runs a command haul printed, as printed, through a shell, with the tested binary first
+/// on `PATH` and `envs` (a cluster's addresses) added to the environment.
+pub(crate) fn run_as_printed(
+    command: &str,
+    envs: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Output {
+    Command::new("sh")
+        .args(["-c", command])
+        .env("HAUL_PROGRESS", "none")
+        .envs(envs)
+        .env("PATH", path_with_haul())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// `PATH` with the tested `haul` binary's folder first, so that a command haul prints

@@ -145,6 +145,18 @@ pub fn database(dsn: &str) -> Database {
     Database::from_user(dsn, None).expect("a valid connection string")
 }
 
+/// Makes `o` also load its rows, through the in-process loader, into `table` (the
+/// source table's name when empty) of the database at `target_dsn`.
+pub fn load_into(o: &mut RunOptions, target_dsn: &str, table: &str, create: bool, truncate: bool) {
+    o.spec.load = Some(haul_shared::jobs::LoadSpec {
+        endpoints: vec![],
+        target_table: table.into(),
+        create_table: create,
+        truncate_first: truncate,
+    });
+    o.load_target = Some(database(target_dsn));
+}
+
 pub fn options(dsn: &str, table: &str, dest: &TempDest) -> RunOptions {
     RunOptions {
         spec: JobSpec {
